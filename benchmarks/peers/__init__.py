@@ -1,0 +1,1 @@
+"""Peer training baselines (vendored nanoGPT, a plain transformers Llama) for benchmark comparisons."""

@@ -1,0 +1,51 @@
+"""`slm VERB ...`: maps verb names to the modules that implement them (imported only when used, so --help is fast)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line summary). Each module has add_args(parser) and main(**options).
+VERBS: dict[str, tuple[str, str]] = {
+    "quickstart": ("slmkit.quickstart", "train a small model on the embedded corpus, evaluate it, show samples"),
+    "train": ("slmkit.train", "train a tokenizer and a model from scratch on your text"),
+    "generate": ("slmkit.generate", "generate text from a prompt"),
+    "chat": ("slmkit.chat", "chat with a model interactively"),
+    "eval": ("slmkit.evaluate", "loss, perplexity and bits per byte on held-out text"),
+    "info": ("slmkit.info", "architecture and exact parameter count of a model folder or preset"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        width = max(map(len, VERBS))
+        lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in VERBS.items()]
+        print("usage: slm VERB [options]   (slm VERB --help for a verb's options)\n\nsmall language models: build, "
+              "evaluate, generate\n\nverbs:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown verb {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module_name, summary = VERBS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"slm {argv[0]}", description=(module.main.__doc__ or summary).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_args(parser)
+    options = vars(parser.parse_args(argv[1:]))
+    try:
+        module.main(**options)
+    except SystemExit as e:  # expected mistakes: one line, no traceback, non-zero exit
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

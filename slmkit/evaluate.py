@@ -1,0 +1,92 @@
+"""Verb `eval`: loss, perplexity and bits per byte of a model on held-out text.
+
+Bits per byte makes models with different tokenizers comparable: the summed loss (nats) over the predicted tokens,
+divided by ln 2 and by the UTF-8 bytes those tokens stand for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.data import eval_windows
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """Mean loss in nats/token over TOKENS predicted tokens covering N_BYTES bytes -> bits per byte."""
+    return loss * tokens / (math.log(2) * max(1, n_bytes))
+
+
+@torch.no_grad()
+def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, block_size: int, token_bytes: np.ndarray,
+                    batch_size: int = 16, max_windows: int | None = None, device: str = "cpu",
+                    autocast_dtype: torch.dtype | None = None) -> dict:
+    """Mean next-token loss over non-overlapping windows of TOKENS (thinned to MAX_WINDOWS)."""
+    from slmkit.models import logits_of
+
+    was_training = model.training
+    model.eval()
+    starts = eval_windows(tokens, block_size, max_windows)
+    if len(starts) == 0:
+        raise SystemExit(f"error: evaluation data has {len(tokens)} tokens, fewer than one window of {block_size}")
+    total_loss, total_tokens, total_bytes = 0.0, 0, 0
+    for i in range(0, len(starts), batch_size):
+        rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)
+        x, y = xy[:, :-1], xy[:, 1:]  # (B, T), (B, T)
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = logits_of(model, x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total_loss += loss.item()
+        total_tokens += y.numel()
+        total_bytes += int(token_bytes[rows[:, 1:]].sum())
+    model.train(was_training)
+    mean = total_loss / total_tokens
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+            "bits_per_byte": bits_per_byte(mean, total_tokens, total_bytes), "tokens": total_tokens}
+
+
+def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: int | None = None,
+         batch_size: int = 8, max_tokens: int | None = None, replace_errors: bool = False,
+         as_json: bool = False) -> dict:
+    """Evaluate the model in MODEL_DIR on DATA: loss, perplexity, bits per byte, token count."""
+    from slmkit.data import expand_paths, load_tokens, tokenize_to_memmap
+    from slmkit.models import load_model, read_config
+    from slmkit.tokenizer import load_tokenizer, token_byte_lengths
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    files = expand_paths(data)
+    bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
+    tokens = load_tokens(bin_path, meta)
+    context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024
+    block = min(block_size or context, context, max(2, len(tokens) - 2))
+    max_windows = None if max_tokens is None else max(1, max_tokens // block)
+    model = load_model(model_dir)
+    result = evaluate_tokens(model, tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
+                             max_windows=max_windows)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"bits/byte {result['bits_per_byte']:.4f} | tokens {result['tokens']:,}")
+    return result
+
+
+def add_args(p) -> None:
+    p.add_argument("model_dir", type=Path, help="model folder (written by `slm train` or a Hugging Face folder)")
+    p.add_argument("--data", nargs="+", required=True, help="held-out text: .txt/.md files, dirs, globs, JSONL, CSV, "
+                   "Parquet")
+    p.add_argument("--text-col", default="text", help="text field/column for JSONL, CSV and Parquet (default: text)")
+    p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (evenly spread)")
+    p.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
+    p.add_argument("--json", dest="as_json", action="store_true",
+                   help="print one JSON object with keys loss, perplexity, bits_per_byte, tokens")

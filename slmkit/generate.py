@@ -1,0 +1,200 @@
+"""Verb `generate`, and the decode loop every caller uses (chat, the server, benchmarks) as a plain iterator.
+
+Batch-1 decoding of a small model is bound by per-token overhead, not arithmetic: our loop runs the model on one
+new token at a time against a preallocated key/value cache, with no per-step allocation of cache objects, logits
+processors or stopping-criteria lists. `benchmarks/bench_decode.py` compares it with `transformers`' generate().
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off (CTRL-style: divides positive logits of seen tokens)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
+                gen: torch.Generator | None = None) -> int:
+    """Pick the next token id from LOGITS (V,) under P. SEEN: ids already in the context (for the penalty)."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if p.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the smallest set reaching top_p
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParams, eos_ids: set[int],
+                 context: int) -> Iterator[int]:
+    """Yield new token ids one at a time (a KV-cache decode loop for batch 1). Stops at EOS or the context end."""
+    from slmkit.models import Llama
+
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+    device = next(model.parameters()).device
+    ids = list(prompt_ids)[-(context - 1):]  # keep the most recent tokens if the prompt overflows the context
+    limit = min(p.max_new_tokens, context - len(ids))
+    if limit <= 0:
+        return
+    x = torch.tensor([ids], device=device)
+    seen = torch.tensor(sorted(set(ids)), dtype=torch.long) if p.repetition_penalty != 1.0 else None
+    if isinstance(model, Llama):
+        cache = model.new_cache(1, len(ids) + limit)
+        logits = model(x, cache=cache, pos=0)[0, -1]
+        step = lambda tok, pos: model(torch.tensor([[tok]], device=device), cache=cache, pos=pos)[0, -1]  # noqa
+    else:  # any transformers causal LM: its own cache object
+        out = model(input_ids=x, use_cache=True)
+        state = {"past": out.past_key_values}
+        logits = out.logits[0, -1]
+
+        def step(tok: int, pos: int) -> torch.Tensor:
+            o = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=state["past"], use_cache=True)
+            state["past"] = o.past_key_values
+            return o.logits[0, -1]
+
+    pos = len(ids)
+    for _ in range(limit):
+        tok = sample_next(logits.cpu(), p, seen, gen)
+        if tok in eos_ids:
+            return
+        yield tok
+        if seen is not None:
+            seen = torch.unique(torch.cat([seen, torch.tensor([tok])]))
+        logits = step(tok, pos)
+        pos += 1
+
+
+class LoadedModel:
+    """A model folder ready to generate: the module, its tokenizer and its context length."""
+
+    def __init__(self, model_dir: Path, model: torch.nn.Module, tokenizer, context: int):
+        self.path, self.model, self.tokenizer, self.context = Path(model_dir), model, tokenizer, context
+        eos = {tokenizer.eos_token_id}
+        for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+            tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
+            if tid is not None:
+                eos.add(tid)
+        self.eos_ids = {e for e in eos if e is not None}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated; honours stop strings."""
+        p = SamplingParams(**sampling)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        yield from stream_text(self.tokenizer, generate_ids(self.model, ids, p, self.eos_ids, self.context), p.stop)
+
+    def generate(self, prompt: str | list[int], **sampling) -> str:
+        """The full completion of PROMPT (without the prompt)."""
+        return "".join(self.stream(prompt, **sampling))
+
+
+def stream_text(tokenizer, token_iter: Iterator[int], stop: list[str]) -> Iterator[str]:
+    """Token ids -> text pieces. Holds back incomplete UTF-8 and anything that could still become a stop string."""
+    ids: list[int] = []
+    emitted = 0
+    hold = max((len(s) for s in stop), default=1) - 1
+    text = ""
+    for tok in token_iter:
+        ids.append(tok)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            continue
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        if cut >= 0:  # never emitted: the last len(stop)-1 characters are always held back
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - hold
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def load(model_dir: Path, threads: int | None = None) -> LoadedModel:
+    """Load MODEL_DIR (ours or any local Hugging Face causal LM folder) for generation."""
+    from slmkit.models import load_model, read_config
+    from slmkit.tokenizer import load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = read_config(Path(model_dir))
+    tokenizer = load_tokenizer(Path(model_dir))
+    model = load_model(Path(model_dir))
+    context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+    return LoadedModel(Path(model_dir), model, tokenizer, int(context))
+
+
+def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
+         top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+         num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None) -> list[str]:
+    """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
+    lm = load(model_dir, threads=threads)
+    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=list(stop or []))
+    texts = []
+    for i in range(num_samples):
+        s = None if seed is None else seed + i
+        t0, pieces = time.perf_counter(), []
+        if stream and not as_json:
+            print(prompt, end="", flush=True)
+        for piece in lm.stream(prompt, seed=s, **params):
+            pieces.append(piece)
+            if stream and not as_json:
+                print(piece, end="", flush=True)
+        text = "".join(pieces)
+        texts.append(text)
+        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        if as_json:
+            print(json.dumps({"prompt": prompt, "text": text, "tokens": n,
+                              "seconds": round(time.perf_counter() - t0, 3)}))
+        elif stream:
+            print(f"\n[{n} tokens, {n / max(1e-9, time.perf_counter() - t0):.1f} tokens/s]", file=sys.stderr)
+        else:
+            print(prompt + text)
+    return texts
+
+
+def add_args(p) -> None:
+    p.add_argument("model_dir", type=Path, help="model folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty: sample from scratch)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the K likeliest tokens; 0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default: 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise repeated tokens; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print only when finished")
+    p.add_argument("--json", dest="as_json", action="store_true", help="one JSON object per sample")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

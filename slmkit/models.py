@@ -1,0 +1,342 @@
+"""Preset -> config -> model, and the model folder on disk.
+
+slmkit trains Llama-architecture decoders with its own compact module (`Llama` below): fused QKV and gate/up
+projections and PyTorch's fused attention make it faster than `transformers`' LlamaForCausalLM on small shapes,
+where per-op overhead dominates. The weights map one-to-one onto LlamaForCausalLM, so the folder we write is a
+plain Hugging Face model folder (config.json + model.safetensors + tokenizer.json) and opens in `transformers`
+with the same logits (`tests/test_models.py` checks it). Other architectures (GPT-Neo, anything imported) run as
+`transformers` models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmkit.presets import get_preset
+
+# ----------------------------------------------------------------------------------------------------------------
+# The module
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_head: int, n_kv: int, head_dim: int, ffn: int, eps: float):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim, self.eps = n_head, n_kv, head_dim, eps
+        self.dropout = 0.0  # training-only regulariser on the residual branches; inference never uses it
+        self.attn_norm = nn.Parameter(torch.ones(d))
+        self.wqkv = nn.Linear(d, (n_head + 2 * n_kv) * head_dim, bias=False)
+        self.wo = nn.Linear(n_head * head_dim, d, bias=False)
+        self.mlp_norm = nn.Parameter(torch.ones(d))
+        self.w_gate_up = nn.Linear(d, 2 * ffn, bias=False)
+        self.w_down = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        h = F.rms_norm(x, (C,), self.attn_norm, self.eps)
+        q, k, v = self.wqkv(h).split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
+                                      self.n_kv * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:
+            # Write this step's keys/values into the preallocated cache, then attend over everything so far.
+            k_cache, v_cache = cache  # (B, nkv, max_T, hd)
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+            mask = None
+            if T > 1:  # prefill: causal within the new tokens, full view of the cached prefix
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        x = x + self._drop(self.wo(y))
+        h = F.rms_norm(x, (C,), self.mlp_norm, self.eps)
+        gate, up = self.w_gate_up(h).chunk(2, dim=-1)
+        return x + self._drop(self.w_down(F.silu(gate) * up))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the 'rotate half' layout that transformers' Llama uses. x: (B, nh, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Llama(nn.Module):
+    """A Llama decoder whose weights map exactly onto transformers' LlamaForCausalLM."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        c = self.config = dict(config)
+        d, L = c["hidden_size"], c["num_hidden_layers"]
+        n_head, n_kv = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or d // n_head
+        self.embed = nn.Embedding(c["vocab_size"], d)
+        self.layers = nn.ModuleList(Block(d, n_head, n_kv, self.head_dim, c["intermediate_size"], c["rms_norm_eps"])
+                                    for _ in range(L))
+        self.norm = nn.Parameter(torch.ones(d))
+        self.lm_head = None if c.get("tie_word_embeddings", True) else nn.Linear(d, c["vocab_size"], bias=False)
+        inv_freq = 1.0 / (rope_theta(c) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        t = torch.arange(c["max_position_embeddings"], dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_T, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.apply(self._init)
+        for block in self.layers:  # GPT-2's scaled init of residual projections keeps early activations bounded
+            std = c.get("initializer_range", 0.02) / math.sqrt(2 * L)
+            nn.init.normal_(block.wo.weight, std=std)
+            nn.init.normal_(block.w_down.weight, std=std)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.get("initializer_range", 0.02))
+
+    def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int = 0) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V). With `cache`, positions start at `pos`."""
+        T = idx.shape[1]
+        x = self.embed(idx)  # (B, T, C)
+        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None if cache is None else cache[i], pos)
+        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
+        return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
+        """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd)."""
+        p = self.embed.weight
+        shape = (batch, self.config["num_key_value_heads"], max_len, self.head_dim)
+        return [(torch.zeros(shape, dtype=dtype or p.dtype, device=p.device),
+                 torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)) for _ in self.layers]
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Residual dropout for training our module (not part of the saved config: inference is unaffected)."""
+    for block in getattr(unwrap(model), "layers", []):
+        if isinstance(block, Block):
+            block.dropout = p
+
+
+def rope_theta(c: dict) -> float:
+    """transformers 5 moved rope_theta into rope_parameters; read either."""
+    return float((c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and construction
+
+
+def build_config(preset: str, vocab_size: int, overrides: dict | None = None, block_size: int | None = None) -> dict:
+    """Preset + tokenizer vocabulary + command-line overrides -> a transformers-style config dict."""
+    cfg = get_preset(preset)
+    cfg["vocab_size"] = vocab_size
+    if block_size and cfg.get("model_type", "llama") == "llama":
+        cfg["max_position_embeddings"] = block_size  # the context it is trained for; --set can raise it
+    for key, value in (overrides or {}).items():
+        if key not in cfg and key not in _KNOWN_FIELDS.get(cfg.get("model_type", "llama"), ()):
+            raise SystemExit(f"error: unknown config field {key!r} for preset {preset!r}; "
+                             f"known fields: {', '.join(sorted(set(cfg) | set(_KNOWN_FIELDS['llama'])))}")
+        cfg[key] = value
+    check_config(cfg)
+    return cfg
+
+
+_KNOWN_FIELDS = {"llama": ("head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+                           "tie_word_embeddings", "initializer_range"),
+                 "gpt_neo": ("window_size", "max_position_embeddings")}
+
+
+def check_config(cfg: dict) -> None:
+    """Derived sizes must divide evenly; say which value is wrong."""
+    if cfg.get("model_type", "llama") != "llama":
+        return
+    d, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if d % nh:
+        raise SystemExit(f"error: hidden_size={d} is not divisible by num_attention_heads={nh}")
+    if nh % nkv:
+        raise SystemExit(f"error: num_attention_heads={nh} is not divisible by num_key_value_heads={nkv}")
+    if (d // nh) % 2:
+        raise SystemExit(f"error: head size {d // nh} must be even for rotary embeddings")
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """A freshly initialised model for CFG: our Llama module, or a transformers model for other types."""
+    if cfg.get("model_type", "llama") == "llama":
+        return Llama(cfg)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(cfg)
+    model_type = hf.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T, V) for our module and transformers models alike."""
+    if isinstance(unwrap(model), Llama):
+        return model(idx)
+    return model(input_ids=idx).logits
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face layout <-> our module
+
+
+def to_hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """Our fused weights -> LlamaForCausalLM tensor names (q/k/v and gate/up split back out)."""
+    c, hd = model.config, model.head_dim
+    nq, nkv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm}
+    for i, b in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        q, k, v = b.wqkv.weight.split([nq, nkv, nkv], dim=0)
+        gate, up = b.w_gate_up.weight.chunk(2, dim=0)
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.wo.weight,
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": b.w_down.weight,
+                   p + "input_layernorm.weight": b.attn_norm, p + "post_attention_layernorm.weight": b.mlp_norm})
+    if model.lm_head is not None:
+        sd["lm_head.weight"] = model.lm_head.weight
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def from_hf_state_dict(model: Llama, sd: dict[str, torch.Tensor]) -> Llama:
+    """Load LlamaForCausalLM tensors into our module (fusing q/k/v and gate/up)."""
+    ours = {"embed.weight": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}
+    for i in range(len(model.layers)):
+        p = f"model.layers.{i}."
+        ours[f"layers.{i}.wqkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0)
+        ours[f"layers.{i}.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        ours[f"layers.{i}.w_gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"],
+                                                         sd[p + "mlp.up_proj.weight"]], dim=0)
+        ours[f"layers.{i}.w_down.weight"] = sd[p + "mlp.down_proj.weight"]
+        ours[f"layers.{i}.attn_norm"] = sd[p + "input_layernorm.weight"]
+        ours[f"layers.{i}.mlp_norm"] = sd[p + "post_attention_layernorm.weight"]
+    if model.lm_head is not None:
+        ours["lm_head.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
+    return model
+
+
+def hf_config_dict(cfg: dict) -> dict:
+    """The config.json a transformers LlamaForCausalLM reads, from our config dict."""
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError("hf_config_dict is for llama configs")
+    from transformers import LlamaConfig
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+            "head_dim")
+    kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    hf = LlamaConfig(**kwargs, rope_theta=rope_theta(cfg)).to_dict()
+    hf["rope_theta"] = rope_theta(cfg)  # older transformers and llama.cpp's converter read the flat key
+    hf["architectures"] = ["LlamaForCausalLM"]
+    hf["torch_dtype"] = "float32"
+    return hf
+
+
+def supports_fast_path(hf_cfg: dict) -> bool:
+    """Can our Llama module run this transformers config exactly?"""
+    rope = hf_cfg.get("rope_parameters") or {}
+    return (hf_cfg.get("model_type") == "llama" and not hf_cfg.get("attention_bias") and not hf_cfg.get("mlp_bias")
+            and hf_cfg.get("hidden_act", "silu") == "silu" and rope.get("rope_type", "default") == "default"
+            and not hf_cfg.get("rope_scaling") and hf_cfg.get("pretraining_tp", 1) == 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model folder
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write temp file + fsync + rename: a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_model(model: nn.Module, out: Path, extra_config: dict | None = None) -> None:
+    """Write config.json + model.safetensors (atomically) into OUT for our module or a transformers model."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    if isinstance(model, Llama):
+        cfg = hf_config_dict({**model.config, **(extra_config or {})})
+        tensors = to_hf_state_dict(model)
+    else:
+        for k, v in (extra_config or {}).items():
+            setattr(model.config, k, v)
+        cfg = model.config.to_dict()
+        cfg["architectures"] = [type(model).__name__]
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # Tied weights are stored once, as transformers does.
+        for key in getattr(model, "_tied_weights_keys", None) or []:
+            if isinstance(key, str) and key in tensors and cfg.get("tie_word_embeddings", True):
+                tensors.pop(key)
+        if cfg.get("tie_word_embeddings", True):
+            tensors.pop("lm_head.weight", None)
+    atomic_write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", cfg)
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {model_dir} is not a model folder (no config.json); "
+                         "point at a folder written by `slm train` or a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model folder: our fast module for plain Llama configs, a transformers model otherwise."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    hf_cfg = read_config(model_dir)
+    weights = model_dir / "model.safetensors"
+    if supports_fast_path(hf_cfg) and weights.is_file():
+        cfg = dict(hf_cfg)
+        cfg["rope_theta"] = rope_theta(hf_cfg)
+        cfg.setdefault("rms_norm_eps", 1e-6)
+        model = from_hf_state_dict(Llama(cfg), load_file(weights))
+        return model.to(dtype).eval()
+    if not weights.is_file() and not any(model_dir.glob("model-*.safetensors")):
+        raise SystemExit(f"error: {model_dir} has no model.safetensors; slmkit loads safetensors weights only")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()

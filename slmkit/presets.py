@@ -1,0 +1,69 @@
+"""Named model configurations as plain data.
+
+Decoder presets are Llama-architecture models (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied embeddings).
+Every width is a multiple of 32 so that GGUF block quantization (32-element blocks) applies to every matrix later.
+`params` is the exact parameter count at the preset's default `vocab_size`; `tests/test_presets.py` checks it.
+The vocabulary is normally replaced by the size of the tokenizer trained on the user's corpus.
+"""
+
+from __future__ import annotations
+
+DECODERS: dict[str, dict] = {
+    # A toy for tests and smoke runs: trains in seconds.
+    "slm-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=192, vocab_size=512, params=131_392),
+    "slm-1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=352, vocab_size=2048, params=1_000_576),
+    "slm-3m": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                   intermediate_size=512, vocab_size=4096, params=3_148_224),
+    "slm-7m": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=704, vocab_size=8192, params=6_524_160),
+    "slm-15m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                    intermediate_size=1024, vocab_size=8192, params=15_735_168),
+    "slm-30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                    intermediate_size=1376, vocab_size=16384, params=31_597_056),
+    "slm-65m": dict(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, num_key_value_heads=5,
+                    intermediate_size=1728, vocab_size=32000, params=65_959_040),
+    "slm-125m": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
+                     intermediate_size=2048, vocab_size=32000, params=125_264_640),
+}
+
+# GPT-Neo 125M exactly as published (EleutherAI/gpt-neo-125m config.json): alternating global/local attention,
+# learned absolute positions, GELU MLP, LM head tied to the token embedding.
+GPT_NEO_125M: dict = dict(
+    model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048, hidden_size=768, num_layers=12,
+    num_heads=12, attention_types=[[["global", "local"], 6]], intermediate_size=None, window_size=256,
+    activation_function="gelu_new", resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
+    layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
+    tie_word_embeddings=True, params=125_198_592,
+)
+
+# Fields every decoder preset shares (transformers LlamaConfig names).
+LLAMA_DEFAULTS: dict = dict(
+    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024,
+    tie_word_embeddings=True, attention_bias=False, mlp_bias=False, initializer_range=0.02,
+)
+
+PRESETS: dict[str, dict] = {**DECODERS, "gpt-neo-125m": GPT_NEO_125M}
+
+
+def get_preset(name: str) -> dict:
+    """Return a copy of preset NAME, or exit with the list of known names."""
+    if name not in PRESETS:
+        raise SystemExit(f"error: unknown preset {name!r}; choose one of: {', '.join(PRESETS)} (or 'auto')")
+    cfg = dict(PRESETS[name])
+    cfg.pop("params", None)
+    if cfg.get("model_type", "llama") == "llama":
+        cfg = {**LLAMA_DEFAULTS, **cfg}
+    return cfg
+
+
+def llama_params(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
+                 intermediate_size: int, vocab_size: int, tie_word_embeddings: bool = True, **_: object) -> int:
+    """Exact parameter count of a bias-free Llama decoder (used by `--preset auto` before building anything)."""
+    hd = hidden_size // num_attention_heads
+    attn = hidden_size * hd * (2 * num_attention_heads + 2 * num_key_value_heads)  # q, o + k, v
+    mlp = 3 * hidden_size * intermediate_size  # gate, up, down
+    per_layer = attn + mlp + 2 * hidden_size  # + two RMSNorm weights
+    emb = vocab_size * hidden_size * (1 if tie_word_embeddings else 2)
+    return emb + num_hidden_layers * per_layer + hidden_size  # + final norm

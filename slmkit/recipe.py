@@ -1,0 +1,88 @@
+"""`--preset auto`: pick a model size, context, batch and learning rate for a corpus and a budget.
+
+The rule is compute-first. Small models trained briefly are limited by how many tokens they see, so the model is
+sized for the compute the budget buys: estimate the training FLOPs (6 x params x tokens) this device delivers in the
+budget, then take the largest preset that still sees about TOKENS_PER_PARAM tokens per parameter. The constants
+were calibrated on 2 CPU cores (docs/benchmarks.md: tinyshakespeare, 180 s) — re-check them when the loop changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmkit.presets import DECODERS, llama_params
+
+# Sustained training FLOP/s of our loop at small shapes (measured: docs/benchmarks.md). Conservative on purpose:
+# an overestimate picks a model too big to converge in the budget, which costs more than one a size too small.
+CPU_FLOPS_PER_THREAD = 25e9
+GPU_FLOPS = 60e12
+TOKENS_PER_PARAM = 10  # below Chinchilla's 20: at this scale, bigger-but-less-trained models win on short budgets
+AUTO_LADDER = ["slm-tiny", "slm-1m", "slm-3m", "slm-7m", "slm-15m", "slm-30m", "slm-65m", "slm-125m"]
+DEFAULT_SECONDS = 300.0  # when no budget is given at all
+
+
+def device_flops(device: str) -> float:
+    if device.startswith("cuda"):
+        return GPU_FLOPS
+    return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
+
+
+def non_embedding_params(cfg: dict) -> int:
+    return llama_params(**{**cfg, "vocab_size": 0}) - cfg["hidden_size"]
+
+
+def step_flops_per_token(cfg: dict, vocab_size: int, block_size: int) -> float:
+    """Forward+backward FLOPs per token: 6 x (matmul params incl. the LM head) + attention scores."""
+    matmul = non_embedding_params(cfg) + vocab_size * cfg["hidden_size"]
+    attention = 6 * cfg["num_hidden_layers"] * block_size * cfg["hidden_size"]  # QK^T and AV, fwd+bwd, causal half
+    return 6 * matmul + attention
+
+
+def context_for(cfg: dict, device: str) -> int:
+    if device.startswith("cuda"):
+        return 1024
+    return 256 if cfg["hidden_size"] <= 256 else 512
+
+
+def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, steps: int | None = None,
+                tokens: int | None = None, bytes_per_token: float = 3.0) -> dict:
+    """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget."""
+    flops = device_flops(device)
+    choice = AUTO_LADDER[0]
+    for name in AUTO_LADDER:
+        cfg = DECODERS[name]
+        block = context_for(cfg, device)
+        vocab = min(cfg["vocab_size"], 4096)
+        per_token = step_flops_per_token(cfg, vocab, block)
+        if tokens:
+            budget_tokens = tokens
+        elif steps:
+            budget_tokens = steps * batch_tokens_for(cfg, device)
+        else:
+            budget_tokens = flops * (seconds or DEFAULT_SECONDS) / per_token
+        # Beyond ~4 passes over a small corpus, a bigger model only memorises it.
+        enough_data = corpus_bytes / bytes_per_token * 4 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
+        if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or name == choice):
+            choice = name
+    cfg = DECODERS[choice]
+    block = context_for(cfg, device)
+    batch_tokens = batch_tokens_for(cfg, device)
+    d = cfg["hidden_size"]
+    lr = 3e-3 if d <= 128 else 2e-3 if d <= 256 else 1e-3 if d <= 512 else 6e-4
+    return {"preset": choice, "block_size": block, "batch_size": max(1, batch_tokens // block), "lr": lr,
+            "warmup_steps": 50 if d <= 256 else 200}
+
+
+def batch_tokens_for(cfg: dict, device: str) -> int:
+    """Tokens per optimizer step: small for tiny models (more updates per second), larger as models grow."""
+    d = cfg["hidden_size"]
+    base = 4096 if d <= 128 else 8192 if d <= 256 else 16384 if d <= 512 else 32768
+    return base * (8 if device.startswith("cuda") else 1)
+
+
+def auto_vocab_size(corpus_bytes: int, hidden_size: int) -> int:
+    """BPE vocabulary: ~sqrt(corpus bytes) as a power of two, capped so the LM head stays a small share of a tiny
+    model's compute (16 x width)."""
+    from slmkit.tokenizer import default_vocab_size
+
+    return max(512, min(default_vocab_size(corpus_bytes), 16 * hidden_size))

@@ -1,0 +1,132 @@
+"""Train and load tokenizers (byte-level BPE, raw bytes) with Hugging Face `tokenizers`; chat templates.
+
+Every tokenizer we write is a `tokenizer.json` that `AutoTokenizer.from_pretrained(DIR)` opens. Both kinds use the
+GPT-2 byte-level alphabet, so any UTF-8 text round-trips exactly and a token's byte length is known exactly
+(needed for bits per byte).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+EOS = "<|endoftext|>"  # document separator; also the BOS that starts every document
+PAD = "<|pad|>"
+SPECIALS = [EOS, PAD, "<|im_start|>", "<|im_end|>"]  # the last two frame chat turns (ChatML)
+
+# ChatML, the template most small chat models (SmolLM2, Qwen) use; written into tokenizer_config.json.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map (what ByteLevel pre-tokenization emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def default_vocab_size(n_bytes: int) -> int:
+    """A BPE vocabulary that fits the corpus: about sqrt(bytes), as a power of two in [512, 32768].
+
+    Tiny corpora cannot support many merges (rare tokens never get trained), large ones gain from more.
+    """
+    return int(min(32768, max(512, 2 ** round(math.log2(max(1, n_bytes) ** 0.5)))))
+
+
+def _wrap(tok, chat_template: str | None = CHATML_TEMPLATE):
+    """Wrap a `tokenizers.Tokenizer` as a transformers fast tokenizer with our special tokens."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    eos_id = tok.token_to_id(EOS)
+    # Every encoded text starts with the document separator, exactly as training documents do.
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B",
+                                                      special_tokens=[(EOS, eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=SPECIALS[2:], chat_template=chat_template,
+                                   model_max_length=1_000_000, clean_up_tokenization_spaces=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """Train a byte-level BPE tokenizer on TEXTS (streamed) and return a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIALS):
+        raise SystemExit(f"error: --vocab-size {vocab_size} is too small; byte-level BPE needs at least "
+                         f"{256 + len(SPECIALS)} (256 bytes + special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return _wrap(tok)
+
+
+def byte_tokenizer():
+    """One token per UTF-8 byte (256) plus the special tokens: no training, works for any language."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for b, ch in sorted(bytes_to_unicode().items()):
+        vocab[ch] = len(SPECIALS) + b
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return _wrap(tok)
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer saved in a model folder (local files only)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        raise SystemExit(f"error: {model_dir} holds no tokenizer (tokenizer.json); pass a model folder written by "
+                         "`slm train` or a Hugging Face folder with its tokenizer")
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens (the data pipeline inserts separators itself). Uses the Rust batch path."""
+    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte."""
+    n = len(tokenizer)
+    lengths = np.zeros(n, dtype=np.int64)
+    backend = tokenizer.backend_tokenizer
+    spec = json.loads(backend.to_str())
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+    special = set(tokenizer.all_special_ids)
+    for tid in range(n):
+        if tid in special:
+            continue
+        piece = backend.id_to_token(tid)
+        if piece is None:
+            continue
+        if byte_level:
+            lengths[tid] = len(piece)  # one printable character per byte
+        else:  # SentencePiece-style: decode the piece alone (approximate for byte-fallback pieces)
+            lengths[tid] = len(tokenizer.decode([tid]).encode("utf-8"))
+    return lengths
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    import hashlib
+
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]

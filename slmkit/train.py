@@ -1,0 +1,586 @@
+"""Verb `train`: tokenizer + model from scratch on a corpus, and `fit`, the one training loop every recipe uses.
+
+    corpus files -> tokenizer (trained or reused) -> token memmap (cached) -> model (preset) -> fit -> model folder
+
+Budgets: --steps, --tokens, --time (training time; evaluation and checkpoint writes are not counted). The learning
+rate warms up, then follows a cosine to 10% of its peak over whichever budget runs out first, so a time-limited run
+still ends on a fully decayed schedule. Checkpoints are atomic and hold optimizer, RNG and data-sampler state, so
+`--resume` continues the same trajectory. Under `torchrun` the same command trains data-parallel (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit import recipe
+from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
+from slmkit.models import (
+    atomic_write_json,
+    build_config,
+    build_model,
+    count_parameters,
+    logits_of,
+    save_model,
+    set_dropout,
+    unwrap,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested directly)
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'180', '180s', '3m', '1.5h', '90min' -> seconds."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|secs|m|min|mins|h|hr|hrs)?\s*", str(text).lower())
+    if not m:
+        raise SystemExit(f"error: cannot read duration {text!r}; use e.g. 180, 180s, 3m or 1h")
+    scale = {"m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600, "hrs": 3600}.get(m.group(2) or "s", 1)
+    return float(m.group(1)) * scale
+
+
+def parse_count(text: str | int | None) -> int | None:
+    """'5000', '2M', '1.5B', '20k' -> int."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmbg]?)\s*", str(text).lower())
+    if not m:
+        raise SystemExit(f"error: cannot read count {text!r}; use e.g. 5000, 20k, 2M or 1B")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2)])
+
+
+def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup over WARMUP_STEPS, then cosine from LR to LR*MIN_LR_RATIO as PROGRESS goes 0 -> 1."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps  # +1: step 0 must not train at lr=0
+    p = min(max(progress, 0.0), 1.0)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """['hidden_size=256', 'rope_theta=1e5'] -> {'hidden_size': 256, 'rope_theta': 100000.0}."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Budget:
+    steps: int | None = None
+    tokens: int | None = None
+    seconds: float | None = None
+
+    def progress(self, step: int, tokens: int, seconds: float) -> float:
+        parts = [step / self.steps if self.steps else 0.0, tokens / self.tokens if self.tokens else 0.0,
+                 seconds / self.seconds if self.seconds else 0.0]
+        return max(parts)
+
+
+@dataclass
+class FitState:
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_val: float | None = None
+    last_eval: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    grad_accum: int = 1
+    clip: float = 1.0
+    eval_every_s: float = 30.0
+    eval_every_steps: int | None = None
+    checkpoint_every_s: float = 120.0
+    log_every_s: float = 1.0
+    autocast_dtype: torch.dtype | None = None
+    device: str = "cpu"
+    progress_bar: bool = True
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn, budget: Budget,
+        cfg: FitConfig, state: FitState, evaluate=None, checkpoint=None, log=None) -> FitState:
+    """Train MODEL until BUDGET is spent or a stop is requested (Ctrl-C / SIGTERM).
+
+    next_batch() -> (x, y); loss_fn(model, x, y) -> scalar loss; evaluate(model) -> dict with 'loss';
+    checkpoint(state) writes a resumable checkpoint; log(dict) appends to metrics.jsonl. Returns the final state.
+    """
+    from slmkit.distributed import any_rank, is_main, world_size
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):  # first signal: finish this step, save, exit cleanly; second: abort now
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        if is_main():
+            print("\nstopping: finishing the step and saving a checkpoint (again to abort)", file=sys.stderr)
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = _progress_bar(budget, state, cfg.progress_bar and is_main())
+    model.train()
+    last_log = last_eval = last_ckpt = time.perf_counter()
+    window_tokens, window_t0 = 0, time.perf_counter()
+    ws = world_size()
+    try:
+        while True:
+            progress = budget.progress(state.step, state.tokens, state.train_seconds)
+            if any_rank(progress >= 1.0 or stop["requested"]):
+                break
+            t0 = time.perf_counter()
+            lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, step_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y = next_batch()
+                sync = micro == cfg.grad_accum - 1
+                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+                amp = torch.autocast(device_type=cfg.device.split(":")[0], dtype=cfg.autocast_dtype or torch.float32,
+                                     enabled=cfg.autocast_dtype is not None)
+                with ctx, amp:
+                    loss = loss_fn(model, x, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                step_tokens += x.numel() * ws
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            state.step += 1
+            state.tokens += step_tokens
+            state.train_seconds += time.perf_counter() - t0
+            window_tokens += step_tokens
+            if not math.isfinite(loss_sum):
+                raise SystemExit(f"error: loss became {loss_sum} at step {state.step}; lower --lr or use --dtype fp32")
+            now = time.perf_counter()
+            if now - last_log >= cfg.log_every_s:
+                tps = window_tokens / max(1e-9, now - window_t0)
+                if log:
+                    log({"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_sum, "lr": lr,
+                         "tokens_per_s": tps, "train_seconds": state.train_seconds})
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {loss_sum:.3f} | {tps:,.0f} tok/s | lr {lr:.1e}", refresh=False)
+                window_tokens, window_t0, last_log = 0, now, now
+            if bar is not None:
+                _advance(bar, budget, state)
+            due_eval = (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0) or (
+                not cfg.eval_every_steps and now - last_eval >= cfg.eval_every_s)
+            if evaluate is not None and any_rank(bool(due_eval)):
+                _run_eval(model, evaluate, state, log)
+                last_eval = time.perf_counter()
+            if checkpoint is not None and any_rank(now - last_ckpt >= cfg.checkpoint_every_s):
+                checkpoint(state)
+                last_ckpt = time.perf_counter()
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+    state.last_eval["interrupted"] = stop["requested"]
+    return state
+
+
+def _run_eval(model, evaluate, state: FitState, log) -> None:
+    result = evaluate(unwrap(model))
+    state.last_eval = result
+    state.best_val = result["loss"] if state.best_val is None else min(state.best_val, result["loss"])
+    if log:
+        log({"kind": "eval", **result, "step": state.step, "tokens": state.tokens, "eval_tokens": result["tokens"],
+             "train_seconds": state.train_seconds})
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(budget: Budget, state: FitState, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    if budget.seconds:  # the bar counts training seconds, so its ETA is the budget's
+        total, unit, n = int(budget.seconds), "s", int(state.train_seconds)
+    elif budget.steps:
+        total, unit, n = budget.steps, "step", state.step
+    else:
+        total, unit, n = budget.tokens, "tok", state.tokens
+    return tqdm(total=total, initial=n, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}] {postfix}")
+
+
+def _advance(bar, budget: Budget, state: FitState) -> None:
+    target = (int(state.train_seconds) if budget.seconds else state.step if budget.steps else state.tokens)
+    if target > bar.n:
+        bar.update(min(target, bar.total) - bar.n)
+
+
+def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(model, x)  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not norms/biases); the fused kernel where PyTorch has one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        from slmkit.distributed import local_rank
+
+        return f"cuda:{local_rank()}"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype | None:
+    """None = plain fp32. 'auto' is bf16 autocast on GPUs that support it; fp32 on CPU, where tiny shapes lose."""
+    if dtype == "fp32":
+        return None
+    if dtype in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if dtype in ("fp16", "float16"):
+        return torch.float16
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    raise SystemExit(f"error: unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The verb
+
+RUN_FILE = "train_args.json"
+
+
+def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe", vocab_size: int | None = None,
+         tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
+         grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
+         weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
+         tokens: int | str | None = None,
+         time: str | float | None = None, val_fraction: float = 0.1, eval_every: str | None = None,
+         eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
+         compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
+         set: list[str] | None = None, text_col: str = "text", replace_errors: bool = False,
+         progress: bool = True) -> dict:
+    """Train a tokenizer and a decoder on DATA and write a Hugging Face model folder to OUT.
+
+    Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, out).
+    """
+    from slmkit import distributed as dist
+    from slmkit.data import corpus_bytes, expand_paths, get_batch, load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.evaluate import evaluate_tokens
+    from slmkit.report import plot_loss, read_metrics, write_model_card
+    from slmkit.tokenizer import token_byte_lengths
+
+    out = Path(out)
+    dev = pick_device(device)
+    dist.setup(dev)
+    autocast_dtype = pick_dtype(dtype, dev)
+    ckpt_path = out / CHECKPOINT
+    args = dict(data=[str(d) for d in data], preset=preset, tokenizer=tokenizer, vocab_size=vocab_size,
+                tokenizer_from=str(tokenizer_from) if tokenizer_from else None, block_size=block_size,
+                batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
+                weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
+                tokens=parse_count(tokens),
+                time=parse_duration(time), val_fraction=val_fraction, seed=seed, set=list(set or []),
+                text_col=text_col, dtype=dtype)
+    if resume:
+        if not ckpt_path.is_file():
+            raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT}; start without --resume")
+        saved = json.loads((out / RUN_FILE).read_text())
+        _check_resume_compatible(saved, args)
+        # Budgets may be extended on resume; everything that shapes the model comes from the saved run.
+        args = {**saved, **{k: args[k] for k in ("steps", "tokens", "time") if args[k] is not None}}
+    elif (out / "config.json").exists() or ckpt_path.exists():
+        if not overwrite:
+            raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out")
+    if not (0.0 <= args["val_fraction"] < 0.5):
+        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
+    budget = Budget(args["steps"], args["tokens"], args["time"])
+    if not (budget.steps or budget.tokens or budget.seconds):
+        budget.seconds = recipe.DEFAULT_SECONDS
+        if dist.is_main():
+            print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
+    files = expand_paths(args["data"])
+    n_bytes = corpus_bytes(files)
+    torch.manual_seed(args["seed"])
+
+    # 1. the recipe: explicit flags win over --preset auto's choices
+    auto = recipe.auto_recipe(n_bytes, dev, budget.seconds, budget.steps, budget.tokens)
+    preset_name = auto["preset"] if args["preset"] == "auto" else args["preset"]
+    block = args["block_size"] or auto["block_size"]
+    bsz = args["batch_size"] or auto["batch_size"]
+    peak_lr = args["lr"] or (auto["lr"] if args["preset"] == "auto" else _default_lr(preset_name))
+    warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
+    overrides = parse_overrides(args["set"])
+
+    # 2. tokenizer (rank 0 trains it; the others read what it saved)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _get_tokenizer(args, files, out, n_bytes, preset_name, resume)
+    vocab = len(tok)
+
+    # 3. tokens, cached by content hash; held-out split from the end
+    if dist.is_main():
+        bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
+    dist.barrier()
+    if not dist.is_main():
+        bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
+    all_tokens = load_tokens(bin_path, meta)
+    train_tokens, val_tokens = split_tokens(all_tokens, args["val_fraction"], block)
+    token_bytes = token_byte_lengths(tok)
+
+    # 4. model
+    cfg = build_config(preset_name, vocab, overrides, block_size=block)
+    cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if cfg.get("model_type", "llama") != "llama" and block > cfg.get("max_position_embeddings", block):
+        raise SystemExit(f"error: --block-size {block} exceeds the preset's max_position_embeddings")
+    model = build_model(cfg).to(dev)
+    set_dropout(model, args.get("dropout", 0.0))
+    n_params = count_parameters(model)
+    optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev)
+    sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
+    state = FitState()
+    if resume:
+        saved_state = read_checkpoint_state(ckpt_path)
+        if saved_state.get("config") != _comparable(cfg):
+            raise SystemExit(f"error: --resume: the checkpoint in {out} is a different architecture than this run "
+                             "builds; resume with the original settings or start a new --out")
+        st = load_checkpoint(ckpt_path, model, optimizer, {"sampler": sampler})
+        if dist.world_size() > 1 and "sampler_states" in st:
+            sampler.set_state(torch.tensor(st["sampler_states"][dist.rank()], dtype=torch.uint8))
+        state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
+    if dist.is_main():
+        atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
+                                           "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})
+    train_model = dist.wrap(model, dev)
+    if compile:
+        train_model = torch.compile(train_model)
+
+    metrics_path = out / "metrics.jsonl"
+    if not resume and dist.is_main():
+        metrics_path.unlink(missing_ok=True)
+
+    def log(row: dict) -> None:
+        if dist.is_main():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluate(m) -> dict:
+        if len(val_tokens) == 0:
+            return {"loss": float("nan")}
+        return evaluate_tokens(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block),
+                               device=dev, autocast_dtype=autocast_dtype)
+
+    def checkpoint(st: FitState) -> None:
+        states = dist.gather_states(sampler.get_state())
+        if not dist.is_main():
+            return
+        extra = {"sampler_states": [s.tolist() for s in states]} if len(states) > 1 else {}
+        save_checkpoint(ckpt_path, model, optimizer, {"sampler": sampler},
+                        {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
+                         "best_val": st.best_val, "config": _comparable(cfg), **extra})
+        save_model(model, out)
+
+    if dist.is_main():
+        print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
+              f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | {dev} "
+              f"{'bf16' if autocast_dtype == torch.bfloat16 else 'fp32'} | data {len(train_tokens):,} train / "
+              f"{len(val_tokens):,} val tokens")
+    every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
+    fit_cfg = FitConfig(
+        lr=peak_lr, min_lr_ratio=args["min_lr_ratio"], warmup_steps=warmup_steps, grad_accum=grad_accum,
+        clip=args["clip"], device=dev, autocast_dtype=autocast_dtype, progress_bar=progress,
+        eval_every_steps=int(eval_every) if eval_every and str(eval_every).isdigit() else None,
+        eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
+        checkpoint_every_s=parse_duration(checkpoint_every))
+    state = fit(train_model, optimizer, lambda: get_batch(train_tokens, bsz, block, sampler, dev), causal_lm_loss,
+                budget, fit_cfg, state, evaluate=evaluate, checkpoint=checkpoint, log=log)
+
+    # 5. final: full held-out evaluation, checkpoint, model folder, plot, card
+    checkpoint(state)
+    final = {}
+    if dist.is_main():
+        final = evaluate_tokens(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
+                                autocast_dtype=autocast_dtype) if len(val_tokens) else {}
+        log({"kind": "final", **final, "step": state.step, "tokens": state.tokens,
+             "eval_tokens": final.get("tokens", 0), "train_seconds": state.train_seconds})
+        _write_folder_extras(out, tok, cfg)
+        plot_loss(read_metrics(metrics_path), out / "loss.png", title=f"{out.name}: {preset_name}")
+    summary = {"out": str(out), "preset": preset_name, "parameters": n_params, "step": state.step,
+               "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
+               "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
+               "interrupted": state.last_eval.get("interrupted", False)}
+    if dist.is_main():
+        card = {**summary, "model_type": cfg.get("model_type", "llama"), "layers": cfg.get("num_hidden_layers",
+                cfg.get("num_layers")), "hidden_size": cfg["hidden_size"], "heads": cfg.get("num_attention_heads",
+                cfg.get("num_heads")), "block_size": block, "tokenizer": _tokenizer_kind(args), "vocab_size": vocab,
+                "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]), "corpus_bytes": meta["bytes"],
+                "val_fraction": args["val_fraction"], "batch_size": bsz * dist.world_size(),
+                "grad_accum": grad_accum, "lr": peak_lr, "device": dev,
+                "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32"}
+        atomic_write_json(out / "training_summary.json", card)
+        write_model_card(out, card)
+        if final:
+            print(f"held-out: loss {final['loss']:.4f} | perplexity {final['perplexity']:.2f} | "
+                  f"bits/byte {final['bits_per_byte']:.4f} | {state.step:,} steps, {state.tokens:,} tokens in "
+                  f"{state.train_seconds:.0f} s ({summary['tokens_per_s']:,.0f} tok/s)")
+        if summary["interrupted"]:
+            print(f"interrupted: checkpoint saved; continue with: slm train --data ... --out {out} --resume")
+        print(f"model folder: {out}")
+    dist.teardown()
+    return summary
+
+
+def _default_lr(preset: str) -> float:
+    from slmkit.presets import PRESETS
+
+    d = PRESETS[preset]["hidden_size"]
+    return 3e-3 if d <= 128 else 2e-3 if d <= 256 else 1e-3 if d <= 512 else 6e-4
+
+
+def _comparable(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg))
+
+
+def _check_resume_compatible(saved: dict, now: dict) -> None:
+    for key in ("preset", "tokenizer", "vocab_size", "block_size", "batch_size", "set"):
+        if key in ("preset",) and now[key] == "auto":
+            continue
+        if now.get(key) not in (None, [], saved.get(key)) and key != "preset":
+            raise SystemExit(f"error: --resume: --{key.replace('_', '-')} {now[key]} differs from the saved run "
+                             f"({saved.get(key)}); drop the flag or start a new --out")
+        if key == "preset" and now[key] != saved.get(key):
+            raise SystemExit(f"error: --resume: preset {now[key]!r} differs from the saved run's {saved.get(key)!r}; "
+                             "a different architecture cannot resume this checkpoint")
+
+
+def _tokenizer_kind(args: dict) -> str:
+    return f"from {args['tokenizer_from']}" if args.get("tokenizer_from") else (
+        "byte-level BPE" if args["tokenizer"] == "bpe" else "bytes")
+
+
+def _get_tokenizer(args: dict, files, out: Path, n_bytes: int, preset_name: str, resume: bool):
+    from slmkit import distributed as dist
+    from slmkit.data import iter_documents
+    from slmkit.presets import PRESETS
+    from slmkit.tokenizer import byte_tokenizer, load_tokenizer, train_bpe
+
+    if resume or not dist.is_main():
+        if not dist.is_main():
+            dist.barrier()
+        return load_tokenizer(out)
+    if args.get("tokenizer_from"):
+        tok = load_tokenizer(Path(args["tokenizer_from"]))
+    elif args["tokenizer"] == "byte":
+        tok = byte_tokenizer()
+    elif args["tokenizer"] == "bpe":
+        vocab = args["vocab_size"] or recipe.auto_vocab_size(n_bytes, PRESETS[preset_name]["hidden_size"])
+        print(f"training a byte-level BPE tokenizer ({vocab:,} tokens) on {n_bytes:,} bytes")
+        tok = train_bpe(_cap_bytes(iter_documents(files, args["text_col"]), 256 << 20), vocab)
+    else:
+        raise SystemExit(f"error: unknown --tokenizer {args['tokenizer']!r}; use bpe or byte")
+    tok.save_pretrained(out)
+    dist.barrier()
+    return tok
+
+
+def _cap_bytes(texts, limit: int):
+    """BPE statistics converge long before a huge corpus ends: train on its first LIMIT bytes."""
+    seen = 0
+    for t in texts:
+        yield t
+        seen += len(t)
+        if seen >= limit:
+            return
+
+
+def _write_folder_extras(out: Path, tok, cfg: dict) -> None:
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+           "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
+    atomic_write_json(out / "generation_config.json", gen)
+
+
+def add_args(p) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="training text: .txt/.md files, directories, globs, "
+                   "JSONL (text field), CSV/Parquet (text column)")
+    p.add_argument("--out", type=Path, required=True, help="output model folder")
+    p.add_argument("--preset", default="auto", help="model size: auto (default: sized for corpus and budget), "
+                   "slm-tiny, slm-1m, slm-3m, slm-7m, slm-15m, slm-30m, slm-65m, slm-125m, gpt-neo-125m")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. "
+                   "--set num_hidden_layers=6 (repeatable)")
+    g = p.add_argument_group("budget (the first one reached ends training; default 5 minutes)")
+    g.add_argument("--time", help="training time: 180, 180s, 3m, 1h")
+    g.add_argument("--steps", help="optimizer steps, e.g. 2000")
+    g.add_argument("--tokens", help="training tokens, e.g. 5M")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe",
+                   help="bpe: byte-level BPE trained on the corpus (default); byte: 256 bytes + specials")
+    g.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: sized for the corpus and model)")
+    g.add_argument("--tokenizer-from", type=Path, help="reuse the tokenizer of this model folder")
+    g = p.add_argument_group("optimisation (defaults come from --preset auto)")
+    g.add_argument("--block-size", type=int, help="context length in tokens")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (default 0.1)")
+    g.add_argument("--warmup", type=int, help="warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: 0.1)")
+    g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (default: 0)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts as training)")
+    g.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    g = p.add_argument_group("data, evaluation and checkpoints")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, from the end (default: 0.1)")
+    g.add_argument("--text-col", default="text", help="text field/column for JSONL, CSV, Parquet (default: text)")
+    g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
+    g.add_argument("--eval-every", help="evaluate every N steps (a number) or every duration (30s, 2m)")
+    g.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per periodic evaluation")
+    g.add_argument("--checkpoint-every", default="2m", help="checkpoint interval in training time (default: 2m)")
+    g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+
+from slmkit.data import expand_paths, get_batch, iter_text_chunks, split_tokens, tokenize_to_memmap
+from slmkit.tokenizer import byte_tokenizer
+
+
+def test_reads_txt_jsonl_csv_parquet_dirs_and_globs(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text file\n")
+    (tmp_path / "b.md").write_text("# markdown\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "json row"}) + "\n\n" + json.dumps({"text": "row 2"}) + "\n")
+    (tmp_path / "d.csv").write_text('body,label\n"csv, with comma",1\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["parquet row"]}), tmp_path / "e.parquet")
+    files = expand_paths([str(tmp_path / "*.txt"), tmp_path / "b.md", tmp_path / "c.jsonl"])
+    assert [f.name for f in files] == ["a.txt", "b.md", "c.jsonl"]
+    texts = [t for t, _ in iter_text_chunks(files)]
+    assert texts == ["plain text file\n", "# markdown\n", "json row", "row 2"]
+    tables = [t for t, _ in iter_text_chunks(expand_paths([tmp_path / "d.csv", tmp_path / "e.parquet"]), "body")]
+    assert tables == ["csv, with comma", "parquet row"]
+    assert len(expand_paths([tmp_path])) == 5
+
+
+def test_tokens_are_cached_by_content(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("hello world " * 100)
+    tok = byte_tokenizer()
+    p1, meta = tokenize_to_memmap([f], tok)
+    p2, _ = tokenize_to_memmap([f], tok)
+    assert p1 == p2 and meta["tokens"] == 1200 + 1 and meta["bytes"] == 1200  # +1: the document separator
+    f.write_text("hello there " * 100)
+    p3, _ = tokenize_to_memmap([f], tok)
+    assert p3 != p1
+
+
+def test_large_text_streams_in_chunks_without_splitting_lines(tmp_path, monkeypatch):
+    import slmkit.data as data
+
+    monkeypatch.setattr(data, "CHUNK_BYTES", 64)
+    f = tmp_path / "big.txt"
+    lines = [f"line number {i} with some words" for i in range(50)]
+    f.write_text("\n".join(lines))
+    chunks = list(iter_text_chunks([f]))
+    assert len(chunks) > 5 and chunks[0][1] and not any(new for _, new in chunks[1:])
+    assert "".join(t for t, _ in chunks) == "\n".join(lines)
+
+
+def test_batches_are_shifted_windows_and_split_takes_the_end():
+    import torch
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    train, val = split_tokens(tokens, 0.1, 16)
+    assert len(val) == 100 and val[0] == 900
+    x, y = get_batch(train, 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < 900
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"good text \xff\xfe bad", "not valid UTF-8 at byte offset 10"),
+])
+def test_bad_text_files_are_named_with_the_problem(tmp_path, content, message):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    with pytest.raises(SystemExit, match=message):
+        list(iter_text_chunks(expand_paths([f])))
+
+
+def test_replace_errors_keeps_going(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"good \xff text")
+    assert [t for t, _ in iter_text_chunks([f], replace_errors=True)] == ["good \ufffd text"]
+
+
+def test_table_errors_name_the_column_and_line(tmp_path):
+    j = tmp_path / "x.jsonl"
+    j.write_text('{"body": "a"}\n')
+    with pytest.raises(SystemExit, match=r"x.jsonl:1: no 'text' field"):
+        list(iter_text_chunks([j]))
+    j.write_text('{"text": "a"}\n{broken\n')
+    with pytest.raises(SystemExit, match=r"x.jsonl:2: malformed JSON"):
+        list(iter_text_chunks([j]))
+    c = tmp_path / "x.csv"
+    c.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="has no column 'text'"):
+        list(iter_text_chunks([c]))
+    with pytest.raises(SystemExit, match="does not exist"):
+        expand_paths([tmp_path / "missing.txt"])

@@ -1,0 +1,41 @@
+import torch
+
+from slmkit.models import build_config, build_model, load_model, save_model
+
+
+def _model(vocab=300, **overrides):
+    torch.manual_seed(0)
+    return build_model(build_config("slm-tiny", vocab, overrides, block_size=64))
+
+
+def test_saved_folder_opens_in_transformers_with_identical_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model().eval()
+    save_model(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_untied_head_and_custom_rope_round_trip(tmp_path):
+    model = _model(tie_word_embeddings=False, rope_theta=50000.0).eval()
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), again(x))
+    assert again.lm_head is not None
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = _model().eval()
+    x = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(1, 30)
+        prefill = model(x[:, :12], cache=cache, pos=0)
+        steps = [model(x[:, i:i + 1], cache=cache, pos=i) for i in range(12, 30)]
+    torch.testing.assert_close(prefill, full[:, :12], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 12:], rtol=1e-4, atol=1e-5)

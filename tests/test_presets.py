@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from slmkit.models import build_config, build_model, count_parameters
+from slmkit.presets import DECODERS, PRESETS, llama_params
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_builds_with_its_exact_parameter_count(name):
+    cfg = build_config(name, PRESETS[name]["vocab_size"])
+    with torch.device("meta"):  # no memory, even for 125M parameters
+        model = build_model(cfg)
+    assert count_parameters(model) == PRESETS[name]["params"]
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoder_widths_are_multiples_of_32_for_gguf_quantization(name):
+    cfg = DECODERS[name]
+    assert cfg["hidden_size"] % 32 == 0 and cfg["intermediate_size"] % 32 == 0
+    assert llama_params(**cfg) == cfg["params"]
+
+
+def test_gpt_neo_125m_matches_the_published_configuration():
+    from transformers import GPTNeoConfig
+
+    cfg = build_config("gpt-neo-125m", 50257)
+    assert cfg["attention_types"] == [[["global", "local"], 6]] and cfg["window_size"] == 256
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert isinstance(model.config, GPTNeoConfig) and model.config.num_layers == 12
+    assert count_parameters(model) == 125_198_592
+
+
+def test_unknown_preset_and_field_are_one_line_errors():
+    with pytest.raises(SystemExit, match="unknown preset 'slm-9000'"):
+        build_config("slm-9000", 100)
+    with pytest.raises(SystemExit, match="unknown config field 'hiden_size'"):
+        build_config("slm-tiny", 100, {"hiden_size": 64})
+    with pytest.raises(SystemExit, match="not divisible"):
+        build_config("slm-tiny", 100, {"hidden_size": 96, "num_attention_heads": 5})

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from slmkit.tokenizer import byte_tokenizer, default_vocab_size, token_byte_lengths, train_bpe
+
+TEXTS = ["Hello, world! Ünïcödé — 東京 🙂 tabs\tand\nnewlines  double  spaces", "ROMEO: But soft, what light?"]
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    return train_bpe([corpus.read_text()], vocab_size=400)
+
+
+def test_bpe_round_trips_any_text_and_reloads_with_autotokenizer(bpe, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert 300 < len(bpe) <= 400
+    for text in TEXTS:
+        ids = bpe(text, add_special_tokens=False)["input_ids"]
+        assert bpe.decode(ids) == text
+    bpe.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(TEXTS[0])["input_ids"] == bpe(TEXTS[0])["input_ids"]
+    assert again(TEXTS[0])["input_ids"][0] == again.bos_token_id  # documents start with the separator
+
+
+def test_byte_tokenizer_is_one_token_per_byte():
+    tok = byte_tokenizer()
+    assert len(tok) == 256 + 4
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+
+
+def test_token_byte_lengths_sum_to_the_utf8_length(bpe):
+    lengths = token_byte_lengths(bpe)
+    for text in TEXTS:
+        ids = bpe(text, add_special_tokens=False)["input_ids"]
+        assert int(np.sum(lengths[ids])) == len(text.encode("utf-8"))
+    assert lengths[bpe.eos_token_id] == 0
+
+
+def test_chat_template_renders_chatml(bpe):
+    text = bpe.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_default_vocab_grows_with_the_corpus():
+    assert default_vocab_size(10_000) == 512
+    assert default_vocab_size(1_000_000) == 1024
+    assert default_vocab_size(10**10) == 32768
+
+
+def test_vocab_too_small_is_an_error():
+    with pytest.raises(SystemExit, match="too small"):
+        train_bpe(["abc"], vocab_size=100)

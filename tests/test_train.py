@@ -1,0 +1,120 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slmkit.train import Budget, get_lr, parse_count, parse_duration, parse_overrides
+from slmkit.train import main as train
+
+
+def test_parse_budgets():
+    assert parse_duration("180") == parse_duration("180s") == parse_duration("3m") == 180
+    assert parse_duration("1h") == 3600 and parse_duration(90) == 90
+    assert parse_count("5M") == 5_000_000 and parse_count("20k") == 20_000 and parse_count("7") == 7
+    with pytest.raises(SystemExit, match="cannot read duration"):
+        parse_duration("soon")
+    assert parse_overrides(["num_hidden_layers=6", "rope_theta=1e5", "x=abc"]) == {
+        "num_hidden_layers": 6, "rope_theta": 100000.0, "x": "abc"}
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    assert get_lr(0, 0.0, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert get_lr(9, 0.0, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert get_lr(10, 0.5, 1.0, warmup_steps=10) == pytest.approx(0.55)
+    assert get_lr(500, 1.0, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert Budget(steps=100, seconds=10).progress(step=50, tokens=0, seconds=8) == pytest.approx(0.8)
+
+
+def test_training_lowers_loss_and_writes_a_complete_folder(tiny_model):
+    metrics = [json.loads(line) for line in (tiny_model / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in metrics if m["kind"] == "final"][-1]
+    assert final["loss"] < math.log(320) - 0.5  # well below a uniform guess over the vocabulary
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md", "loss.png", "checkpoint.safetensors", "train_args.json"):
+        assert (tiny_model / name).is_file(), name
+    card = (tiny_model / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "bits per byte" in card
+    assert final["step"] == 30
+
+
+def test_saved_model_generates_in_transformers(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok("ROMEO:", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "slmkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
+    """Ctrl-C mid-run saves a checkpoint; --resume finishes with exactly the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = ["--data", corpus, "--preset", "slm-tiny", "--vocab-size", "300", "--steps", "1500",
+              "--block-size", "32", "--batch-size", "4", "--no-progress", "--eval-every", "400"]
+    straight = _cli("train", *common, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "train", *map(str, common), "--out", tmp_path / "cut"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:  # first log line: training is under way
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    state = json.loads((tmp_path / "cut" / "training_summary.json").read_text())
+    assert state["interrupted"] and 0 < state["step"] < 1500, state["step"]
+    resumed = _cli("train", *common, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "existing"])
+def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
+    out = tmp_path / "m"
+    if case == "no-checkpoint":
+        out.mkdir()
+        with pytest.raises(SystemExit, match="holds no checkpoint.safetensors"):
+            train(data=[str(corpus)], out=out, resume=True, progress=False)
+    elif case == "other-arch":
+        with pytest.raises(SystemExit, match="differs from the saved run"):
+            train(data=[str(corpus)], out=tiny_model, preset="slm-1m", resume=True, progress=False)
+    else:
+        with pytest.raises(SystemExit, match="already holds a model; pass --resume"):
+            train(data=[str(corpus)], out=tiny_model, steps=1, progress=False)
+
+
+def test_corpus_too_small_for_the_block(tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("only a few words here")
+    with pytest.raises(SystemExit, match="too few for --block-size 256"):
+        train(data=[str(f)], out=tmp_path / "m", tokenizer="byte", block_size=256, steps=1, progress=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun gloo test is run on Linux CI")
+def test_two_process_torchrun_trains_data_parallel(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmkit",
+           "train", "--data", str(corpus), "--out", str(tmp_path / "ddp"), "--preset", "slm-tiny", "--vocab-size",
+           "300", "--steps", "20", "--block-size", "32", "--batch-size", "4", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 4x2x1" in r.stdout
+    summary = json.loads((tmp_path / "ddp" / "training_summary.json").read_text())
+    assert summary["step"] == 20 and summary["tokens_seen"] == 20 * 4 * 32 * 2
