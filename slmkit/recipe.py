@@ -16,8 +16,14 @@ from slmkit.presets import DECODERS, llama_params
 # an overestimate picks a model too big to converge in the budget, which costs more than one a size too small.
 CPU_FLOPS_PER_THREAD = 25e9
 GPU_FLOPS = 60e12
-TOKENS_PER_PARAM = 10  # below Chinchilla's 20: at this scale, bigger-but-less-trained models win on short budgets
-AUTO_LADDER = ["slm-tiny", "slm-1m", "slm-3m", "slm-7m", "slm-15m", "slm-30m", "slm-65m", "slm-125m"]
+# Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
+# the best held-out loss came from models that see only ~3 tokens per parameter (docs/benchmarks.md).
+TOKENS_PER_PARAM = 3
+# (preset, config overrides), smallest first; the 3-layer slm-1m is the best 3-minute CPU model we measured.
+AUTO_LADDER: list[tuple[str, dict]] = [
+    ("slm-tiny", {}), ("slm-1m", {"num_hidden_layers": 3}), ("slm-1m", {}), ("slm-3m", {}), ("slm-7m", {}),
+    ("slm-15m", {}), ("slm-30m", {}), ("slm-65m", {}), ("slm-125m", {}),
+]
 DEFAULT_SECONDS = 300.0  # when no budget is given at all
 
 
@@ -49,10 +55,10 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
     """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget."""
     flops = device_flops(device)
     choice = AUTO_LADDER[0]
-    for name in AUTO_LADDER:
-        cfg = DECODERS[name]
+    for name, overrides in AUTO_LADDER:
+        cfg = {**DECODERS[name], **overrides}
         block = context_for(cfg, device)
-        vocab = min(cfg["vocab_size"], 4096)
+        vocab = auto_vocab_size(corpus_bytes, cfg["hidden_size"])
         per_token = step_flops_per_token(cfg, vocab, block)
         if tokens:
             budget_tokens = tokens
@@ -60,17 +66,18 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
             budget_tokens = steps * batch_tokens_for(cfg, device)
         else:
             budget_tokens = flops * (seconds or DEFAULT_SECONDS) / per_token
-        # Beyond ~4 passes over a small corpus, a bigger model only memorises it.
-        enough_data = corpus_bytes / bytes_per_token * 4 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
-        if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or name == choice):
-            choice = name
-    cfg = DECODERS[choice]
+        # A model that needs more than ~10 passes over a small corpus to get its tokens only memorises it.
+        enough_data = corpus_bytes / bytes_per_token * 10 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
+        if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or choice[0] == name):
+            choice = (name, overrides)
+    name, overrides = choice
+    cfg = {**DECODERS[name], **overrides}
     block = context_for(cfg, device)
     batch_tokens = batch_tokens_for(cfg, device)
     d = cfg["hidden_size"]
     lr = 3e-3 if d <= 128 else 2e-3 if d <= 256 else 1e-3 if d <= 512 else 6e-4
-    return {"preset": choice, "block_size": block, "batch_size": max(1, batch_tokens // block), "lr": lr,
-            "warmup_steps": 50 if d <= 256 else 200}
+    return {"preset": name, "overrides": dict(overrides), "block_size": block,
+            "batch_size": max(1, batch_tokens // block), "lr": lr, "warmup_steps": 50 if d <= 256 else 200}
 
 
 def batch_tokens_for(cfg: dict, device: str) -> int:

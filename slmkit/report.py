@@ -23,7 +23,7 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_loss(metrics: list[dict], out_png: Path, title: str = "") -> Path | None:
     """Train loss (smoothed) and validation loss against tokens seen."""
     train = [m for m in metrics if m.get("kind") == "train"]
-    val = [m for m in metrics if m.get("kind") == "eval"]
+    val = [m for m in metrics if m.get("kind") in ("eval", "final") and "loss" in m]
     if not train and not val:
         return None
     import matplotlib

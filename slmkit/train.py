@@ -182,7 +182,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             if not math.isfinite(loss_sum):
                 raise SystemExit(f"error: loss became {loss_sum} at step {state.step}; lower --lr or use --dtype fp32")
             now = time.perf_counter()
-            if now - last_log >= cfg.log_every_s:
+            if now - last_log >= cfg.log_every_s or state.step == 1:
                 tps = window_tokens / max(1e-9, now - window_t0)
                 if log:
                     log({"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_sum, "lr": lr,
@@ -354,7 +354,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
     bsz = args["batch_size"] or auto["batch_size"]
     peak_lr = args["lr"] or (auto["lr"] if args["preset"] == "auto" else _default_lr(preset_name))
     warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
-    overrides = parse_overrides(args["set"])
+    overrides = {**(auto["overrides"] if args["preset"] == "auto" else {}), **parse_overrides(args["set"])}
+    build_config(preset_name, 512, overrides, block_size=block)  # fail fast on a bad preset or field, before any work
 
     # 2. tokenizer (rank 0 trains it; the others read what it saved)
     out.mkdir(parents=True, exist_ok=True)
@@ -507,9 +508,10 @@ def _get_tokenizer(args: dict, files, out: Path, n_bytes: int, preset_name: str,
     from slmkit.presets import PRESETS
     from slmkit.tokenizer import byte_tokenizer, load_tokenizer, train_bpe
 
-    if resume or not dist.is_main():
-        if not dist.is_main():
-            dist.barrier()
+    if resume:
+        return load_tokenizer(out)
+    if not dist.is_main():  # rank 0 trains and saves it; the others wait, then read the saved copy
+        dist.barrier()
         return load_tokenizer(out)
     if args.get("tokenizer_from"):
         tok = load_tokenizer(Path(args["tokenizer_from"]))

@@ -1,0 +1,83 @@
+"""Batch-1 decode speed: slmkit's KV-cache loop vs `transformers` generate() on the same weights, same run.
+
+Weights are random (speed does not depend on them); shapes are slmkit presets plus SmolLM2-135M's architecture.
+Greedy decoding of --new tokens after a 32-token prompt; EOS is disabled so both produce exactly --new tokens.
+
+    python benchmarks/bench_decode.py [--new 128] [--threads 2] [--json benchmarks/results/decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
+from slmkit.models import build_config, build_model, count_parameters, load_model, save_model  # noqa: E402
+
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=2048)
+SHAPES = {"slm-7m": ("slm-7m", 8192, {}), "slm-30m": ("slm-30m", 16384, {}),
+          "smollm2-135m shape": ("slm-125m", 49152, SMOLLM2_135M)}
+
+
+def time_ours(model, prompt: list[int], new: int) -> float:
+    t0 = time.perf_counter()
+    n = sum(1 for _ in generate_ids(model, prompt, SamplingParams(max_new_tokens=new, temperature=0), set(), 4096))
+    assert n == new
+    return new / (time.perf_counter() - t0)
+
+
+def time_hf(model, prompt: list[int], new: int) -> float:
+    ids = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert out.shape[1] == len(prompt) + new
+    return new / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new", type=int, default=128, help="tokens to generate per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    rows = {}
+    print(f"{'model':<22}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}")
+    for name, (preset, vocab, overrides) in SHAPES.items():
+        torch.manual_seed(0)
+        model = build_model(build_config(preset, vocab, overrides))
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, Path(d))
+            ours = load_model(Path(d))
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        prompt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+        time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
+        o, h = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine conditions
+            o.append(time_ours(ours, prompt, args.new))
+            h.append(time_hf(hf, prompt, args.new))
+        r = {"params": count_parameters(ours), "slmkit_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h)}
+        r["speedup"] = r["slmkit_tok_s"] / r["hf_tok_s"]
+        rows[name] = r
+        print(f"{name:<22}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}{r['speedup']:>9.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"threads": args.threads, "new_tokens": args.new, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
