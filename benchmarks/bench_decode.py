@@ -25,7 +25,7 @@ from slmkit.models import build_config, build_model, count_parameters, load_mode
 
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=2048)
-SHAPES = {"slm-7m": ("slm-7m", 8192, {}), "slm-30m": ("slm-30m", 16384, {}),
+SHAPES = {"slm-1m": ("slm-1m", 2048, {}), "slm-7m": ("slm-7m", 8192, {}), "slm-30m": ("slm-30m", 16384, {}),
           "smollm2-135m shape": ("slm-125m", 49152, SMOLLM2_135M)}
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     rows = {}
-    print(f"{'model':<22}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}")
+    print(f"{'model':<22}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}"
+          f"{'slmkit bf16':>13}{'HF bf16':>13}{'speed-up':>10}")
     for name, (preset, vocab, overrides) in SHAPES.items():
         torch.manual_seed(0)
         model = build_model(build_config(preset, vocab, overrides))
@@ -71,10 +72,19 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so both see the same machine conditions
             o.append(time_ours(ours, prompt, args.new))
             h.append(time_hf(hf, prompt, args.new))
-        r = {"params": count_parameters(ours), "slmkit_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h)}
+        ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
+        time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)
+        ob, hb = [], []
+        for _ in range(args.repeats):
+            ob.append(time_ours(ours, prompt, args.new))
+            hb.append(time_hf(hf, prompt, args.new))
+        r = {"params": count_parameters(ours), "slmkit_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h),
+             "slmkit_bf16_tok_s": statistics.median(ob), "hf_bf16_tok_s": statistics.median(hb)}
         r["speedup"] = r["slmkit_tok_s"] / r["hf_tok_s"]
+        r["speedup_bf16"] = r["slmkit_bf16_tok_s"] / r["hf_bf16_tok_s"]
         rows[name] = r
-        print(f"{name:<22}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}{r['speedup']:>9.2f}x")
+        print(f"{name:<22}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}{r['speedup']:>9.2f}x"
+              f"{r['slmkit_bf16_tok_s']:>13.1f}{r['hf_bf16_tok_s']:>13.1f}{r['speedup_bf16']:>9.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": args.threads, "new_tokens": args.new, "results": rows}, indent=2))
 

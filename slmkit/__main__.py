@@ -14,6 +14,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("slmkit.chat", "chat with a model interactively"),
     "eval": ("slmkit.evaluate", "loss, perplexity and bits per byte on held-out text"),
     "info": ("slmkit.info", "architecture and exact parameter count of a model folder or preset"),
+    "classify": ("slmkit.predict", "top-k labels with probabilities from a classifier folder"),
+    "embed": ("slmkit.embed", "sentence embeddings (mean-pooled, L2-normalized) from an encoder folder"),
+    "import": ("slmkit.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
+    "finetune": ("slmkit.finetune", "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
+    "merge": ("slmkit.merge", "fold a LoRA adapter into its base model"),
 }
 
 

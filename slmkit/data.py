@@ -176,6 +176,7 @@ def tokenize_to_memmap(files: list[Path], tokenizer, text_col: str = "text", rep
     if bin_path.is_file() and meta_path.is_file():
         return bin_path, json.loads(meta_path.read_text())
     eos = tokenizer.convert_tokens_to_ids(EOS) if EOS in tokenizer.get_vocab() else tokenizer.eos_token_id
+    eos = tokenizer.sep_token_id if eos is None else eos  # BERT-style tokenizers separate documents with [SEP]
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
     tmp = bin_path.with_suffix(f".tmp-{os.getpid()}")
     n_tokens = n_bytes = n_docs = 0

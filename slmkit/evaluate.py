@@ -53,29 +53,60 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, block_size: int,
 
 def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: int | None = None,
          batch_size: int = 8, max_tokens: int | None = None, replace_errors: bool = False,
-         as_json: bool = False) -> dict:
-    """Evaluate the model in MODEL_DIR on DATA: loss, perplexity, bits per byte, token count."""
+         as_json: bool = False, skip_bad_lines: bool = False, label_col: str = "label") -> dict:
+    """Evaluate the model in MODEL_DIR on DATA: loss, perplexity, bits per byte, token count.
+
+    On chat JSONL ({"messages": [...]} or {"prompt", "response"} rows): loss and perplexity on assistant tokens.
+    On a classifier folder (labelled CSV/JSONL/Parquet rows): loss, accuracy, macro-F1 and a per-class report.
+    """
+    from slmkit.chat_data import is_chat_jsonl
+    from slmkit.classify import evaluate_file, is_classifier
     from slmkit.data import expand_paths, load_tokens, tokenize_to_memmap
+    from slmkit.encoders import masked_lm_evaluator
     from slmkit.models import load_model, read_config
+    from slmkit.presets import is_encoder
     from slmkit.tokenizer import load_tokenizer, token_byte_lengths
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
+    if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)
+        return evaluate_file(model_dir, data, text_col, label_col, batch_size, as_json)
     tokenizer = load_tokenizer(model_dir)
     files = expand_paths(data)
+    context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024
+    if all(is_chat_jsonl(f) for f in files):  # chat rows: loss on the assistant tokens, as `finetune --task sft`
+        return _evaluate_chat(model_dir, files, tokenizer, min(block_size or context, context), batch_size,
+                              skip_bad_lines, as_json)
     bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
     tokens = load_tokens(bin_path, meta)
-    context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024
     block = min(block_size or context, context, max(2, len(tokens) - 2))
     max_windows = None if max_tokens is None else max(1, max_tokens // block)
-    model = load_model(model_dir)
-    result = evaluate_tokens(model, tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
-                             max_windows=max_windows)
+    if is_encoder(cfg):  # masked-LM loss on the masked tokens; bits per byte does not apply (slmkit/encoders.py)
+        model, evaluate_fn = masked_lm_evaluator(model_dir, tokenizer)
+    else:
+        model, evaluate_fn = load_model(model_dir), evaluate_tokens
+    result = evaluate_fn(model, tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
+                         max_windows=max_windows)
     if as_json:
         print(json.dumps(result))
     else:
         print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"bits/byte {result['bits_per_byte']:.4f} | tokens {result['tokens']:,}")
+    return result
+
+
+def _evaluate_chat(model_dir: Path, files, tokenizer, block: int, batch_size: int, skip_bad_lines: bool,
+                   as_json: bool) -> dict:
+    from slmkit.chat_data import build_examples, evaluate_chat, pad_id_of, read_conversations
+    from slmkit.models import load_model
+
+    examples = build_examples(read_conversations(files, skip_bad_lines), tokenizer, block)
+    result = evaluate_chat(load_model(model_dir), examples, pad_id_of(tokenizer), batch_size)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"assistant-token loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"tokens {result['tokens']:,}")
     return result
 
 
@@ -88,5 +119,7 @@ def add_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (evenly spread)")
     p.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
+    p.add_argument("--label-col", default="label", help="classifier folders: label column (default: label)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="chat JSONL: skip malformed rows (with a warning)")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print one JSON object with keys loss, perplexity, bits_per_byte, tokens")

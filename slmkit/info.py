@@ -10,8 +10,8 @@ def describe(model_dir: Path | None = None, preset: str | None = None) -> dict:
     """Architecture summary with the exact parameter count (`parameters`), built on the meta device (no memory)."""
     import torch
 
-    from slmkit.models import build_config, build_model, count_parameters, read_config, supports_fast_path
-    from slmkit.presets import get_preset
+    from slmkit.models import base_parameter_count, build_config, build_model, read_config, supports_fast_path
+    from slmkit.presets import get_preset, is_encoder
 
     if (model_dir is None) == (preset is None):
         raise SystemExit("error: give a model folder or --preset NAME (one of them)")
@@ -27,17 +27,22 @@ def describe(model_dir: Path | None = None, preset: str | None = None) -> dict:
                 from slmkit.models import Llama, rope_theta
 
                 model = Llama({**cfg, "rope_theta": rope_theta(cfg), "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6)})
+            elif is_encoder(cfg):  # masked-LM, classifier or plain encoder folder: count the base model
+                from transformers import AutoConfig, AutoModel
+
+                model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
             else:
                 from transformers import AutoConfig, AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         source = {"model_dir": str(model_dir)}
     get = lambda *keys: next((cfg[k] for k in keys if cfg.get(k) is not None), None)  # noqa: E731
-    return {**source, "model_type": cfg.get("model_type", "llama"), "parameters": count_parameters(model),
-            "layers": get("num_hidden_layers", "num_layers", "n_layer"), "hidden_size": get("hidden_size", "n_embd"),
-            "heads": get("num_attention_heads", "num_heads", "n_head"),
-            "kv_heads": get("num_key_value_heads", "num_attention_heads", "num_heads"),
-            "intermediate_size": get("intermediate_size"), "vocab_size": get("vocab_size"),
+    return {**source, "model_type": cfg.get("model_type", "llama"), "parameters": base_parameter_count(model),
+            "layers": get("num_hidden_layers", "num_layers", "n_layer", "n_layers"),
+            "hidden_size": get("hidden_size", "n_embd", "dim"),
+            "heads": get("num_attention_heads", "num_heads", "n_head", "n_heads"),
+            "kv_heads": get("num_key_value_heads", "num_attention_heads", "num_heads", "n_heads"),
+            "intermediate_size": get("intermediate_size", "hidden_dim"), "vocab_size": get("vocab_size"),
             "context": get("max_position_embeddings", "n_positions"),
             "tied_embeddings": cfg.get("tie_word_embeddings", True)}
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slmkit.presets import get_preset
+from slmkit.presets import get_preset, is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
 # The module
@@ -161,7 +161,9 @@ def build_config(preset: str, vocab_size: int, overrides: dict | None = None, bl
 
 _KNOWN_FIELDS = {"llama": ("head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
                            "tie_word_embeddings", "initializer_range"),
-                 "gpt_neo": ("window_size", "max_position_embeddings")}
+                 "gpt_neo": ("window_size", "max_position_embeddings"),
+                 "bert": ("classifier_dropout", "position_embedding_type"), "distilbert": ("seq_classif_dropout",),
+                 "mobilebert": ("classifier_dropout",)}
 
 
 def check_config(cfg: dict) -> None:
@@ -181,16 +183,30 @@ def build_model(cfg: dict) -> nn.Module:
     """A freshly initialised model for CFG: our Llama module, or a transformers model for other types."""
     if cfg.get("model_type", "llama") == "llama":
         return Llama(cfg)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     hf = dict(cfg)
     model_type = hf.pop("model_type")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
+    auto = AutoModelForMaskedLM if is_encoder(cfg) else AutoModelForCausalLM  # encoders pretrain as masked LMs
+    return auto.from_config(AutoConfig.for_model(model_type, **hf))
 
 
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters without task heads: for encoders the base model as published (BertModel with its pooler, which
+    the masked-LM and classification models leave out or replace), for decoders every parameter."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    if config is None or not is_encoder({"model_type": getattr(config, "model_type", None)}):
+        return count_parameters(model)
+    from transformers import AutoModel
+
+    with torch.device("meta"):  # no memory, even for bert-base
+        return count_parameters(AutoModel.from_config(config))
 
 
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -318,6 +334,10 @@ def save_model(model: nn.Module, out: Path, extra_config: dict | None = None) ->
 
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
+    if not path.is_file() and (Path(model_dir) / "adapter_config.json").is_file():  # LoRA adapter: its base's
+        from slmkit.merge import base_dir_of
+
+        return read_config(base_dir_of(Path(model_dir)))
     if not path.is_file():
         raise SystemExit(f"error: {model_dir} is not a model folder (no config.json); "
                          "point at a folder written by `slm train` or a Hugging Face model folder")
@@ -332,6 +352,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        from slmkit.merge import load_merged  # a LoRA adapter folder: merged into its base in memory
+
+        return load_merged(model_dir, dtype)
     hf_cfg = read_config(model_dir)
     weights = model_dir / "model.safetensors"
     if supports_fast_path(hf_cfg) and weights.is_file():

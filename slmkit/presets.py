@@ -1,4 +1,4 @@
-"""Named model configurations as plain data.
+"""Named model configurations as plain data: Llama-style decoders, GPT-Neo, and the BERT family of encoders.
 
 Decoder presets are Llama-architecture models (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied embeddings).
 Every width is a multiple of 32 so that GGUF block quantization (32-element blocks) applies to every matrix later.
@@ -44,7 +44,50 @@ LLAMA_DEFAULTS: dict = dict(
     tie_word_embeddings=True, attention_bias=False, mlp_bias=False, initializer_range=0.02,
 )
 
-PRESETS: dict[str, dict] = {**DECODERS, "gpt-neo-125m": GPT_NEO_125M}
+# Encoders exactly as published, built as transformers models (BertForMaskedLM, DistilBertForMaskedLM,
+# MobileBertForMaskedLM). `params` counts the base model without task heads (BertModel with its pooler), the
+# figure the papers and model cards report; training adds the masked-LM head (tied to the token embedding).
+ENCODER_TYPES = ("bert", "distilbert", "mobilebert")
+_BERT = dict(model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
+             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12,
+             initializer_range=0.02, pad_token_id=0)
+ENCODERS: dict[str, dict] = {
+    # Turc et al. 2019, "Well-Read Students Learn Better" (google-research/bert, the 24 compact BERTs)
+    "bert-tiny": dict(_BERT, num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512,
+                      params=4_385_920),
+    "bert-mini": dict(_BERT, num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                      params=11_170_560),
+    "bert-small": dict(_BERT, num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
+                       params=28_763_648),
+    "bert-medium": dict(_BERT, num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
+                        params=41_373_184),
+    # Devlin et al. 2018 (google-bert/bert-base-uncased config.json)
+    "bert-base": dict(_BERT, num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                      params=109_482_240),
+    # Sanh et al. 2019 (distilbert/distilbert-base-uncased config.json); DistilBertConfig maps hidden_size -> dim,
+    # num_hidden_layers -> n_layers, num_attention_heads -> n_heads
+    "distilbert": dict(model_type="distilbert", vocab_size=30522, max_position_embeddings=512, hidden_size=768,
+                       num_hidden_layers=6, num_attention_heads=12, hidden_dim=3072, activation="gelu", dropout=0.1,
+                       attention_dropout=0.1, sinusoidal_pos_embds=False, initializer_range=0.02, pad_token_id=0,
+                       params=66_362_880),
+    # Sun et al. 2020 (google/mobilebert-uncased config.json): 24 thin layers with 128-wide bottlenecks, 4 stacked
+    # feed-forward networks per layer, NoNorm, trigram input embedding
+    "mobilebert": dict(model_type="mobilebert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+                       hidden_size=512, embedding_size=128, num_hidden_layers=24, num_attention_heads=4,
+                       intermediate_size=512, intra_bottleneck_size=128, true_hidden_size=128, use_bottleneck=True,
+                       use_bottleneck_attention=False, key_query_shared_bottleneck=True, num_feedforward_networks=4,
+                       normalization_type="no_norm", trigram_input=True, hidden_act="relu", hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
+                       pad_token_id=0, params=24_844_544),
+}
+
+PRESETS: dict[str, dict] = {**DECODERS, "gpt-neo-125m": GPT_NEO_125M, **ENCODERS}
+
+
+def is_encoder(cfg_or_preset: dict | str) -> bool:
+    """True for BERT-family configs (a config dict or a preset name): trained with masked-LM, not next-token."""
+    cfg = PRESETS.get(cfg_or_preset, {}) if isinstance(cfg_or_preset, str) else cfg_or_preset
+    return cfg.get("model_type") in ENCODER_TYPES
 
 
 def get_preset(name: str) -> dict:

@@ -60,15 +60,22 @@ def plot_loss(metrics: list[dict], out_png: Path, title: str = "") -> Path | Non
 def write_model_card(out: Path, info: dict) -> None:
     """README.md with the Hugging Face YAML header and the run's figures."""
     final = info.get("final_eval") or {}
-    header = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- slmkit",
+    from slmkit.presets import is_encoder
+
+    enc = is_encoder(info)  # masked-LM encoders: another pipeline, another way to use the folder
+    kind, auto = ("masked-LM encoder", "AutoModelForMaskedLM") if enc else ("decoder", "AutoModelForCausalLM")
+    use = (f"slm finetune {out} --task classify --data train.csv --out classifier" if enc else
+           f"slm generate {out} --prompt 'Once upon a time'")
+    header = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if enc else 'text-generation'}",
+              "tags:", "- slmkit",
               "- small-language-model", f"- {info.get('model_type', 'llama')}", "---", ""]
     lines = [
         f"# {out.name}", "",
-        f"A {info['parameters']:,}-parameter {info.get('model_type', 'llama')} decoder trained from scratch with "
+        f"A {info['parameters']:,}-parameter {info.get('model_type', 'llama')} {kind} trained from scratch with "
         "[slmkit](https://pypi.org/project/slmkit/) (`slm train`).", "",
-        "## Use", "", "```bash", f"slm generate {out} --prompt 'Once upon a time'", "```", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained('{out}')",
+        "## Use", "", "```bash", use, "```", "", "```python",
+        f"from transformers import {auto}, AutoTokenizer",
+        f"model = {auto}.from_pretrained('{out}')",
         f"tokenizer = AutoTokenizer.from_pretrained('{out}')", "```", "",
         "## Model", "", "| field | value |", "|---|---|",
         f"| preset | {info.get('preset')} |", f"| parameters | {info['parameters']:,} |",

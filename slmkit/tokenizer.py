@@ -1,4 +1,4 @@
-"""Train and load tokenizers (byte-level BPE, raw bytes) with Hugging Face `tokenizers`; chat templates.
+"""Train and load tokenizers (byte-level BPE, raw bytes, WordPiece) with Hugging Face `tokenizers`; chat templates.
 
 Every tokenizer we write is a `tokenizer.json` that `AutoTokenizer.from_pretrained(DIR)` opens. Both kinds use the
 GPT-2 byte-level alphabet, so any UTF-8 text round-trips exactly and a token's byte length is known exactly
@@ -76,6 +76,38 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     return _wrap(tok)
 
 
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0-4, the order BERT's vocab.txt uses
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = False, min_frequency: int = 2):
+    """Train a BERT-style WordPiece tokenizer on TEXTS (streamed) and return a transformers fast tokenizer.
+
+    WordPieceTrainer, BertNormalizer (lowercasing and accent stripping when LOWERCASE, as BERT's uncased models),
+    BertPreTokenizer, `##` continuation pieces; every encoded text becomes `[CLS] text [SEP]` (pairs:
+    `[CLS] a [SEP] b [SEP]` with token type 1 for b).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 2 * len(BERT_SPECIALS):
+        raise SystemExit(f"error: --vocab-size {vocab_size} is too small for a WordPiece tokenizer")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=BERT_SPECIALS, continuing_subword_prefix="##",
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=512,
+                                   do_lower_case=lowercase, clean_up_tokenization_spaces=True)
+
+
 def byte_tokenizer():
     """One token per UTF-8 byte (256) plus the special tokens: no training, works for any language."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -102,7 +134,14 @@ def load_tokenizer(model_dir: Path):
 
 def encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids without special tokens (the data pipeline inserts separators itself). Uses the Rust batch path."""
-    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation or backend.padding:  # folders saved for inference (sentence encoders) cut/pad to 128
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())  # a copy: the caller's tokenizer keeps its settings
+        backend.no_truncation()
+        backend.no_padding()
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit import recipe
+from slmkit import encoders, recipe
 from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from slmkit.models import (
     atomic_write_json,
@@ -33,6 +33,7 @@ from slmkit.models import (
     set_dropout,
     unwrap,
 )
+from slmkit.presets import is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure helpers (unit-tested directly)
@@ -128,7 +129,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
         cfg: FitConfig, state: FitState, evaluate=None, checkpoint=None, log=None) -> FitState:
     """Train MODEL until BUDGET is spent or a stop is requested (Ctrl-C / SIGTERM).
 
-    next_batch() -> (x, y); loss_fn(model, x, y) -> scalar loss; evaluate(model) -> dict with 'loss';
+    next_batch() -> (x, y); loss_fn(model, x, y) -> scalar loss; evaluate(model) -> dict with 'loss' ('stop': True
+    ends training early);
     checkpoint(state) writes a resumable checkpoint; log(dict) appends to metrics.jsonl. Returns the final state.
     """
     from slmkit.distributed import any_rank, is_main, world_size
@@ -151,7 +153,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
     try:
         while True:
             progress = budget.progress(state.step, state.tokens, state.train_seconds)
-            if any_rank(progress >= 1.0 or stop["requested"]):
+            if any_rank(progress >= 1.0 or stop["requested"] or bool(state.last_eval.get("stop"))):
                 break
             t0 = time.perf_counter()
             lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -293,7 +295,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype | None:
 RUN_FILE = "train_args.json"
 
 
-def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe", vocab_size: int | None = None,
+def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
          weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
@@ -302,14 +304,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
          eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
          compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
          set: list[str] | None = None, text_col: str = "text", replace_errors: bool = False,
-         progress: bool = True) -> dict:
-    """Train a tokenizer and a decoder on DATA and write a Hugging Face model folder to OUT.
+         progress: bool = True, lowercase: bool = False) -> dict:
+    """Train a tokenizer and a decoder (or a masked-LM encoder) on DATA and write a Hugging Face model folder to OUT.
 
     Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, out).
     """
     from slmkit import distributed as dist
     from slmkit.data import corpus_bytes, expand_paths, get_batch, load_tokens, split_tokens, tokenize_to_memmap
-    from slmkit.evaluate import evaluate_tokens
+    from slmkit.evaluate import evaluate_tokens as eval_fn  # encoders swap in masked-LM evaluation (step 4)
     from slmkit.report import plot_loss, read_metrics, write_model_card
     from slmkit.tokenizer import token_byte_lengths
 
@@ -324,7 +326,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
                 weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
                 tokens=parse_count(tokens),
                 time=parse_duration(time), val_fraction=val_fraction, seed=seed, set=list(set or []),
-                text_col=text_col, dtype=dtype)
+                text_col=text_col, dtype=dtype, lowercase=lowercase)
     if resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT}; start without --resume")
@@ -350,6 +352,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
     # 1. the recipe: explicit flags win over --preset auto's choices
     auto = recipe.auto_recipe(n_bytes, dev, budget.seconds, budget.steps, budget.tokens)
     preset_name = auto["preset"] if args["preset"] == "auto" else args["preset"]
+    args["tokenizer"] = encoders.pick_tokenizer(args["tokenizer"], is_encoder(preset_name), args["tokenizer_from"])
     block = args["block_size"] or auto["block_size"]
     bsz = args["batch_size"] or auto["batch_size"]
     peak_lr = args["lr"] or (auto["lr"] if args["preset"] == "auto" else _default_lr(preset_name))
@@ -411,8 +414,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
     def evaluate(m) -> dict:
         if len(val_tokens) == 0:
             return {"loss": float("nan")}
-        return evaluate_tokens(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block),
-                               device=dev, autocast_dtype=autocast_dtype)
+        return eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
+                       autocast_dtype=autocast_dtype)
 
     def checkpoint(st: FitState) -> None:
         states = dist.gather_states(sampler.get_state())
@@ -436,15 +439,18 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str = "bpe
         eval_every_steps=int(eval_every) if eval_every and str(eval_every).isdigit() else None,
         eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
         checkpoint_every_s=parse_duration(checkpoint_every))
-    state = fit(train_model, optimizer, lambda: get_batch(train_tokens, bsz, block, sampler, dev), causal_lm_loss,
-                budget, fit_cfg, state, evaluate=evaluate, checkpoint=checkpoint, log=log)
+    next_batch, loss_fn = (lambda: get_batch(train_tokens, bsz, block, sampler, dev)), causal_lm_loss
+    if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
+        next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
+    state = fit(train_model, optimizer, next_batch, loss_fn, budget, fit_cfg, state, evaluate=evaluate,
+                checkpoint=checkpoint, log=log)
 
     # 5. final: full held-out evaluation, checkpoint, model folder, plot, card
     checkpoint(state)
     final = {}
     if dist.is_main():
-        final = evaluate_tokens(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
-                                autocast_dtype=autocast_dtype) if len(val_tokens) else {}
+        final = eval_fn(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
+                        autocast_dtype=autocast_dtype) if len(val_tokens) else {}
         log({"kind": "final", **final, "step": state.step, "tokens": state.tokens,
              "eval_tokens": final.get("tokens", 0), "train_seconds": state.train_seconds})
         _write_folder_extras(out, tok, cfg)
@@ -499,14 +505,14 @@ def _check_resume_compatible(saved: dict, now: dict) -> None:
 
 def _tokenizer_kind(args: dict) -> str:
     return f"from {args['tokenizer_from']}" if args.get("tokenizer_from") else (
-        "byte-level BPE" if args["tokenizer"] == "bpe" else "bytes")
+        {"bpe": "byte-level BPE", "wordpiece": "WordPiece"}.get(args["tokenizer"], "bytes"))
 
 
 def _get_tokenizer(args: dict, files, out: Path, n_bytes: int, preset_name: str, resume: bool):
     from slmkit import distributed as dist
     from slmkit.data import iter_documents
     from slmkit.presets import PRESETS
-    from slmkit.tokenizer import byte_tokenizer, load_tokenizer, train_bpe
+    from slmkit.tokenizer import byte_tokenizer, load_tokenizer, train_bpe, train_wordpiece
 
     if resume:
         return load_tokenizer(out)
@@ -517,12 +523,13 @@ def _get_tokenizer(args: dict, files, out: Path, n_bytes: int, preset_name: str,
         tok = load_tokenizer(Path(args["tokenizer_from"]))
     elif args["tokenizer"] == "byte":
         tok = byte_tokenizer()
-    elif args["tokenizer"] == "bpe":
+    elif args["tokenizer"] in ("bpe", "wordpiece"):
         vocab = args["vocab_size"] or recipe.auto_vocab_size(n_bytes, PRESETS[preset_name]["hidden_size"])
-        print(f"training a byte-level BPE tokenizer ({vocab:,} tokens) on {n_bytes:,} bytes")
-        tok = train_bpe(_cap_bytes(iter_documents(files, args["text_col"]), 256 << 20), vocab)
+        print(f"training a {_tokenizer_kind(args)} tokenizer ({vocab:,} tokens) on {n_bytes:,} bytes")
+        docs = _cap_bytes(iter_documents(files, args["text_col"]), 256 << 20)
+        tok = train_bpe(docs, vocab) if args["tokenizer"] == "bpe" else train_wordpiece(docs, vocab, args["lowercase"])
     else:
-        raise SystemExit(f"error: unknown --tokenizer {args['tokenizer']!r}; use bpe or byte")
+        raise SystemExit(f"error: unknown --tokenizer {args['tokenizer']!r}; use bpe, byte or wordpiece")
     tok.save_pretrained(out)
     dist.barrier()
     return tok
@@ -549,7 +556,8 @@ def add_args(p) -> None:
                    "JSONL (text field), CSV/Parquet (text column)")
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--preset", default="auto", help="model size: auto (default: sized for corpus and budget), "
-                   "slm-tiny, slm-1m, slm-3m, slm-7m, slm-15m, slm-30m, slm-65m, slm-125m, gpt-neo-125m")
+                   "slm-tiny, slm-1m, slm-3m, slm-7m, slm-15m, slm-30m, slm-65m, slm-125m, gpt-neo-125m; encoders "
+                   "(masked LM): bert-tiny, bert-mini, bert-small, bert-medium, bert-base, distilbert, mobilebert")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. "
                    "--set num_hidden_layers=6 (repeatable)")
     g = p.add_argument_group("budget (the first one reached ends training; default 5 minutes)")
@@ -557,8 +565,10 @@ def add_args(p) -> None:
     g.add_argument("--steps", help="optimizer steps, e.g. 2000")
     g.add_argument("--tokens", help="training tokens, e.g. 5M")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe",
-                   help="bpe: byte-level BPE trained on the corpus (default); byte: 256 bytes + specials")
+    g.add_argument("--tokenizer", choices=["bpe", "byte", "wordpiece"], default=None,
+                   help="bpe: byte-level BPE trained on the corpus (default for decoders); byte: 256 bytes + "
+                   "specials; wordpiece: BERT WordPiece (default for encoders)")
+    g.add_argument("--lowercase", action="store_true", help="WordPiece: lowercase and strip accents (uncased)")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: sized for the corpus and model)")
     g.add_argument("--tokenizer-from", type=Path, help="reuse the tokenizer of this model folder")
     g = p.add_argument_group("optimisation (defaults come from --preset auto)")

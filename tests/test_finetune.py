@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+from tiny_models import CHATS, bpe_tokenizer, one_thread, tiny_llama_folder, write_chats  # noqa: F401 (fixture)
+
+from slmkit.chat_data import IGNORE, encode_conversation, mask_non_assistant, row_to_messages
+from slmkit.finetune import main as finetune
+from slmkit.tokenizer import CHATML_TEMPLATE, byte_tokenizer
+
+FAST = dict(batch_size=4, block_size=64, progress=False, eval_every="1000", lr=3e-3, warmup=0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama_folder(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+def test_mask_non_assistant_keeps_only_tokens_starting_in_an_assistant_span():
+    ids = [10, 11, 12, 13, 14, 15]
+    offsets = [(0, 0), (0, 3), (3, 5), (5, 9), (9, 12), (12, 14)]  # (0, 0): an added special token
+    assert mask_non_assistant(ids, offsets, [(5, 12)]) == [IGNORE, IGNORE, IGNORE, 13, 14, IGNORE]
+    assert mask_non_assistant(ids, offsets, []) == [IGNORE] * 6
+
+
+def test_sft_labels_are_exactly_the_assistant_replies():
+    """With one token per byte, the labelled tokens decode to each reply plus its end-of-turn marker."""
+    tok = byte_tokenizer()
+    messages = row_to_messages(CHATS[2])
+    ids, labels = encode_conversation(tok, messages)
+    assert len(ids) == len(labels) and labels[0] == IGNORE
+    kept = [t for t in labels if t != IGNORE]
+    assert tok.decode(kept) == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
+    text = tok.decode(ids)
+    assert "<|im_start|>user\nColour of the sky?" in text  # the user turns are in the input, unlabelled
+    assert sum(t != IGNORE for t in labels) < len(labels) / 2
+
+
+SMOL_TEMPLATE = (  # SmolLM2-Instruct's template: a default system turn when the conversation has none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_sft_labels_with_a_template_that_adds_a_system_turn():
+    tok = byte_tokenizer()
+    for messages, replies in (
+            ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "Hello!"),
+            ([{"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "Thanks"},
+              {"role": "assistant", "content": "Sure."}], "Welcome.<|im_end|>\nSure.")):
+        ids, labels = encode_conversation(tok, messages, SMOL_TEMPLATE)
+        assert tok.decode([t for t in labels if t != IGNORE]) == replies + "<|im_end|>\n"
+        assert "You are a helpful AI assistant" in tok.decode(ids)
+
+
+def test_chat_template_round_trip(tmp_path):
+    """A tokenizer without a template gets ChatML; saved and reloaded it renders the same prompt `slm chat` uses."""
+    from slmkit.chat import render_prompt
+    from slmkit.chat_data import chat_template_of
+    from slmkit.tokenizer import load_tokenizer
+
+    tok = bpe_tokenizer(chat_template=False)
+    assert chat_template_of(tok) == CHATML_TEMPLATE
+    tok.chat_template = chat_template_of(tok)
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    messages = row_to_messages(CHATS[0])[:2]
+    assert again.chat_template == CHATML_TEMPLATE
+    assert render_prompt(again, messages) == render_prompt(tok, messages) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_row_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="no assistant turn"):
+        row_to_messages({"messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(ValueError, match='"messages" list or "prompt" and "response"'):
+        row_to_messages({"text": "hi"})
+    with pytest.raises(ValueError, match="role"):
+        row_to_messages({"messages": [{"role": "wizard", "content": "hi"}]})
+
+
+def test_bad_chat_files_fail_with_the_line_number_and_write_nothing(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHATS[0]) + "\n{not json\n" + json.dumps(CHATS[1]) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON.*--skip-bad-lines"):
+        finetune(base, [str(bad)], tmp_path / "o1", task="sft", steps=2, **FAST)
+    mute = tmp_path / "mute.jsonl"
+    mute.write_text(json.dumps(CHATS[1]) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"mute.jsonl:2: the conversation has no assistant turn"):
+        finetune(base, [str(mute)], tmp_path / "o2", task="sft", steps=2, **FAST)
+    with pytest.raises(SystemExit, match="is not a model folder"):
+        finetune(tmp_path, [str(bad)], tmp_path / "o3", task="sft", steps=2, **FAST)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    summary = finetune(base, [str(bad)] * 4, tmp_path / "o4", task="sft", steps=2, skip_bad_lines=True, **FAST)
+    assert summary["step"] == 2
+
+
+def test_full_sft_learns_the_replies_and_the_folder_chats(base, chats, tmp_path):
+    from slmkit.evaluate import main as evaluate
+    from slmkit.generate import load
+
+    before = evaluate(base, [str(chats)])
+    summary = finetune(base, [str(chats)], tmp_path / "sft", task="sft", steps=40, **FAST)
+    out = tmp_path / "sft"
+    after = evaluate(out, [str(chats)])
+    assert after["loss"] < before["loss"] - 1.0, (before, after)
+    assert summary["trainable_parameters"] == summary["parameters"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
+                 "checkpoint.safetensors", "training_summary.json"):
+        assert (out / name).is_file(), name
+    lm = load(out)
+    assert lm.tokenizer.chat_template
+    from slmkit.chat import render_prompt
+
+    reply = lm.generate(render_prompt(lm.tokenizer, [{"role": "user", "content": "Say yes"}]), max_new_tokens=8,
+                        temperature=0)
+    assert isinstance(reply, str)
+
+
+def test_packing_and_causal_continued_pretraining(base, chats, tmp_path):
+    packed = finetune(base, [str(chats)], tmp_path / "packed", task="sft", packing=True, steps=5, **FAST)
+    assert packed["final_eval"]["tokens"] > 0
+    text = tmp_path / "domain.txt"
+    text.write_text("the cat sat on the mat. the dog sat on the log.\n" * 200)
+    summary = finetune(base, [str(text)], tmp_path / "causal", task="causal", steps=30, **FAST)
+    rows = [json.loads(line) for line in (tmp_path / "causal" / "metrics.jsonl").read_text().splitlines()]
+    first_train = next(r for r in rows if r["kind"] == "train")
+    assert summary["final_eval"]["loss"] < first_train["loss"] - 1.0
+    with pytest.raises(SystemExit, match="already holds a model"):
+        finetune(base, [str(text)], tmp_path / "causal", task="causal", steps=1, **FAST)
+    with pytest.raises(SystemExit, match="is not chat JSONL"):
+        finetune(base, [str(text)], tmp_path / "o", task="sft", steps=1, **FAST)
+
+
+def test_lora_resume_continues_the_same_loss_curve(base, chats, tmp_path):
+    """6 steps + --resume to 12 ends where 12 straight steps end (constant lr: the schedule is fit's own test)."""
+    from safetensors.torch import load_file
+
+    common = dict(task="sft", lora=True, lora_r=4, lora_dropout=0.1, min_lr_ratio=1.0, **FAST)
+    straight = finetune(base, [str(chats)], tmp_path / "straight", steps=12, **common)
+    finetune(base, [str(chats)], tmp_path / "cut", steps=6, **common)
+    resumed = finetune(base, [str(chats)], tmp_path / "cut", steps=12, resume=True, **common)
+    assert resumed["step"] == straight["step"] == 12
+    assert resumed["trainable_parameters"] < resumed["parameters"] / 5
+    assert resumed["final_eval"]["loss"] == pytest.approx(straight["final_eval"]["loss"], abs=1e-5)
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "slmkit_adapter.json", "tokenizer.json"):
+        assert (tmp_path / "cut" / name).is_file(), name
+    assert not (tmp_path / "cut" / "config.json").exists()
+    with pytest.raises(SystemExit, match="lora False differs"):
+        finetune(base, [str(chats)], tmp_path / "cut", steps=14, resume=True, **{**common, "lora": False})
+
+
+def test_classify_is_handed_to_slmkit_classify(base, chats, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import slmkit
+
+    seen = {}
+    fake = types.ModuleType("slmkit.classify")
+    fake.main = lambda model_dir, data, out, lora=False, time=None, batch_size=16: seen.update(
+        model_dir=model_dir, lora=lora, batch_size=batch_size) or 7
+    monkeypatch.setitem(sys.modules, "slmkit.classify", fake)
+    monkeypatch.setattr(slmkit, "classify", fake, raising=False)
+    assert finetune(base, [str(chats)], tmp_path / "c", task="classify", lora=True, steps=3) == 7
+    assert seen == {"model_dir": base, "lora": True, "batch_size": 16}  # options left at our defaults: its own
