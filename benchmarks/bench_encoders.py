@@ -113,7 +113,7 @@ def run_tfidf(train: Path, test: Path, first_words: int | None = None) -> dict:
 
 def run_encoder(name: str, base: Path | None, preset: str | None, train: Path, test: Path, work: Path,
                 pretrain_minutes: float, finetune_minutes: float, max_length: int = 256, batch_size: int = 32,
-                warmup: int | None = None) -> dict:
+                warmup: int | None = None, lr: float | None = None) -> dict:
     from slmkit.classify import finetune, predict
     from slmkit.train import main as train_lm
 
@@ -128,7 +128,7 @@ def run_encoder(name: str, base: Path | None, preset: str | None, train: Path, t
     # Epochs are capped far beyond what the time budget allows; the schedule follows the time budget, and WARMUP
     # (steps) keeps the default warmup (10% of those capped epochs) from outlasting a short budget.
     summary = finetune(base, train, work / f"{name}-clf", time=f"{finetune_minutes}m", epochs=10,
-                       batch_size=batch_size, max_length=max_length, lr=1e-4 if name == "minilm" else 5e-4,
+                       batch_size=batch_size, max_length=max_length, lr=lr or (1e-4 if name == "minilm" else 5e-4),
                        warmup=warmup, overwrite=True, progress=False)
     minutes = (time.perf_counter() - t0) / 60
     xe, ye = read_csv(test)
@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256, help="tokens per text the encoders read")
     ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
     ap.add_argument("--warmup", type=int, help="fine-tuning warmup steps (default: slmkit's)")
+    ap.add_argument("--minilm-lr", type=float, default=1e-4, help="MiniLM fine-tuning peak learning rate")
+    ap.add_argument("--scratch-lr", type=float, default=5e-4, help="bert-tiny / bert-mini fine-tuning peak lr")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-class sampling")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/encoders.json")
     args = ap.parse_args()
@@ -184,10 +186,10 @@ def main() -> None:
             results[f"tfidf+lr@{args.max_length}w"] = run_tfidf(train, test, first_words=args.max_length)
         elif name in ("bert-tiny", "bert-mini"):
             results[name] = run_encoder(name, None, name, train, test, work, args.pretrain_minutes,
-                                        args.finetune_minutes, **enc)
+                                        args.finetune_minutes, lr=args.scratch_lr, **enc)
         elif name == "minilm":
             results[name] = run_encoder(name, minilm_folder(work), None, train, test, work, 0,
-                                        args.finetune_minutes, **enc)
+                                        args.finetune_minutes, lr=args.minilm_lr, **enc)
         for key in [k for k in results if k not in printed]:
             printed.add(key)
             print(f"{key}: {json.dumps(results[key])}", flush=True)
@@ -199,7 +201,8 @@ def main() -> None:
     import torch
 
     settings = {k: getattr(args, k) for k in ("pretrain_minutes", "finetune_minutes", "max_length", "batch_size",
-                                              "warmup", "train_per_class", "test_per_class", "seed")}
+                                              "warmup", "minilm_lr", "scratch_lr", "train_per_class",
+                                              "test_per_class", "seed")}
     args.json.write_text(json.dumps({"data": data, "settings": settings, "torch_threads": torch.get_num_threads(),
                                      "wall_minutes": (time.perf_counter() - t_start) / 60, "results": results},
                                     indent=2) + "\n")

@@ -15,7 +15,8 @@ held-out conversations evenly spread over the held-out tenth. The training runs 
 (--val-fraction 0): the numbers reported are those of `slm eval` on the held-out data above.
 
     python benchmarks/bench_finetune.py [--minutes 5] [--skip-domain] [--skip-sft] [--json ...]
-    python benchmarks/bench_finetune.py --minutes 2 --block-size 128 --val-chats 60   # ~15 minutes on 2 cores
+    python benchmarks/bench_finetune.py --minutes 2 --block-size 128 --batch-size 4 --warmup 3 \
+        --domain-eval-tokens 8192 --val-chats 60          # 11 minutes in all on 2 cores (docs/benchmarks.md)
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ import torch
 from slmkit.data import eval_windows
 
 
+def to_json(result: dict) -> str:
+    """One JSON object; a metric that does not apply (NaN, e.g. bits per byte of a masked LM) becomes null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
     """Mean loss in nats/token over TOKENS predicted tokens covering N_BYTES bytes -> bits per byte."""
     return loss * tokens / (math.log(2) * max(1, n_bytes))
@@ -88,7 +94,7 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     result = evaluate_fn(model, tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
                          max_windows=max_windows)
     if as_json:
-        print(json.dumps(result))
+        print(to_json(result))
     else:
         print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"bits/byte {result['bits_per_byte']:.4f} | tokens {result['tokens']:,}")
@@ -103,7 +109,7 @@ def _evaluate_chat(model_dir: Path, files, tokenizer, block: int, batch_size: in
     examples = build_examples(read_conversations(files, skip_bad_lines), tokenizer, block)
     result = evaluate_chat(load_model(model_dir), examples, pad_id_of(tokenizer), batch_size)
     if as_json:
-        print(json.dumps(result))
+        print(to_json(result))
     else:
         print(f"assistant-token loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"tokens {result['tokens']:,}")

@@ -109,7 +109,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
          eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
          seed: int = 1337, resume: bool = False, overwrite: bool = False, text_col: str = "text",
          replace_errors: bool = False, skip_bad_lines: bool = False, progress: bool = True,
-         label_col: str = "label") -> dict:
+         label_col: str = "label", eval_data: Path | None = None, epochs: float | None = None,
+         patience: int | None = None, max_length: int | None = None) -> dict:
     """Fine-tune the model in MODEL_DIR on DATA and write the result to OUT: a model folder, or with --lora an
     adapter folder (merge it with `slm merge`). Returns a summary dict."""
     options = dict(locals())  # the arguments, for --task classify
@@ -137,6 +138,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     if task == "classify":
         return _classify({k: v for k, v in {**options, "lora_targets": lora_targets}.items() if k != "task"})
+    if eval_data is not None or epochs is not None or patience is not None or max_length is not None:
+        raise SystemExit("error: --eval-data, --epochs, --patience and --max-length are for --task classify; causal "
+                         "and sft hold out the end of --data (--val-fraction) and use --block-size")
     if task not in ("causal", "sft"):
         raise SystemExit(f"error: unknown --task {task!r}; use causal, sft or classify")
     model_dir, out = Path(model_dir), Path(out)
@@ -393,6 +397,12 @@ def add_args(p) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, from the end (default: 0.1)")
     g.add_argument("--text-col", default="text", help="causal, classify: text field/column for JSONL, CSV, Parquet")
     g.add_argument("--label-col", default="label", help="classify: label field/column (default: label)")
+    g.add_argument("--eval-data", type=Path, help="classify: held-out labelled file (default: a stratified split "
+                   "of --data)")
+    g.add_argument("--epochs", type=float, help="classify: passes over the data (default: 3)")
+    g.add_argument("--patience", type=int, help="classify: stop after this many evaluations without improvement "
+                   "(default: 3)")
+    g.add_argument("--max-length", type=int, help="classify: truncate texts to this many tokens (default: 128)")
     g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL rows (with a warning)")
     g.add_argument("--eval-every", help="evaluate every N steps (a number) or every duration (30s, 2m)")

@@ -173,3 +173,22 @@ def test_classify_is_handed_to_slmkit_classify(base, chats, tmp_path, monkeypatc
     monkeypatch.setattr(slmkit, "classify", fake, raising=False)
     assert finetune(base, [str(chats)], tmp_path / "c", task="classify", lora=True, steps=3) == 7
     assert seen == {"model_dir": base, "lora": True, "batch_size": 16}  # options left at our defaults: its own
+
+
+def test_classify_options_pass_through_and_are_refused_elsewhere(base, chats, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import slmkit
+
+    seen = {}
+    fake = types.ModuleType("slmkit.classify")
+    fake.main = lambda model_dir, data, out, eval_data=None, epochs=3.0, patience=3, max_length=128: seen.update(
+        eval_data=eval_data, epochs=epochs, patience=patience, max_length=max_length) or 1
+    monkeypatch.setitem(sys.modules, "slmkit.classify", fake)
+    monkeypatch.setattr(slmkit, "classify", fake, raising=False)
+    finetune(base, [str(chats)], tmp_path / "c", task="classify", eval_data=tmp_path / "dev.csv", epochs=1.5,
+             patience=2, max_length=64)
+    assert seen == {"eval_data": tmp_path / "dev.csv", "epochs": 1.5, "patience": 2, "max_length": 64}
+    with pytest.raises(SystemExit, match="are for --task classify"):
+        finetune(base, [str(chats)], tmp_path / "s", task="sft", eval_data=tmp_path / "dev.csv")
