@@ -73,19 +73,17 @@ def read_conversations(files: list[Path], skip_bad_lines: bool = False) -> list[
     """Every conversation in the chat JSONL FILES. A bad row is a one-line error naming file and line number
     (or, with SKIP_BAD_LINES, a warning)."""
     conversations = []
+    from slmkit.data import iter_jsonl
+
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+        for lineno, row in iter_jsonl(f, skip_bad_lines):
+            try:
+                conversations.append(row_to_messages(row))
+            except ValueError as e:  # parsed, but not a usable conversation (no assistant turn, bad roles …)
+                if skip_bad_lines:
+                    print(f"warning: {f}:{lineno}: skipped: {e}", file=sys.stderr)
                     continue
-                try:
-                    conversations.append(row_to_messages(json.loads(line)))
-                except (json.JSONDecodeError, ValueError) as e:
-                    why = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    if skip_bad_lines:
-                        print(f"warning: {f}:{lineno}: skipped: {why}", file=sys.stderr)
-                        continue
-                    raise SystemExit(f"error: {f}:{lineno}: {why}; fix the line or pass --skip-bad-lines") from None
+                raise SystemExit(f"error: {f}:{lineno}: {e}; fix the line or pass --skip-bad-lines") from None
     if not conversations:
         raise SystemExit(f"error: no conversations in {', '.join(map(str, files[:3]))}")
     return conversations

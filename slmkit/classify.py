@@ -45,18 +45,13 @@ def read_rows(path: Path, columns: dict[str, str]) -> list[tuple]:
 
     rows: list[tuple] = []
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path}:{lineno}: malformed JSON ({e.msg}); fix the line") from None
-                for col in names:
-                    if not isinstance(row, dict) or col not in row:
-                        raise missing(col, f"{path}:{lineno}", row if isinstance(row, dict) else [])
-                rows.append((lineno, *(row[c] for c in names)))
+        from slmkit.data import iter_jsonl
+
+        for lineno, row in iter_jsonl(path):
+            for col in names:
+                if not isinstance(row, dict) or col not in row:
+                    raise missing(col, f"{path}:{lineno}", row if isinstance(row, dict) else [])
+            rows.append((lineno, *(row[c] for c in names)))
     elif suffix in (".csv", ".tsv"):
         csv.field_size_limit(1 << 30)
         with open(path, encoding="utf-8", newline="") as fh:

@@ -96,23 +96,29 @@ def _iter_text_file(f: Path, replace_errors: bool) -> Iterator[tuple[str, bool]]
                 break
 
 
-def _iter_jsonl(f: Path, col: str, skip_bad_lines: bool) -> Iterator[str]:
+def iter_jsonl(f: Path, skip_bad_lines: bool | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed row) for every non-blank line of a JSONL file. A malformed line is a one-line error
+    naming file and line; with SKIP_BAD_LINES a warning (None: the caller offers no --skip-bad-lines)."""
     with open(f, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 if skip_bad_lines:
                     print(f"warning: {f}:{lineno}: skipped malformed JSON ({e.msg})", file=sys.stderr)
                     continue
-                raise SystemExit(f"error: {f}:{lineno}: malformed JSON ({e.msg}); fix the line or pass "
-                                 "--skip-bad-lines") from None
-            if not isinstance(row, dict) or col not in row:
-                raise SystemExit(f"error: {f}:{lineno}: no {col!r} field; name the text field with --text-col")
-            if isinstance(row[col], str) and row[col]:
-                yield row[col]
+                hint = "" if skip_bad_lines is None else " or pass --skip-bad-lines"
+                raise SystemExit(f"error: {f}:{lineno}: malformed JSON ({e.msg}); fix the line{hint}") from None
+
+
+def _iter_jsonl(f: Path, col: str, skip_bad_lines: bool) -> Iterator[str]:
+    for lineno, row in iter_jsonl(f, skip_bad_lines):
+        if not isinstance(row, dict) or col not in row:
+            raise SystemExit(f"error: {f}:{lineno}: no {col!r} field; name the text field with --text-col")
+        if isinstance(row[col], str) and row[col]:
+            yield row[col]
 
 
 def _iter_csv(f: Path, col: str, delimiter: str) -> Iterator[str]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from slmkit.models import replace_dir
+
 # Encoder families (model_type in config.json): imported with their own head, no chat template.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
                  "camembert", "mpnet", "modernbert", "ernie", "megatron-bert", "mobilebert", "squeezebert"}
@@ -171,9 +173,7 @@ def main(src: Path, out: Path, overwrite: bool = False) -> Path:
                                  "please report this model")
             record["parity_max_abs_logit_diff"] = err
         (tmp / "slmkit_import.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"imported {src} ({fmt}, {record['model_type']}, {record['parameters']:,} parameters) -> {out}")

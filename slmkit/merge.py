@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from slmkit.models import replace_dir
+
 ADAPTER_RECORD = "slmkit_adapter.json"
 
 
@@ -138,10 +140,7 @@ def main(adapter_dir: Path, out: Path, base: Path | None = None, overwrite: bool
         tokenizer.save_pretrained(tmp)
         record = {**read_adapter_record(adapter_dir), "merged_from": str(adapter_dir.resolve())}
         (tmp / "slmkit_merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {adapter_dir} into {base_dir_of(adapter_dir, base)}: model folder {out}")

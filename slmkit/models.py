@@ -303,6 +303,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the fully written folder TMP in place of OUT (an old OUT is removed first): readers never see half."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+
+
 def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
