@@ -25,9 +25,9 @@ from slmkit import encoders, recipe
 from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from slmkit.models import (
     atomic_write_json,
+    base_parameter_count,
     build_config,
     build_model,
-    count_parameters,
     logits_of,
     save_model,
     set_dropout,
@@ -382,7 +382,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         raise SystemExit(f"error: --block-size {block} exceeds the preset's max_position_embeddings")
     model = build_model(cfg).to(dev)
     set_dropout(model, args.get("dropout", 0.0))
-    n_params = count_parameters(model)
+    n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev)
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
     state = FitState()
