@@ -114,7 +114,6 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     """Fine-tune the model in MODEL_DIR on DATA and write the result to OUT: a model folder, or with --lora an
     adapter folder (merge it with `slm merge`). Returns a summary dict."""
     options = dict(locals())  # the arguments, for --task classify
-    from slmkit import recipe
     from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
     from slmkit.data import expand_paths
     from slmkit.merge import ADAPTER_RECORD, is_adapter_folder
@@ -122,9 +121,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     from slmkit.report import plot_loss, read_metrics
     from slmkit.tokenizer import load_tokenizer
     from slmkit.train import (
-        Budget,
         FitConfig,
         FitState,
+        budget_from,
         causal_lm_loss,
         fit,
         make_optimizer,
@@ -174,12 +173,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-    if not (0.0 <= args["val_fraction"] < 0.5):
-        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
-    budget = Budget(args["steps"], args["tokens"], args["time"])
-    if not (budget.steps or budget.tokens or budget.seconds):
-        budget.seconds = recipe.DEFAULT_SECONDS
-        print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
+    budget = budget_from(args)
     dev = pick_device(device)
     autocast_dtype = pick_dtype(args["dtype"], dev)
     method = "lora" if args["lora"] else "full"

@@ -84,6 +84,18 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
+def budget_from(args: dict, announce: bool = True) -> Budget:
+    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after checking --val-fraction."""
+    if not (0.0 <= args["val_fraction"] < 0.5):
+        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
+    budget = Budget(args["steps"], args["tokens"], args["time"])
+    if not (budget.steps or budget.tokens or budget.seconds):
+        budget.seconds = recipe.DEFAULT_SECONDS
+        if announce:
+            print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
+    return budget
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -338,13 +350,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-    if not (0.0 <= args["val_fraction"] < 0.5):
-        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
-    budget = Budget(args["steps"], args["tokens"], args["time"])
-    if not (budget.steps or budget.tokens or budget.seconds):
-        budget.seconds = recipe.DEFAULT_SECONDS
-        if dist.is_main():
-            print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
+    budget = budget_from(args, announce=dist.is_main())
     files = expand_paths(args["data"])
     n_bytes = corpus_bytes(files)
     torch.manual_seed(args["seed"])
@@ -492,15 +498,13 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _check_resume_compatible(saved: dict, now: dict) -> None:
-    for key in ("preset", "tokenizer", "vocab_size", "block_size", "batch_size", "set"):
-        if key in ("preset",) and now[key] == "auto":
-            continue
-        if now.get(key) not in (None, [], saved.get(key)) and key != "preset":
+    if now["preset"] not in ("auto", saved.get("preset")):
+        raise SystemExit(f"error: --resume: preset {now['preset']!r} differs from the saved run's "
+                         f"{saved.get('preset')!r}; a different architecture cannot resume this checkpoint")
+    for key in ("tokenizer", "vocab_size", "block_size", "batch_size", "set"):
+        if now.get(key) not in (None, [], saved.get(key)):
             raise SystemExit(f"error: --resume: --{key.replace('_', '-')} {now[key]} differs from the saved run "
                              f"({saved.get(key)}); drop the flag or start a new --out")
-        if key == "preset" and now[key] != saved.get(key):
-            raise SystemExit(f"error: --resume: preset {now[key]!r} differs from the saved run's {saved.get(key)!r}; "
-                             "a different architecture cannot resume this checkpoint")
 
 
 def _tokenizer_kind(args: dict) -> str:
