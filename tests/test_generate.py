@@ -1,6 +1,6 @@
 import torch
 
-from slmkit.generate import SamplingParams, load, sample_next, stream_text
+from slmkit.generate import SamplingParams, generate_ids, load, sample_next, stream_text
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_model):
@@ -50,6 +50,5 @@ def test_stop_strings_cut_the_stream_and_are_never_emitted():
 def test_generation_stops_at_the_context_end(tiny_model):
     lm = load(tiny_model)
     ids = list(range(10, 10 + lm.context - 3))
-    out = list(__import__("slmkit.generate", fromlist=["generate_ids"]).generate_ids(
-        lm.model, ids, SamplingParams(max_new_tokens=50, temperature=0), set(), lm.context))
+    out = list(generate_ids(lm.model, ids, SamplingParams(max_new_tokens=50, temperature=0), set(), lm.context))
     assert len(out) == 3
