@@ -204,6 +204,22 @@ def classifier_logits(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits
 
 
+@torch.no_grad()
+def representation_spread(model, seqs: list[list[int]], pad_id: int) -> float:
+    """How much the base model's mean-pooled features differ between SEQS, relative to their scale: the std across
+    texts over the std across feature dimensions. A briefly pretrained masked LM passes through a phase where it
+    predicts token frequencies and maps every text to nearly the same vector (spread ~1e-3); a classifier head on
+    such features barely learns, whatever its learning rate. A healthy encoder, or a fresh random one, is ~0.1-1."""
+    was_training = model.training
+    model.eval()
+    ids = pad_batch(seqs, pad_id)  # (B, T)
+    mask = (ids != pad_id).unsqueeze(-1).float()  # (B, T, 1)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask.squeeze(-1).long()).last_hidden_state  # (B, T, C)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C)
+    model.train(was_training)
+    return float(pooled.std(0).mean() / pooled.std(1).mean().clamp(min=1e-12))
+
+
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
@@ -385,6 +401,11 @@ def finetune(model_dir: Path, data: Path | list, out: Path, text_col: str = "tex
             local_files_only=True)
     max_len = _max_length(model.config, tokenizer, max_length)
     seqs, val_seqs = encode(tokenizer, texts, max_len), encode(tokenizer, val_texts, max_len)
+    spread = representation_spread(model, seqs[:16], pad_id) if len(seqs) > 1 else 1.0
+    if spread < 0.01:
+        print(f"warning: {model_dir} maps different texts to almost the same features (spread {spread:.1e}): it is "
+              "undertrained (a masked LM early in pretraining) and fine-tuning it will barely learn; pretrain it "
+              "longer or start from a pretrained encoder (slm import)")
     if lora:
         model = _add_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
     model.to(dev)

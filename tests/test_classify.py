@@ -166,3 +166,26 @@ def test_classifying_with_a_folder_that_is_not_a_classifier_is_a_one_line_error(
 
     with pytest.raises(SystemExit, match="is not a classifier .*BertForMaskedLM.*slm finetune"):
         classify(toy["base"], text="hello")
+
+
+def test_fine_tuning_a_collapsed_encoder_warns_that_it_is_undertrained(toy, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from slmkit.classify import representation_spread
+    from slmkit.models import save_model
+    from slmkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(toy["base"])
+    seqs = tok([t for t, _ in toy_rows(16)])["input_ids"]
+    model = AutoModelForSequenceClassification.from_pretrained(toy["base"], num_labels=2)
+    assert representation_spread(model, seqs, tok.pad_token_id) > 0.05  # a random encoder tells texts apart
+    with torch.no_grad():  # every token the same vector: what an early masked LM's features look like
+        model.bert.embeddings.word_embeddings.weight.zero_()
+        model.bert.embeddings.position_embeddings.weight.zero_()
+    assert representation_spread(model, seqs, tok.pad_token_id) < 1e-3
+    save_model(model, tmp_path / "collapsed")
+    tok.save_pretrained(tmp_path / "collapsed")
+    finetune(tmp_path / "collapsed", toy["train"], tmp_path / "clf", steps=1, progress=False)
+    assert "undertrained" in capsys.readouterr().out
+    finetune(toy["base"], toy["train"], tmp_path / "clf2", steps=1, progress=False)
+    assert "undertrained" not in capsys.readouterr().out
