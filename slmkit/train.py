@@ -33,6 +33,7 @@ from slmkit.models import (
     set_dropout,
     unwrap,
 )
+from slmkit.optim import make_optimizer  # noqa: F401  (re-exported: finetune, classify use it)
 from slmkit.presets import is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,18 +267,6 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not norms/biases); the fused kernel where PyTorch has one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 def pick_device(device: str) -> str:
     if device != "auto":
         return device
@@ -311,7 +300,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
          weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
-         tokens: int | str | None = None,
+         tokens: int | str | None = None, optimizer: str | None = None,
          time: str | float | None = None, val_fraction: float = 0.1, eval_every: str | None = None,
          eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
          compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
@@ -336,7 +325,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 tokenizer_from=str(tokenizer_from) if tokenizer_from else None, block_size=block_size,
                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
                 weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
-                tokens=parse_count(tokens),
+                tokens=parse_count(tokens), optimizer=optimizer,
                 time=parse_duration(time), val_fraction=val_fraction, seed=seed, set=list(set or []),
                 text_col=text_col, dtype=dtype, lowercase=lowercase)
     if resume:
@@ -389,7 +378,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     model = build_model(cfg).to(dev)
     set_dropout(model, args.get("dropout", 0.0))
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
-    optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev)
+    # Muon trains decoders to a lower loss in the same time (docs/benchmarks.md); runs saved before the flag existed
+    # (no "optimizer" in their run file) used AdamW and resume with it.
+    args["optimizer"] = args["optimizer"] or ("adamw" if resume or is_encoder(preset_name) else "muon")
+    optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
     state = FitState()
     if resume:
@@ -501,7 +493,7 @@ def _check_resume_compatible(saved: dict, now: dict) -> None:
     if now["preset"] not in ("auto", saved.get("preset")):
         raise SystemExit(f"error: --resume: preset {now['preset']!r} differs from the saved run's "
                          f"{saved.get('preset')!r}; a different architecture cannot resume this checkpoint")
-    for key in ("tokenizer", "vocab_size", "block_size", "batch_size", "set"):
+    for key in ("tokenizer", "vocab_size", "block_size", "batch_size", "set", "optimizer"):
         if now.get(key) not in (None, [], saved.get(key)):
             raise SystemExit(f"error: --resume: --{key.replace('_', '-')} {now[key]} differs from the saved run "
                              f"({saved.get(key)}); drop the flag or start a new --out")
@@ -582,7 +574,9 @@ def add_args(p) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (default 0.1)")
     g.add_argument("--warmup", type=int, help="warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: 0.1)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], help="adamw, or muon (Muon on the hidden matrices, AdamW "
+                   "on embeddings and norms); default: muon for decoders, adamw for encoders")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (default: 0.1)")
     g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (default: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -1,0 +1,54 @@
+"""Optimizers (slmkit/optim.py): AdamW, and MuonAdamW (Muon on hidden matrices, AdamW on the rest)."""
+
+import torch
+from tiny_models import TINY
+
+from slmkit.models import Llama
+from slmkit.optim import MuonAdamW, make_optimizer, orthogonalize
+
+
+def test_orthogonalize_gives_singular_values_near_one():
+    g = torch.randn(96, 32) @ torch.diag(torch.logspace(-1, 1, 32))  # badly conditioned, tall
+    s = torch.linalg.svdvals(orthogonalize(g))
+    # quintic Newton-Schulz stops short of exact orthogonality by design: singular values land in ~[0.5, 1.5]
+    assert orthogonalize(g).shape == g.shape and s.min() > 0.4 and s.max() < 1.6, s
+
+
+def test_muonadamw_without_muon_groups_is_adamw():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours = MuonAdamW([{"params": list(b.parameters()), "weight_decay": 0.1}], lr=1e-2)
+    for _ in range(5):
+        x = torch.randn(16, 8)
+        for m, opt in ((a, ref), (b, ours)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_muon_covers_hidden_matrices_splits_fused_projections_and_lowers_the_loss():
+    torch.manual_seed(0)
+    cfg = {**TINY, "vocab_size": 64}
+    model = Llama(cfg)
+    opt = make_optimizer(model, 3e-3, 0.1, "cpu", "muon")
+    muon = {id(p) for g in opt.param_groups if g["muon"] for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon) == (p.dim() == 2 and "embed" not in name and "lm_head" not in name), name
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    splits = sorted(g["splits"] for g in opt.param_groups if g["muon"])
+    assert [cfg["num_attention_heads"] * hd] + [cfg["num_key_value_heads"] * hd] * 2 in splits
+    assert [cfg["intermediate_size"]] * 2 in splits
+    x = torch.randint(0, cfg["vocab_size"], (4, 17))
+    losses = []
+    for _ in range(20):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
