@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+API_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify"}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -39,7 +40,7 @@ class Metrics:
         self.completion_tokens: dict[str, int] = defaultdict(int)
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        if not path.startswith("/v1/"):  # pages, static files and probes would drown the API's numbers
+        if path not in API_PATHS:  # pages, probes and unknown paths: one label, so scanners can't blow up the series
             path = "other"
         with self.lock:
             self.requests[(path, status)] += 1
