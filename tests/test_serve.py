@@ -166,6 +166,17 @@ def test_api_keys_are_required_when_configured(folders):
         assert httpx.get(url + "/").status_code == 200
 
 
+def test_cors_is_off_unless_an_origin_is_given(folders):
+    from fastapi.testclient import TestClient
+
+    pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    closed = TestClient(serve_folders({"enc": folders["enc"]}))
+    assert "access-control-allow-origin" not in closed.options("/v1/embeddings", headers=pre).headers
+    opened = TestClient(serve_folders({"enc": folders["enc"]}, cors_origins=["http://app.example"]))
+    r = opened.options("/v1/embeddings", headers=pre)
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+
+
 # -- load, overload, cancellation ------------------------------------------------------------------------------
 async def _chat(client, url, max_tokens: int, **kw):
     return await client.post(url + "/v1/chat/completions", json={

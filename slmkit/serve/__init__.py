@@ -79,7 +79,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None) -> None:
-    """Serve the model folders MODELS over an OpenAI-compatible HTTP API, with a web chat page at /.
+    """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
     A model is named after its folder, or NAME=DIR. Binds 127.0.0.1 unless --host says otherwise.
