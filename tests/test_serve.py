@@ -216,18 +216,31 @@ def test_overload_answers_429_with_retry_after(folders):
         assert httpx.get(url + "/health").status_code == 200  # still alive
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(folders):
+def slowed(engine, seconds: float = 0.02):
+    """Make each forward pass of ENGINE's model take SECONDS longer, so a reply is still running when we hang up."""
+    forward = engine.lm.model.forward
+    engine.lm.model.forward = lambda *a, **kw: (time.sleep(seconds), forward(*a, **kw))[1]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_row(folders, stream):
     app = serve_folders({"tiny": folders["tiny"]}, max_batch=1)
     engine = app.state.models["tiny"].engine
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 240, "temperature": 0,
-            "stream": True}
+    slowed(engine)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200, "temperature": 0,
+            "stream": stream}
     with running(app) as url:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
-            next(r.iter_lines())  # the reply has started; now hang up
+        if stream:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # the reply has started; now hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
         t0 = time.time()
-        while (engine.active or engine.queue_depth) and time.time() - t0 < 10:
+        while (engine.active or engine.queue_depth) and time.time() - t0 < 3:
             time.sleep(0.02)
-        assert engine.active == 0
+        assert engine.active == 0 and engine.steps < 120  # cancelled well before its 200 tokens (> 4 s)
         ok = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
         assert ok.status_code == 200
 

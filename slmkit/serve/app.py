@@ -80,6 +80,28 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class Timed:
+    """ASGI middleware: count every request by path and status, time it to the last byte (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def timed_send(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            self.metrics.request(scope["path"], status[0], time.perf_counter() - t0)
+
+
 def create_app(models: dict[str, Served], settings: Settings | None = None) -> FastAPI:
     """An app serving MODELS (name -> loaded model). Decoder engines are started here and stopped on shutdown."""
     from contextlib import asynccontextmanager
@@ -138,19 +160,13 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
     async def _crash(request: Request, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
-
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Timed, metrics=metrics)
 
     def get(name: str, kind: str) -> Served:
         m = models.get(name)
@@ -229,13 +245,19 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
         streams = [TextStream(m.lm.tokenizer, req.stop_list()) for _ in handles]
         open_ = set(range(len(handles)))
         t0, first = time.perf_counter(), True
+        checked = t0
         try:
             while open_:
                 try:
-                    i, ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                    i, ev = await asyncio.wait_for(q.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                # a whole (not streamed) reply has no write to fail when the client leaves: ask now and then
+                if not req.stream and time.perf_counter() - checked > 0.5:
+                    checked = time.perf_counter()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if i not in open_:
                     continue

@@ -61,7 +61,7 @@ class Metrics:
                    "# TYPE slm_requests_total counter"]
             out += [f'slm_requests_total{{endpoint="{p}",status="{s}"}} {n}'
                     for (p, s), n in sorted(self.requests.items())]
-            out += ["# HELP slm_request_duration_seconds Time to the full response (streams: to the response start).",
+            out += ["# HELP slm_request_duration_seconds Time to the last byte of the response (streams included).",
                     "# TYPE slm_request_duration_seconds histogram"]
             for p, h in sorted(self.latency.items()):
                 out += h.lines("slm_request_duration_seconds", f'endpoint="{p}"')
