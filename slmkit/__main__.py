@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("slmkit.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
     "finetune": ("slmkit.finetune", "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
     "merge": ("slmkit.merge", "fold a LoRA adapter into its base model"),
+    "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
 }
 
 

@@ -116,28 +116,53 @@ class LoadedModel:
         return "".join(self.stream(prompt, **sampling))
 
 
+class TextStream:
+    """Push-style detokenizer: token ids in, safe text pieces out. Holds back incomplete UTF-8 and anything that
+    could still become a stop string; `stopped` turns true once a stop string appears (it is never emitted)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, tok: int) -> str:
+        """Add one token; the text that is now safe to show ("" if none)."""
+        self.ids.append(tok)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return ""
+        cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)
+        if cut >= 0:  # never emitted: the last len(stop)-1 characters are always held back
+            self.stopped = True
+            piece = self.text[self.emitted:cut] if cut > self.emitted else ""
+            self.emitted = len(self.text)
+            return piece
+        safe = len(self.text) - self.hold
+        if safe > self.emitted:
+            piece, self.emitted = self.text[self.emitted:safe], safe
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """The held-back tail, once no more tokens come."""
+        piece = self.text[self.emitted:] if len(self.text) > self.emitted and not self.stopped else ""
+        self.emitted = len(self.text)
+        return piece
+
+
 def stream_text(tokenizer, token_iter: Iterator[int], stop: list[str]) -> Iterator[str]:
     """Token ids -> text pieces. Holds back incomplete UTF-8 and anything that could still become a stop string."""
-    ids: list[int] = []
-    emitted = 0
-    hold = max((len(s) for s in stop), default=1) - 1
-    text = ""
+    ts = TextStream(tokenizer, stop)
     for tok in token_iter:
-        ids.append(tok)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-            continue
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:  # never emitted: the last len(stop)-1 characters are always held back
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = ts.push(tok)
+        if piece:
+            yield piece
+        if ts.stopped:
             return
-        safe = len(text) - hold
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+    tail = ts.finish()
+    if tail:
+        yield tail
 
 
 def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> LoadedModel:

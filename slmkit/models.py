@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.w_down = nn.Linear(ffn, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
         h = F.rms_norm(x, (C,), self.attn_norm, self.eps)
@@ -52,6 +52,15 @@ class Block(nn.Module):
         else:
             # Write this step's keys/values into the preallocated cache, then attend over everything so far.
             k_cache, v_cache = cache  # (B, nkv, max_T, hd)
+            if isinstance(pos, torch.Tensor):  # one decode step, each row at its own position (serve's batching)
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, pos] = k[:, :, 0]  # (B, nkv, hd)
+                v_cache[rows, :, pos] = v[:, :, 0]
+                end = int(pos.max()) + 1
+                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+                mask = (torch.arange(end, device=x.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+                return self._finish(x, y)
             k_cache[:, :, pos:pos + T] = k
             v_cache[:, :, pos:pos + T] = v
             k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
@@ -59,6 +68,11 @@ class Block(nn.Module):
             if T > 1:  # prefill: causal within the new tokens, full view of the cached prefix
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self._finish(x, y)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attention output y (B, nh, T, hd) -> output projection, residual, then the MLP."""
+        B, T, C = x.shape
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         x = x + self._drop(self.wo(y))
         h = F.rms_norm(x, (C,), self.mlp_norm, self.eps)
@@ -110,11 +124,15 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.get("initializer_range", 0.02))
 
-    def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int = 0) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, V). With `cache`, positions start at `pos`."""
+    def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V). With `cache`, positions start at `pos`; a LongTensor POS (B,)
+        (with T = 1) puts each row at its own position, so sequences of different lengths decode in one batch."""
         T = idx.shape[1]
         x = self.embed(idx)  # (B, T, C)
-        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)
+        if isinstance(pos, torch.Tensor):
+            cos, sin = self.cos[pos].unsqueeze(1).to(x.dtype), self.sin[pos].unsqueeze(1).to(x.dtype)  # (B, 1, 1, hd)
+        else:
+            cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps if len(self.layers) else 1e-5)

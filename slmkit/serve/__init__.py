@@ -1,0 +1,140 @@
+"""Verb `serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for decoder, encoder and classifier folders.
+
+protocol.py holds the request/response schemas and settings, app.py the routes, batching.py the continuous-batching
+engine (usable without HTTP), metrics.py the Prometheus text, static/ the web chat page served at `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Served:
+    """One model the server answers for: a decoder (lm + engine), an encoder or a classifier (model + tokenizer)."""
+
+    name: str
+    path: Path
+    kind: str  # "decoder" | "encoder" | "classifier"
+    context: int
+    lm: Any = None  # generate.LoadedModel
+    engine: Any = None  # batching.Engine
+    model: Any = None
+    tokenizer: Any = None
+    labels: list[str] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def parse_spec(spec: str) -> tuple[str, Path]:
+    """'NAME=DIR' or 'DIR' (named after the folder)."""
+    name, sep, d = spec.partition("=")
+    if sep and name and not Path(spec).exists():
+        return name, Path(d)
+    return Path(spec).resolve().name, Path(spec)
+
+
+def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32") -> Served:
+    """Open MODEL_DIR as whatever kind it is; decoders get a (not yet started) batching engine."""
+    from slmkit.classify import is_classifier, load_classifier
+    from slmkit.models import read_config
+    from slmkit.presets import is_encoder
+
+    cfg = read_config(Path(model_dir))
+    if is_classifier(cfg):
+        model, tok, labels = load_classifier(Path(model_dir))
+        return Served(name, Path(model_dir), "classifier", int(getattr(model.config, "max_position_embeddings", 512)),
+                      model=model, tokenizer=tok, labels=labels)
+    if is_encoder(cfg):
+        from slmkit.embed import load_encoder
+
+        model, tok = load_encoder(Path(model_dir))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return Served(name, Path(model_dir), "encoder", int(getattr(model.config, "max_position_embeddings", 512)),
+                      model=model, tokenizer=tok)
+    from slmkit.generate import load
+    from slmkit.serve.batching import Engine
+
+    lm = load(Path(model_dir), dtype=dtype)
+    return Served(name, Path(model_dir), "decoder", lm.context, lm=lm,
+                  engine=Engine(lm, max_batch=max_batch, max_queue=max_queue))
+
+
+def read_keys(path: Path) -> list[str]:
+    """API keys, one per line; blank lines and # comments ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --api-keys-file {path}: {e.strerror}") from None
+    keys = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    if not keys:
+        raise SystemExit(f"error: --api-keys-file {path} holds no keys (one per line)")
+    return keys
+
+
+def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+         api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
+         max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
+         max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None) -> None:
+    """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
+
+    Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
+    A model is named after its folder, or NAME=DIR. Binds 127.0.0.1 unless --host says otherwise.
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SystemExit("error: slm serve needs FastAPI and uvicorn: pip install 'slmkit[serve]'") from None
+    import torch
+
+    from slmkit.serve.app import create_app
+    from slmkit.serve.protocol import Settings
+
+    if api_key and api_keys_file:
+        raise SystemExit("error: give --api-key or --api-keys-file, not both")
+    if threads:
+        torch.set_num_threads(threads)
+    keys = [api_key] if api_key else read_keys(api_keys_file) if api_keys_file else []
+    served: dict[str, Served] = {}
+    for spec in models:
+        name, d = parse_spec(spec)
+        if name in served:
+            raise SystemExit(f"error: two models are named {name!r}; name them with NAME=DIR")
+        if not Path(d).is_dir():
+            raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
+        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype)
+    settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
+                        max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
+                        cors_origins=list(cors_origin or []))
+    app = create_app(served, settings)
+    kinds = ", ".join(f"{n} ({m.kind})" for n, m in served.items())
+    print(f"serving {kinds} on http://{host}:{port}/ (API under /v1, {'keys required' if keys else 'no API key'})")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def add_args(p) -> None:
+    p.add_argument("models", nargs="+", metavar="DIR", help="model folders to serve: DIR (named after the folder) or "
+                   "NAME=DIR; decoders, encoders and classifiers")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    keys.add_argument("--api-keys-file", type=Path, help="file of accepted API keys, one per line")
+    p.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable; "
+                   "default: CORS off)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch row before the server "
+                   "answers 429 with Retry-After (default: 64)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for "
+                   "(default: 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt in tokens (default: the "
+                   "model's context)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body; larger is 413 "
+                   "(default: 1000000)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="decoder weight precision")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

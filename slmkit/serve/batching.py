@@ -1,0 +1,267 @@
+"""Continuous batching: one background thread steps every active sequence of a model together.
+
+Decoding a small model on a CPU is bound by per-step overhead (Python, op dispatch, reading the weights), not by
+arithmetic, so one forward pass over 16 sequences costs little more than over one: batching is what makes the
+aggregate tokens/s grow with the number of clients. Sequences join and leave between steps ("continuous"):
+
+- a new request is prefilled alone (batch 1) into a free row of a preallocated key/value cache (B_max rows),
+- every step then runs the model once on the last token of all active rows, each at its own position
+  (`Llama.forward(..., pos=LongTensor)`), and samples each row with `generate.sample_next`,
+- the active rows are kept at the front of the cache (a finished row is replaced by the last one), so the step
+  only touches `cache[:n]` views, never copies.
+
+The engine knows nothing about HTTP: `Engine.generate()` is a plain iterator of `Token`s, and `submit()` delivers
+the same events to any callback (the server's asyncio queues). Text, stop strings and JSON live in the callers.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.generate import LoadedModel, SamplingParams, generate_ids, sample_next
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__(f"the server is busy (queue full); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob) of the likeliest alternatives
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" (end of text), "length" (max_tokens or context end), "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    message: str = ""
+
+
+Event = Token | Finish
+
+
+class Request:
+    """One sequence to generate. Events go to SINK (called from the engine thread)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
+                 top_logprobs: int | None = None):
+        self.prompt_ids, self.params, self.sink, self.top_logprobs = list(prompt_ids), params, sink, top_logprobs
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, stop string seen); the engine frees the row before its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    req: Request
+    limit: int  # tokens this row may still generate
+    pos: int  # cache position of the next token fed to the model
+    logits: torch.Tensor | None  # (V,) logits of the next token (fast path)
+    gen: torch.Generator | None
+    made: int = 0
+    ids_iter: Iterator[int] | None = None  # fallback path: generate_ids for models without our cache
+
+
+class Engine:
+    """Batches the decoding of one model. `start()` launches the thread; `stop()` ends it (pending requests get
+    Finish("cancelled"))."""
+
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64):
+        from slmkit.models import Llama
+
+        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
+        self.fast = isinstance(lm.model, Llama)
+        self.cache = lm.model.new_cache(max_batch, lm.context) if self.fast else None
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Row] = []
+        self.cond = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # batched forward passes so far (tests and metrics)
+        self.max_seen_batch = 0
+
+    # -- public API --------------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def start(self) -> Engine:
+        if not self.running:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name=f"slm-engine-{self.lm.path.name}", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            self.thread = None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
+               top_logprobs: int | None = None) -> Request:
+        """Queue one sequence. Raises Overloaded when the queue is full, ValueError when the prompt leaves no room."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(prompt_ids) >= self.lm.context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.lm.context}")
+        req = Request(prompt_ids, params, sink, top_logprobs)
+        with self.cond:
+            if not self.running:
+                raise Overloaded(retry_after=5)
+            if len(self.waiting) >= self.max_queue:
+                raise Overloaded(retry_after=1)
+            self.waiting.append(req)
+            self.cond.notify_all()
+        return req
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 top_logprobs: int | None = None) -> Iterator[Token]:
+        """A plain iterator of the tokens of one sequence (batched with whatever else is running)."""
+        q: queue.Queue[Event] = queue.Queue()
+        req = self.submit(prompt_ids, params, q.put, top_logprobs)
+        try:
+            while True:
+                ev = q.get()
+                if isinstance(ev, Finish):
+                    if ev.reason == "error":
+                        raise RuntimeError(ev.message)
+                    return
+                yield ev
+        finally:
+            req.cancel()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and not self.rows:
+                    self.cond.wait()
+                if not self.running:
+                    break
+                admitted = []
+                while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
+                    req = self.waiting.popleft()
+                    if not req.cancelled:
+                        admitted.append(req)
+            try:
+                with torch.inference_mode():
+                    for req in admitted:
+                        self._admit(req)
+                    self._step()
+            except Exception as e:  # a bug must not kill the thread silently: fail the requests in flight
+                for row in self.rows:
+                    row.req.sink(Finish("error", len(row.req.prompt_ids), row.made, f"{type(e).__name__}: {e}"))
+                self.rows = []
+        with self.cond:  # shutting down: nobody is left waiting forever
+            pending = [r.req for r in self.rows] + list(self.waiting)
+            self.rows, self.waiting = [], collections.deque()
+        for req in pending:
+            req.sink(Finish("cancelled", len(req.prompt_ids), 0, "the server is shutting down"))
+
+    def _admit(self, req: Request) -> None:
+        p, ids, ctx = req.params, req.prompt_ids, self.lm.context
+        limit = min(p.max_new_tokens, ctx - len(ids))
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        if self.fast:
+            i = len(self.rows)
+            view = [(k[i:i + 1], v[i:i + 1]) for k, v in self.cache]  # this row of every layer's cache
+            device = self.lm.model.embed.weight.device
+            logits = self.lm.model(torch.tensor([ids], device=device), cache=view, pos=0)[0, -1]
+            self.rows.append(_Row(req, limit, len(ids), logits.float().cpu(), gen))
+        else:
+            it = generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx)
+            self.rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
+
+    def _step(self) -> None:
+        """Sample one token for every active row, retire finished rows, then one batched forward pass."""
+        feed: list[int] = []
+        keep: list[_Row] = []
+        for row in self.rows:
+            req = row.req
+            if req.cancelled:
+                req.sink(Finish("cancelled", len(req.prompt_ids), row.made))
+                continue
+            if row.made >= row.limit:
+                req.sink(Finish("length", len(req.prompt_ids), row.made))
+                continue
+            if row.ids_iter is not None:  # fallback: the batch-1 loop of generate.py, one token per step
+                tok = next(row.ids_iter, None)
+                if tok is None:
+                    req.sink(Finish("stop" if row.made < row.limit else "length", len(req.prompt_ids), row.made))
+                    continue
+                row.made += 1
+                req.sink(Token(tok))
+                keep.append(row)
+                continue
+            tok = sample_next(row.logits.clone(), req.params, None, row.gen)
+            if tok in self.lm.eos_ids:
+                req.sink(Finish("stop", len(req.prompt_ids), row.made))
+                continue
+            row.made += 1
+            req.sink(self._token(tok, row.logits, req.top_logprobs))
+            if row.made >= row.limit:
+                req.sink(Finish("length", len(req.prompt_ids), row.made))
+                continue
+            keep.append(row)
+            feed.append(tok)
+        if self.fast:
+            self._compact(keep)
+        self.rows = keep
+        if not self.fast or not keep:
+            return
+        n = len(keep)
+        device = self.lm.model.embed.weight.device
+        pos = torch.tensor([r.pos for r in keep], device=device)  # (n,)
+        view = [(k[:n], v[:n]) for k, v in self.cache]
+        logits = self.lm.model(torch.tensor(feed, device=device)[:, None], cache=view, pos=pos)[:, -1]  # (n, V)
+        logits = logits.float().cpu()
+        for i, row in enumerate(keep):
+            row.logits, row.pos = logits[i], row.pos + 1
+        self.steps += 1
+        self.max_seen_batch = max(self.max_seen_batch, n)
+
+    def _compact(self, keep: list[_Row]) -> None:
+        """Move the cache rows of the surviving sequences to the front, in KEEP's order (rows keep their order, so
+        a row only ever moves towards the front and never overwrites one not yet moved)."""
+        src = [self.rows.index(r) for r in keep]
+        for dst, s in enumerate(src):
+            if s != dst:
+                end = keep[dst].pos
+                for k, v in self.cache:
+                    k[dst, :, :end] = k[s, :, :end]
+                    v[dst, :, :end] = v[s, :, :end]
+
+    @staticmethod
+    def _token(tok: int, logits: torch.Tensor, top: int | None) -> Token:
+        if top is None:
+            return Token(tok)
+        lp = torch.log_softmax(logits, dim=-1)  # the model's distribution, before temperature / top-p
+        alts = []
+        if top > 0:
+            vals, idx = lp.topk(min(top, lp.numel()))
+            alts = list(zip(idx.tolist(), vals.tolist(), strict=True))
+        return Token(tok, float(lp[tok]), alts)

@@ -1,0 +1,79 @@
+"""Prometheus text-format metrics (exposition format 0.0.4), written by hand: a few counters and histograms need
+no client library."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+API_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify"}
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self):
+        self.counts = [0] * len(BUCKETS)
+        self.total, self.n = 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(BUCKETS):
+            if v <= b:
+                self.counts[i] += 1
+        self.total += v
+        self.n += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts, strict=True)]
+        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{{{labels}}} {self.total:.6f}",
+                f"{name}_count{{{labels}}} {self.n}"]
+        return out
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.ttft = Histogram()
+        self.prompt_tokens: dict[str, int] = defaultdict(int)
+        self.completion_tokens: dict[str, int] = defaultdict(int)
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        if path not in API_PATHS:  # pages, probes and unknown paths: one label, so scanners can't blow up the series
+            path = "other"
+        with self.lock:
+            self.requests[(path, status)] += 1
+            self.latency[path].observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft.observe(seconds)
+
+    def tokens(self, model: str, prompt: int, completion: int) -> None:
+        with self.lock:
+            self.prompt_tokens[model] += prompt
+            self.completion_tokens[model] += completion
+
+    def render(self, engines: dict) -> str:
+        with self.lock:
+            out = ["# HELP slm_requests_total HTTP requests by endpoint and status.",
+                   "# TYPE slm_requests_total counter"]
+            out += [f'slm_requests_total{{endpoint="{p}",status="{s}"}} {n}'
+                    for (p, s), n in sorted(self.requests.items())]
+            out += ["# HELP slm_request_duration_seconds Time to the last byte of the response (streams included).",
+                    "# TYPE slm_request_duration_seconds histogram"]
+            for p, h in sorted(self.latency.items()):
+                out += h.lines("slm_request_duration_seconds", f'endpoint="{p}"')
+            out += ["# HELP slm_time_to_first_token_seconds Queueing plus prefill, until the first generated token.",
+                    "# TYPE slm_time_to_first_token_seconds histogram"]
+            out += self.ttft.lines("slm_time_to_first_token_seconds")
+            for name, d, help_ in (("slm_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
+                                   ("slm_completion_tokens_total", self.completion_tokens, "Tokens generated.")):
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+                out += [f'{name}{{model="{m}"}} {n}' for m, n in sorted(d.items())]
+        out += ["# HELP slm_queue_depth Requests waiting for a free batch row.", "# TYPE slm_queue_depth gauge"]
+        out += [f'slm_queue_depth{{model="{m}"}} {e.queue_depth}' for m, e in engines.items()]
+        out += ["# HELP slm_active_sequences Sequences being decoded.", "# TYPE slm_active_sequences gauge"]
+        out += [f'slm_active_sequences{{model="{m}"}} {e.active}' for m, e in engines.items()]
+        return "\n".join(out) + "\n"
