@@ -26,7 +26,7 @@ def test_muonadamw_without_muon_groups_is_adamw():
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q)
 
 
