@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=180)
     ap.add_argument("--skip-peers", action="store_true", help="only run slmkit")
-    ap.add_argument("--extra", nargs="*", default=[], help="extra flags for slm train (default: none)")
+    ap.add_argument("--extra", default="", help='extra flags for slm train, one string (e.g. "--lr 0.01")')
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/time_to_quality.json"))
     args = ap.parse_args()
     text = DATA.read_text(encoding="utf-8")
@@ -39,7 +40,7 @@ def main() -> None:
         (tmp / "train.txt").write_text(text[:n], encoding="utf-8")
         (tmp / "val.txt").write_text(text[n:], encoding="utf-8")
         train_cmd = [sys.executable, "-m", "slmkit", "train", "--data", str(tmp / "train.txt"), "--out",
-                     str(tmp / "model"), "--time", f"{args.seconds:g}s", "--no-progress", *args.extra]
+                     str(tmp / "model"), "--time", f"{args.seconds:g}s", "--no-progress", *shlex.split(args.extra)]
         subprocess.run(train_cmd, check=True)
         out = subprocess.run([sys.executable, "-m", "slmkit", "eval", str(tmp / "model"), "--data",
                               str(tmp / "val.txt"), "--json"], check=True, capture_output=True, text=True)

@@ -18,6 +18,7 @@ CPU_FLOPS_PER_THREAD = 25e9
 GPU_FLOPS = 60e12
 # Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
 # the best held-out loss came from models that see only ~3 tokens per parameter (docs/benchmarks.md).
+MUON_LR_SCALE = 3.0  # measured at 128 dims (slm-1m, 180 s); wider models keep AdamW's rate (Moonlight's setting)
 TOKENS_PER_PARAM = 3
 # (preset, config overrides), smallest first; the 3-layer slm-1m is the best 3-minute CPU model we measured.
 AUTO_LADDER: list[tuple[str, dict]] = [
@@ -75,9 +76,17 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
     block = context_for(cfg, device)
     batch_tokens = batch_tokens_for(cfg, device)
     d = cfg["hidden_size"]
-    lr = 3e-3 if d <= 128 else 2e-3 if d <= 256 else 1e-3 if d <= 512 else 6e-4
     return {"preset": name, "overrides": dict(overrides), "block_size": block,
-            "batch_size": max(1, batch_tokens // block), "lr": lr, "warmup_steps": 50 if d <= 256 else 200}
+            "batch_size": max(1, batch_tokens // block), "lr": peak_lr(d), "warmup_steps": 50 if d <= 256 else 200}
+
+
+def peak_lr(width: int, optimizer: str = "adamw") -> float:
+    """Peak learning rate by model width. AdamW's ladder is the usual one for small decoders (nanoGPT's 1e-3 at
+    384 dims sits between its rungs). Muon's update is rescaled to AdamW's RMS, but at these sizes it trains best
+    at a higher rate: MUON_LR_SCALE times the ladder up to 256 dims, measured on tiny Shakespeare
+    (docs/benchmarks.md); wider models, where we have not measured, keep AdamW's rate as Moonlight (Liu et al.) does."""
+    lr = 3e-3 if width <= 128 else 2e-3 if width <= 256 else 1e-3 if width <= 512 else 6e-4
+    return lr * (MUON_LR_SCALE if optimizer == "muon" and width <= 256 else 1.0)
 
 
 def batch_tokens_for(cfg: dict, device: str) -> int:

@@ -350,10 +350,13 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     args["tokenizer"] = encoders.pick_tokenizer(args["tokenizer"], is_encoder(preset_name), args["tokenizer_from"])
     block = args["block_size"] or auto["block_size"]
     bsz = args["batch_size"] or auto["batch_size"]
-    peak_lr = args["lr"] or (auto["lr"] if args["preset"] == "auto" else _default_lr(preset_name))
     warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
     overrides = {**(auto["overrides"] if args["preset"] == "auto" else {}), **parse_overrides(args["set"])}
-    build_config(preset_name, 512, overrides, block_size=block)  # fail fast on a bad preset or field, before any work
+    width = build_config(preset_name, 512, overrides, block_size=block)["hidden_size"]  # fails fast on a bad field
+    # Muon reaches a lower loss than AdamW in the same time on decoders (docs/benchmarks.md); runs saved before the
+    # flag existed (no "optimizer" in their run file) used AdamW and resume with it.
+    args["optimizer"] = args["optimizer"] or ("adamw" if resume or is_encoder(preset_name) else "muon")
+    peak_lr = args["lr"] or recipe.peak_lr(width, args["optimizer"])
 
     # 2. tokenizer (rank 0 trains it; the others read what it saved)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,9 +381,6 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     model = build_model(cfg).to(dev)
     set_dropout(model, args.get("dropout", 0.0))
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
-    # Muon trains decoders to a lower loss in the same time (docs/benchmarks.md); runs saved before the flag existed
-    # (no "optimizer" in their run file) used AdamW and resume with it.
-    args["optimizer"] = args["optimizer"] or ("adamw" if resume or is_encoder(preset_name) else "muon")
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
     state = FitState()
@@ -476,13 +476,6 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         print(f"model folder: {out}")
     dist.teardown()
     return summary
-
-
-def _default_lr(preset: str) -> float:
-    from slmkit.presets import PRESETS
-
-    d = PRESETS[preset]["hidden_size"]
-    return 3e-3 if d <= 128 else 2e-3 if d <= 256 else 1e-3 if d <= 512 else 6e-4
 
 
 def _comparable(cfg: dict) -> dict:

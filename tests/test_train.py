@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from slmkit.train import Budget, get_lr, parse_count, parse_duration, parse_overrides
+from slmkit.train import RUN_FILE, Budget, get_lr, parse_count, parse_duration, parse_overrides
 from slmkit.train import main as train
 
 
@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "existing"])
+@pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "other-optimizer", "existing"])
 def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     out = tmp_path / "m"
     if case == "no-checkpoint":
@@ -95,6 +95,10 @@ def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     elif case == "other-arch":
         with pytest.raises(SystemExit, match="differs from the saved run"):
             train(data=[str(corpus)], out=tiny_model, preset="slm-1m", resume=True, progress=False)
+    elif case == "other-optimizer":  # decoders train with Muon by default; its state cannot continue as AdamW's
+        assert json.loads((tiny_model / RUN_FILE).read_text())["optimizer"] == "muon"
+        with pytest.raises(SystemExit, match="--optimizer adamw differs from the saved run"):
+            train(data=[str(corpus)], out=tiny_model, optimizer="adamw", resume=True, progress=False)
     else:
         with pytest.raises(SystemExit, match="already holds a model; pass --resume"):
             train(data=[str(corpus)], out=tiny_model, steps=1, progress=False)
