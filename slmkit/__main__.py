@@ -19,6 +19,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("slmkit.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
     "finetune": ("slmkit.finetune", "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
     "merge": ("slmkit.merge", "fold a LoRA adapter into its base model"),
+    "export": ("slmkit.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
+    "quantize": ("slmkit.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),
+    "bench": ("slmkit.bench", "edge profile: size, load time, peak RSS, tokens/s, latency per backend"),
 }
 
 
