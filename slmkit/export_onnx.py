@@ -132,7 +132,6 @@ def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = T
                 raise SystemExit(f"error: ONNX export of {cfg.get('model_type')} decoders is not supported; "
                                  "export Llama-architecture folders (slm train / slm import of Llama models)")
             kind = "decoder-with-past"
-            L = len(model.layers)
             ids = torch.tensor([tokenizer(text or "Hello there, how are you?")["input_ids"][:64]])
             past = torch.from_numpy(empty_past(model.config))
             _export(KVDecoder(model).eval(), (ids, past, past), fp32, ["input_ids", "past_keys", "past_values"],
@@ -141,7 +140,6 @@ def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = T
                      "past_values": {1: "batch", 3: "past"}, "logits": {0: "batch", 1: "seq"},
                      "present_keys": {1: "batch", 3: "total"}, "present_values": {1: "batch", 3: "total"}})
             probe = ids
-            del L
         path = fp32
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -169,8 +167,8 @@ def _export_encoder(model_dir: Path, cfg: dict, path: Path) -> tuple[str, torch.
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     if any(a.endswith("ForSequenceClassification") for a in archs):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
-        wrapped = _Logits(model)
-        _export(wrapped, (ids, mask), path, ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}})
+        _export(_Logits(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits"],
+                {**axes, "logits": {0: "batch"}})
         return "classifier", ids
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     _export(Embedder(model).eval(), (ids, mask), path, ["input_ids", "attention_mask"], ["embeddings"],
