@@ -221,7 +221,7 @@ COLUMNS = [("backend", "backend", "{}"), ("size_mb", "size MB", "{:.2f}"), ("loa
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    cols = [c for c in COLUMNS if c[0] in ("backend", "decode_tok_s") or any(c[0] in r for r in rows)]
     lines = ["| target | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = [c[2].format(r[c[0]]) if c[0] in r else r.get("error", "-") if c[0] == "decode_tok_s" else "-"
