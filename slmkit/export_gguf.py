@@ -129,8 +129,12 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
     w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: what ByteLevel(use_regex=True) does
     w.add_token_list(tokens)
     w.add_token_types(types)
-    if merges:
-        w.add_token_merges(merges)
+    # llama.cpp requires merges, and the writer drops an empty list: the byte tokenizer (no merges) gets one merge of
+    # two special tokens, which can never apply (BPE merges start from single characters of plain text).
+    if not merges:
+        special = next(t for t, kind in zip(tokens, types, strict=True) if kind == gguf.TokenType.CONTROL)
+        merges = [f"{special} {special}"]
+    w.add_token_merges(merges)
     bos = tokenizer.bos_token_id
     if bos is not None:
         w.add_bos_token_id(bos)
