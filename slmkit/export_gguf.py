@@ -221,7 +221,7 @@ def verify_gguf(path: Path, model_dir: Path, quant: str, text: str | None = None
     from slmkit.tokenizer import load_tokenizer
 
     cfg = read_config(model_dir)
-    ctx = cfg["max_position_embeddings"]
+    ctx = min(cfg["max_position_embeddings"], 512)  # every position's logits are kept: bound that buffer
     llm = open_llama_cpp(path, ctx)
     if llm is None:
         print("note: llama-cpp-python is not installed, GGUF parity not checked: pip install 'slmkit[export]'")
