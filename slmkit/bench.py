@@ -106,18 +106,22 @@ def _llama_cpp_runner(path: Path, threads: int):
     def encode(text: str) -> list[int]:
         return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
+    def last_logits() -> np.ndarray:
+        # without logits_all, llama-cpp-python no longer copies logits into llm.scores: read the context's buffer
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
     def step(ids: list[int], pos: int) -> np.ndarray:
         if pos == 0:
             llm.reset()
         llm.eval(ids)
-        return np.asarray(llm.scores[llm.n_tokens - 1])
+        return last_logits()
 
     def full(ids: list[int]) -> np.ndarray:
         llm.reset()
         rows = []
         for i in range(len(ids)):  # logits_all is off (its buffer would inflate RSS): one position at a time
             llm.eval(ids[i:i + 1])
-            rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+            rows.append(last_logits())
         return np.stack(rows)
 
     return load_s, encode, step, full, ctx

@@ -41,6 +41,8 @@ def test_bench_profiles_each_backend_and_writes_a_report(tmp_path, corpus, capsy
         assert r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["p95_ms"] >= r["p50_ms"] * 0.99
         assert 1 < r["perplexity"] < 1000
     assert rows[1]["size_mb"] < rows[0]["size_mb"]
+    for r in rows[1:]:  # every runtime scores the same text about as the float model does (not uniform logits)
+        assert abs(r["perplexity"] / rows[0]["perplexity"] - 1) < 0.005, r
     assert "| fp32 | torch fp32 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert markdown([{"target": "x", "backend": "b", "error": "boom"}]).count("boom") == 1
