@@ -43,7 +43,10 @@ def backend_of(path: Path) -> str:
                 return "llama.cpp"
         raise SystemExit(f"error: {path} is not a GGUF file; pass a .gguf, an ONNX export folder or a model folder")
     if (path / "slmkit_onnx.json").is_file():
-        return "onnxruntime"
+        meta = json.loads((path / "slmkit_onnx.json").read_text())
+        if meta.get("kind") != "decoder-with-past":
+            raise SystemExit(f"error: {path} is an ONNX {meta.get('kind')} graph; slm bench profiles decoders")
+        return "onnxruntime int8" if meta.get("quant") == "int8" else "onnxruntime"
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise SystemExit(f"error: {path} is not a model folder, ONNX export folder or GGUF file")
@@ -168,7 +171,7 @@ def worker(spec: dict) -> dict:
     path, backend = Path(spec["path"]), spec["backend"]
     if backend == "llama.cpp":
         load_s, encode, step, full, ctx = _llama_cpp_runner(path, threads)
-    elif backend == "onnxruntime":
+    elif backend.startswith("onnxruntime"):
         load_s, encode, step, full, ctx = _onnx_runner(path, threads)
     else:
         load_s, encode, step, full, ctx = _torch_runner(path)
