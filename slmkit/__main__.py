@@ -20,6 +20,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune": ("slmkit.finetune", "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
     "merge": ("slmkit.merge", "fold a LoRA adapter into its base model"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
+    "export": ("slmkit.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
+    "quantize": ("slmkit.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),
+    "bench": ("slmkit.bench", "edge profile: size, load time, peak RSS, tokens/s, latency per backend"),
 }
 
 

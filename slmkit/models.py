@@ -385,6 +385,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
 
         return load_merged(model_dir, dtype)
     hf_cfg = read_config(model_dir)
+    if hf_cfg.get("slmkit_quantization"):  # written by `slm quantize`: int8 weights, int8 matmuls
+        from slmkit.quantize import load_quantized
+
+        return load_quantized(model_dir, hf_cfg)
     weights = model_dir / "model.safetensors"
     if supports_fast_path(hf_cfg) and weights.is_file():
         cfg = dict(hf_cfg)

@@ -1,0 +1,172 @@
+"""Verb `quantize`: a model folder -> an int8 model folder for in-process PyTorch inference (`slmkit.load`,
+`slm generate`, `slm eval`).
+
+Method `int8`: weight-only, symmetric, per output channel. Every 2-D weight W (out, in) is stored as
+round(W / s) in int8 with s = max|W_row| / 127 (float32, one per row) under `NAME` and `NAME.scale` in
+model.safetensors; norms stay float32. config.json gains `"slmkit_quantization": {"method": "int8"}`. At load the
+int8 weights stay int8 in memory and each linear layer runs PyTorch's int8-weight matmul (`_weight_int8pack_mm`,
+the kernel gpt-fast uses); the tied embedding is looked up row by row and dequantized. Files and resident weights
+are about 4x smaller than float32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("int8",)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 (out, in) and float32 scales (out,): symmetric, per row."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T without materialising the float weight."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)  # (out, in) int8
+        self.register_buffer("scale", scale.float())  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).float().contiguous(), self.q, self.scale)
+        return y.view(*shape[:-1], -1).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)  # (V, C) int8
+        self.register_buffer("scale", scale.float())  # (V,)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.q[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
+
+
+def int8_llama(cfg: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """Our Llama module with int8 linear layers, embedding and output projection, from a quantized folder."""
+    from slmkit.models import Llama
+
+    class Int8Llama(Llama):
+        def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int = 0) -> torch.Tensor:
+            """Llama.forward with the output projection through the int8 head (tied or not)."""
+            T = idx.shape[1]
+            x = self.embed(idx)  # (B, T, C)
+            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+            for i, block in enumerate(self.layers):
+                x = block(x, cos, sin, None if cache is None else cache[i], pos)
+            x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps)
+            return self.lm_head(x)  # (B, T, V)
+
+        def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
+            shape = (batch, self.config["num_key_value_heads"], max_len, self.head_dim)
+            return [(torch.zeros(shape, dtype=dtype or torch.float32), torch.zeros(shape, dtype=dtype or torch.float32))
+                    for _ in self.layers]
+
+    with torch.device("meta"):  # no float weights are ever allocated; every tensor is replaced below
+        model = Int8Llama(cfg)
+
+    def qs(*names: str) -> Int8Linear:
+        return Int8Linear(torch.cat([sd[n] for n in names]), torch.cat([sd[n + ".scale"] for n in names]))
+
+    for i, b in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        b.wqkv = qs(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+        b.wo = qs(p + "self_attn.o_proj.weight")
+        b.w_gate_up = qs(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        b.w_down = qs(p + "mlp.down_proj.weight")
+        b.attn_norm = nn.Parameter(sd[p + "input_layernorm.weight"].float())
+        b.mlp_norm = nn.Parameter(sd[p + "post_attention_layernorm.weight"].float())
+    model.norm = nn.Parameter(sd["model.norm.weight"].float())
+    e = "model.embed_tokens.weight"
+    model.embed = Int8Embedding(sd[e], sd[e + ".scale"])
+    model.lm_head = qs("lm_head.weight" if "lm_head.weight" in sd else e)  # shares the tied int8 data
+    cos, sin = _rotary(cfg, model.head_dim)  # the buffers built on meta, rebuilt for real
+    model.register_buffer("cos", cos, persistent=False)
+    model.register_buffer("sin", sin, persistent=False)
+    return model.eval()
+
+
+def _rotary(cfg: dict, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin tables exactly as Llama.__init__ builds them: (max_T, 1, hd) each."""
+    from slmkit.models import rope_theta
+
+    inv_freq = 1.0 / (rope_theta(cfg) ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    freqs = torch.outer(torch.arange(cfg["max_position_embeddings"], dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_T, hd)
+    sign = torch.cat((-torch.ones(hd // 2), torch.ones(hd // 2)))
+    return emb.cos().unsqueeze(1), (emb.sin() * sign).unsqueeze(1)
+
+
+def is_quantized(cfg: dict) -> bool:
+    return bool(cfg.get("slmkit_quantization"))
+
+
+def load_quantized(model_dir: Path, cfg: dict) -> nn.Module:
+    """What `slmkit.models.load_model` calls for a folder written by `slm quantize`."""
+    from safetensors.torch import load_file
+
+    from slmkit.models import rope_theta
+
+    c = dict(cfg)
+    c["rope_theta"] = rope_theta(cfg)
+    c.setdefault("rms_norm_eps", 1e-6)
+    return int8_llama(c, load_file(Path(model_dir) / "model.safetensors"))
+
+
+def main(model_dir: Path, out: Path, method: str = "int8") -> Path:
+    """Quantize the Llama model in MODEL_DIR to METHOD (int8: weight-only, per channel) into the folder OUT."""
+    from safetensors.torch import load_file, save
+
+    from slmkit.models import atomic_write_json, read_config, replace_dir, supports_fast_path
+    from slmkit.tokenizer import load_tokenizer
+
+    model_dir, out = Path(model_dir), Path(out)
+    if method not in METHODS:
+        raise SystemExit(f"error: unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    cfg = read_config(model_dir)
+    if is_quantized(cfg):
+        raise SystemExit(f"error: {model_dir} is already quantized; quantize the float folder it came from")
+    if not supports_fast_path(cfg) or not (model_dir / "model.safetensors").is_file():
+        raise SystemExit(f"error: {model_dir} is a {cfg.get('model_type')} model; `slm quantize` handles Llama "
+                         "decoders — use `slm export --format onnx --quant int8` for other architectures")
+    if not out.parent.is_dir():
+        raise SystemExit(f"error: the output directory {out.parent} does not exist; create it first")
+    sd = load_file(model_dir / "model.safetensors")
+    if cfg.get("tie_word_embeddings", True):
+        sd.pop("lm_head.weight", None)
+    tensors = {}
+    for name, w in sd.items():
+        if w.dim() == 2:
+            tensors[name], tensors[name + ".scale"] = quantize_rows(w)
+        else:
+            tensors[name] = w.float().contiguous()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt", "slmkit": "int8"}))
+        atomic_write_json(tmp / "config.json", {**cfg, "slmkit_quantization": {"method": method, "per": "row"}})
+        load_tokenizer(model_dir).save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    a, b = (model_dir / "model.safetensors").stat().st_size, (out / "model.safetensors").stat().st_size
+    print(f"quantized {model_dir} -> {out} ({method}: {b / 1e6:.2f} MB, {100 * b / a:.0f}% of {a / 1e6:.2f} MB)")
+    return out
+
+
+def add_args(p) -> None:
+    p.add_argument("model_dir", type=Path, help="a Llama model folder (float32/bf16 safetensors)")
+    p.add_argument("--method", default="int8", choices=METHODS, help="int8: weight-only per-channel int8, run with "
+                   "int8 matmuls (default: int8)")
+    p.add_argument("--out", type=Path, required=True, help="output model folder (its parent must exist)")
