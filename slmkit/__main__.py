@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, VERBS))
         lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in VERBS.items()]
         print("usage: slm VERB [options]   (slm VERB --help for a verb's options)\n\nsmall language models: build, "
-              "evaluate, generate\n\nverbs:\n" + "\n".join(lines))
+              "specialize, export, serve\n\nverbs:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown verb {argv[0]!r}", file=sys.stderr)
             return 2
