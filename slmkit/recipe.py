@@ -18,8 +18,10 @@ CPU_FLOPS_PER_THREAD = 25e9
 GPU_FLOPS = 60e12
 # Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
 # the best held-out loss came from models that see only ~3 tokens per parameter (docs/benchmarks.md).
-MUON_LR_SCALE = 3.0  # measured at 128 dims (slm-1m, 180 s); wider models keep AdamW's rate (Moonlight's setting)
 TOKENS_PER_PARAM = 3
+# --optimizer muon's lr over AdamW's: best at 4-6x on slm-tiny (64 dims, 200 steps), 2-3.3x alike on slm-1m
+# (128 dims, 180 s); wider models keep AdamW's rate (Moonlight's setting).
+MUON_LR_SCALE = 3.0
 # (preset, config overrides), smallest first; the 3-layer slm-1m is the best 3-minute CPU model we measured.
 AUTO_LADDER: list[tuple[str, dict]] = [
     ("slm-tiny", {}), ("slm-1m", {"num_hidden_layers": 3}), ("slm-1m", {}), ("slm-3m", {}), ("slm-7m", {}),
