@@ -87,7 +87,7 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 def budget_from(args: dict, announce: bool = True) -> Budget:
     """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after checking --val-fraction."""
-    if not (0.0 <= args["val_fraction"] < 0.5):
+    if args["val_fraction"] is not None and not (0.0 <= args["val_fraction"] < 0.5):
         raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
     budget = Budget(args["steps"], args["tokens"], args["time"])
     if not (budget.steps or budget.tokens or budget.seconds):
@@ -301,9 +301,9 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
          weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
          tokens: int | str | None = None, optimizer: str | None = None,
-         time: str | float | None = None, val_fraction: float = 0.1, eval_every: str | None = None,
-         eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
-         compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
+         time: str | float | None = None, val_fraction: float | None = None, val_data: list[str] | None = None,
+         eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
+         device: str = "auto", compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
          set: list[str] | None = None, text_col: str = "text", replace_errors: bool = False,
          progress: bool = True, lowercase: bool = False) -> dict:
     """Train a tokenizer and a decoder (or a masked-LM encoder) on DATA and write a Hugging Face model folder to OUT.
@@ -326,8 +326,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
                 weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
                 tokens=parse_count(tokens), optimizer=optimizer,
-                time=parse_duration(time), val_fraction=val_fraction, seed=seed, set=list(set or []),
+                time=parse_duration(time), val_fraction=val_fraction,
+                val_data=[str(d) for d in val_data] if val_data else None, seed=seed, set=list(set or []),
                 text_col=text_col, dtype=dtype, lowercase=lowercase)
+    if val_data and val_fraction is not None:
+        raise SystemExit("error: give --val-data or --val-fraction, not both (--val-data holds nothing out of --data)")
     if resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT}; start without --resume")
@@ -370,7 +373,16 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if not dist.is_main():
         bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
     all_tokens = load_tokens(bin_path, meta)
-    train_tokens, val_tokens = split_tokens(all_tokens, args["val_fraction"], block)
+    if args.get("val_data"):  # a separate held-out text: all of --data trains
+        train_tokens, _ = split_tokens(all_tokens, 0.0, block)
+        val_bin, val_meta = tokenize_to_memmap(expand_paths(args["val_data"]), tok, text_col=args["text_col"],
+                                               replace_errors=replace_errors)  # cached by content: ranks agree
+        val_tokens = load_tokens(val_bin, val_meta)
+        if len(val_tokens) <= block + 1:
+            raise SystemExit(f"error: --val-data {' '.join(args['val_data'])} has {len(val_tokens):,} tokens, too few "
+                             f"for --block-size {block}; give more held-out text or lower --block-size")
+    else:
+        train_tokens, val_tokens = split_tokens(all_tokens, args["val_fraction"], block)
     token_bytes = token_byte_lengths(tok)
 
     # 4. model
@@ -410,8 +422,6 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 f.write(json.dumps(row) + "\n")
 
     def evaluate(m) -> dict:
-        if len(val_tokens) == 0:
-            return {"loss": float("nan")}
         return eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
                        autocast_dtype=autocast_dtype)
 
@@ -440,8 +450,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     next_batch, loss_fn = (lambda: get_batch(train_tokens, bsz, block, sampler, dev)), causal_lm_loss
     if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
         next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
-    state = fit(train_model, optimizer, next_batch, loss_fn, budget, fit_cfg, state, evaluate=evaluate,
-                checkpoint=checkpoint, log=log)
+    state = fit(train_model, optimizer, next_batch, loss_fn, budget, fit_cfg, state,
+                evaluate=evaluate if len(val_tokens) else None, checkpoint=checkpoint, log=log)  # --val-fraction 0
 
     # 5. final: full held-out evaluation, checkpoint, model folder, plot, card
     checkpoint(state)
@@ -462,7 +472,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 cfg.get("num_layers")), "hidden_size": cfg["hidden_size"], "heads": cfg.get("num_attention_heads",
                 cfg.get("num_heads")), "block_size": block, "tokenizer": _tokenizer_kind(args), "vocab_size": vocab,
                 "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]), "corpus_bytes": meta["bytes"],
-                "val_fraction": args["val_fraction"], "batch_size": bsz * dist.world_size(),
+                "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("val_data") else 0.0,
+                "val_data": args.get("val_data"), "batch_size": bsz * dist.world_size(),
                 "grad_accum": grad_accum, "lr": peak_lr, "device": dev,
                 "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32"}
         atomic_write_json(out / "training_summary.json", card)
@@ -578,7 +589,10 @@ def add_args(p) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts as training)")
     g.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     g = p.add_argument_group("data, evaluation and checkpoints")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, from the end (default: 0.1)")
+    g.add_argument("--val-fraction", type=float, help="held-out share, taken from the end of --data (default: 1%%, "
+                   "at least 8 blocks, at most 10%%; 0 = none)")
+    g.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text in separate files (same formats as "
+                   "--data); then nothing is held out of --data")
     g.add_argument("--text-col", default="text", help="text field/column for JSONL, CSV, Parquet (default: text)")
     g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     g.add_argument("--eval-every", help="evaluate every N steps (a number) or every duration (30s, 2m)")

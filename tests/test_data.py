@@ -59,6 +59,16 @@ def test_batches_are_shifted_windows_and_split_takes_the_end():
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < 900
 
 
+def test_default_split_is_one_percent_with_a_floor_of_eight_blocks():
+    big = np.arange(1_000_000, dtype=np.uint32)
+    train, val = split_tokens(big, None, 256)
+    assert len(val) == 10_000 and val[0] == 990_000 and len(train) == 990_000
+    small = np.arange(20_000, dtype=np.uint16)  # 1% would be 200 tokens, fewer than one block: 8 blocks instead
+    assert len(split_tokens(small, None, 64)[1]) == 8 * 65
+    tiny = np.arange(3_000, dtype=np.uint16)  # 8 blocks would be 17%: capped at 10%
+    assert len(split_tokens(tiny, None, 64)[1]) == 300
+
+
 @pytest.mark.parametrize("content,message", [
     (b"", "is empty"),
     (b"good text \xff\xfe bad", "not valid UTF-8 at byte offset 10"),
