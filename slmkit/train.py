@@ -301,7 +301,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
          weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
          tokens: int | str | None = None, optimizer: str | None = None,
-         time: str | float | None = None, val_fraction: float | None = None, val_data: list[str] | None = None,
+         time: str | float | None = None, val_fraction: float | None = None, eval_data: list[str] | None = None,
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
          device: str = "auto", compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
          set: list[str] | None = None, text_col: str = "text", replace_errors: bool = False,
@@ -327,10 +327,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
                 tokens=parse_count(tokens), optimizer=optimizer,
                 time=parse_duration(time), val_fraction=val_fraction,
-                val_data=[str(d) for d in val_data] if val_data else None, seed=seed, set=list(set or []),
+                eval_data=[str(d) for d in eval_data] if eval_data else None, seed=seed, set=list(set or []),
                 text_col=text_col, dtype=dtype, lowercase=lowercase)
-    if val_data and val_fraction is not None:
-        raise SystemExit("error: give --val-data or --val-fraction, not both (--val-data holds nothing out of --data)")
+    if eval_data and val_fraction is not None:
+        raise SystemExit("error: give --eval-data or --val-fraction, not both (--eval-data holds nothing out of "
+                         "--data)")
     if resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT}; start without --resume")
@@ -373,14 +374,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if not dist.is_main():
         bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
     all_tokens = load_tokens(bin_path, meta)
-    if args.get("val_data"):  # a separate held-out text: all of --data trains
+    if args.get("eval_data"):  # a separate held-out text: all of --data trains
         train_tokens, _ = split_tokens(all_tokens, 0.0, block)
-        val_bin, val_meta = tokenize_to_memmap(expand_paths(args["val_data"]), tok, text_col=args["text_col"],
+        eval_bin, eval_meta = tokenize_to_memmap(expand_paths(args["eval_data"]), tok, text_col=args["text_col"],
                                                replace_errors=replace_errors)  # cached by content: ranks agree
-        val_tokens = load_tokens(val_bin, val_meta)
+        val_tokens = load_tokens(eval_bin, eval_meta)
         if len(val_tokens) <= block + 1:
-            raise SystemExit(f"error: --val-data {' '.join(args['val_data'])} has {len(val_tokens):,} tokens, too few "
-                             f"for --block-size {block}; give more held-out text or lower --block-size")
+            raise SystemExit(f"error: --eval-data {' '.join(args['eval_data'])} has {len(val_tokens):,} tokens, too "
+                             f"few for --block-size {block}; give more held-out text or lower --block-size")
     else:
         train_tokens, val_tokens = split_tokens(all_tokens, args["val_fraction"], block)
     token_bytes = token_byte_lengths(tok)
@@ -472,8 +473,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 cfg.get("num_layers")), "hidden_size": cfg["hidden_size"], "heads": cfg.get("num_attention_heads",
                 cfg.get("num_heads")), "block_size": block, "tokenizer": _tokenizer_kind(args), "vocab_size": vocab,
                 "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]), "corpus_bytes": meta["bytes"],
-                "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("val_data") else 0.0,
-                "val_data": args.get("val_data"), "batch_size": bsz * dist.world_size(),
+                "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
+                "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
                 "grad_accum": grad_accum, "lr": peak_lr, "device": dev,
                 "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32"}
         atomic_write_json(out / "training_summary.json", card)
@@ -591,7 +592,7 @@ def add_args(p) -> None:
     g = p.add_argument_group("data, evaluation and checkpoints")
     g.add_argument("--val-fraction", type=float, help="held-out share, taken from the end of --data (default: 1%%, "
                    "at least 8 blocks, at most 10%%; 0 = none)")
-    g.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text in separate files (same formats as "
+    g.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text in separate files (same formats as "
                    "--data); then nothing is held out of --data")
     g.add_argument("--text-col", default="text", help="text field/column for JSONL, CSV, Parquet (default: text)")
     g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")

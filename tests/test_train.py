@@ -104,23 +104,23 @@ def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
             train(data=[str(corpus)], out=tiny_model, steps=1, progress=False)
 
 
-def test_val_data_holds_out_separate_files_and_val_fraction_zero_holds_out_nothing(corpus, tmp_path):
+def test_eval_data_holds_out_separate_files_and_val_fraction_zero_holds_out_nothing(corpus, tmp_path):
     val = tmp_path / "val.txt"
     val.write_text(corpus.read_text()[:4000])
     common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=3, block_size=32, batch_size=2,
                   progress=False)
-    s = train(out=tmp_path / "a", val_data=[str(val)], **common)
+    s = train(out=tmp_path / "a", eval_data=[str(val)], **common)
     assert s["final_eval"]["tokens"] == 3999 - 3999 % 32  # every full window of the separate file, scored
     card = json.loads((tmp_path / "a" / "training_summary.json").read_text())
-    assert card["val_data"] == [str(val)] and card["val_fraction"] == 0.0
+    assert card["eval_data"] == [str(val)] and card["val_fraction"] == 0.0
     assert card["corpus_tokens"] == len(corpus.read_bytes()) + 1  # bytes + one EOS: all of --data
     s = train(out=tmp_path / "b", val_fraction=0.0, **common)
     assert s["step"] == 3 and s["final_eval"] == {}
-    with pytest.raises(SystemExit, match="--val-data or --val-fraction, not both"):
-        train(out=tmp_path / "c", val_data=[str(val)], val_fraction=0.1, **common)
+    with pytest.raises(SystemExit, match="--eval-data or --val-fraction, not both"):
+        train(out=tmp_path / "c", eval_data=[str(val)], val_fraction=0.1, **common)
     val.write_text("tiny")
-    with pytest.raises(SystemExit, match=f"--val-data {val} has 5 tokens, too few for --block-size 32"):
-        train(out=tmp_path / "d", val_data=[str(val)], **common)
+    with pytest.raises(SystemExit, match=f"--eval-data {val} has 5 tokens, too few for --block-size 32"):
+        train(out=tmp_path / "d", eval_data=[str(val)], **common)
 
 
 def test_corpus_too_small_for_the_block(tmp_path):
