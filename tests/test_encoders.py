@@ -104,6 +104,7 @@ def test_masked_lm_training_loss_falls_and_writes_an_encoder_folder(corpus, tmp_
     assert any(r["kind"] == "eval" for r in rows) and (out / "loss.png").is_file()
     args = json.loads((out / "train_args.json").read_text())
     assert args["tokenizer"] == "wordpiece"  # chosen automatically for encoder presets
+    assert args["optimizer"] == "adamw"  # Muon is the default for Llama decoders only
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["BertForMaskedLM"] and cfg["model_type"] == "bert"
     model = AutoModelForMaskedLM.from_pretrained(out)  # a plain transformers folder

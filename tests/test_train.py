@@ -95,10 +95,10 @@ def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     elif case == "other-arch":
         with pytest.raises(SystemExit, match="differs from the saved run"):
             train(data=[str(corpus)], out=tiny_model, preset="slm-1m", resume=True, progress=False)
-    elif case == "other-optimizer":  # AdamW's saved state cannot continue as Muon's
-        assert json.loads((tiny_model / RUN_FILE).read_text())["optimizer"] == "adamw"
-        with pytest.raises(SystemExit, match="--optimizer muon differs from the saved run"):
-            train(data=[str(corpus)], out=tiny_model, optimizer="muon", resume=True, progress=False)
+    elif case == "other-optimizer":  # Muon's saved state (the default for Llama decoders) cannot continue as AdamW's
+        assert json.loads((tiny_model / RUN_FILE).read_text())["optimizer"] == "muon"
+        with pytest.raises(SystemExit, match="--optimizer adamw differs from the saved run"):
+            train(data=[str(corpus)], out=tiny_model, optimizer="adamw", resume=True, progress=False)
     else:
         with pytest.raises(SystemExit, match="already holds a model; pass --resume"):
             train(data=[str(corpus)], out=tiny_model, steps=1, progress=False)
