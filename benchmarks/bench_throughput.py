@@ -42,12 +42,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
     return best
 
 
-def slmkit_iter_time(iters: int, compile: bool = False, dtype: torch.dtype | None = None) -> dict:
+def slmkit_iter_time(iters: int, compile: bool = False, dtype: torch.dtype | None = None,
+                     optimizer: str = "adamw") -> dict:
     torch.manual_seed(1337)
     cfg = build_config("slm-1m", VOCAB, {"num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
                                          "num_key_value_heads": HEADS, "hidden_size": DIM}, block_size=BLOCK)
     model = build_model(cfg)
-    opt = make_optimizer(model, 1e-3, 0.1, "cpu")
+    opt = make_optimizer(model, 1e-3, 0.1, "cpu", optimizer)
     step_model = torch.compile(model) if compile else model
     data = torch.randint(0, VOCAB, (100_000,))
     times = []
@@ -84,6 +85,7 @@ def main() -> None:
         for name, fn in [("nanoGPT", lambda: nanogpt_iter_time(VOCAB, iters=args.iters, threads=args.threads)),
                          ("transformers Llama", lambda: hf_llama_iter_time(VOCAB, iters=args.iters)),
                          ("slmkit", lambda: slmkit_iter_time(args.iters)),
+                         ("slmkit Muon (train default)", lambda: slmkit_iter_time(args.iters, optimizer="muon")),
                          ("slmkit bf16 autocast", lambda: slmkit_iter_time(args.iters, dtype=torch.bfloat16))]:
             r = fn()
             if name not in rows or r["ms_per_iter"] < rows[name]["ms_per_iter"]:
@@ -93,11 +95,11 @@ def main() -> None:
     flops_tok = rows["slmkit"]["flops_per_token"]
     base = rows["nanoGPT"]["tokens_per_s"]
     print(f"matmul peak ({args.threads} threads): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
-    print(f"{'system':<26}{'ms/iter':>9}{'tokens/s':>11}{'vs nanoGPT':>12}{'MFU fp32':>10}")
+    print(f"{'system':<30}{'ms/iter':>9}{'tokens/s':>11}{'vs nanoGPT':>12}{'MFU fp32':>10}")
     for name, r in rows.items():
         mfu = r["tokens_per_s"] * flops_tok / peak32
         r.update(vs_nanogpt=r["tokens_per_s"] / base, mfu_fp32=mfu)
-        print(f"{name:<26}{r['ms_per_iter']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s'] / base:>11.2f}x"
+        print(f"{name:<30}{r['ms_per_iter']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s'] / base:>11.2f}x"
               f"{mfu:>9.1%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": args.threads, "peak_fp32": peak32, "peak_bf16": peak16,
