@@ -370,17 +370,17 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     vocab = len(tok)
 
     # 3. tokens, cached by content hash; held-out split from the end
-    if dist.is_main():
-        bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
-    dist.barrier()
-    if not dist.is_main():
-        bin_path, meta = tokenize_to_memmap(files, tok, text_col=args["text_col"], replace_errors=replace_errors)
-    all_tokens = load_tokens(bin_path, meta)
+    def tokenize(paths: list[Path]) -> tuple:  # rank 0 writes the cache; the others then read it
+        if dist.is_main():
+            tokenize_to_memmap(paths, tok, text_col=args["text_col"], replace_errors=replace_errors)
+        dist.barrier()
+        bin_path, meta = tokenize_to_memmap(paths, tok, text_col=args["text_col"], replace_errors=replace_errors)
+        return load_tokens(bin_path, meta), meta
+
+    all_tokens, meta = tokenize(files)
     if args.get("eval_data"):  # a separate held-out text: all of --data trains
         train_tokens, _ = split_tokens(all_tokens, 0.0, block)
-        eval_bin, eval_meta = tokenize_to_memmap(expand_paths(args["eval_data"]), tok, text_col=args["text_col"],
-                                               replace_errors=replace_errors)  # cached by content: ranks agree
-        val_tokens = load_tokens(eval_bin, eval_meta)
+        val_tokens, _ = tokenize(expand_paths(args["eval_data"]))
         if len(val_tokens) <= block + 1:
             raise SystemExit(f"error: --eval-data {' '.join(args['eval_data'])} has {len(val_tokens):,} tokens, too "
                              f"few for --block-size {block}; give more held-out text or lower --block-size")
