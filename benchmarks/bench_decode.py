@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="tokens to generate per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="models to time")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +60,8 @@ def main() -> None:
     rows = {}
     print(f"{'model':<22}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}"
           f"{'slmkit bf16':>13}{'HF bf16':>13}{'speed-up':>10}")
-    for name, (preset, vocab, overrides) in SHAPES.items():
+    for name in args.shapes:
+        preset, vocab, overrides = SHAPES[name]
         torch.manual_seed(0)
         model = build_model(build_config(preset, vocab, overrides))
         with tempfile.TemporaryDirectory() as d:

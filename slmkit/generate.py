@@ -67,7 +67,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParam
     if isinstance(model, Llama):
         cache = model.new_cache(1, len(ids) + limit)
         logits = model(x, cache=cache, pos=0)[0, -1]
-        step = lambda tok, pos: model(torch.tensor([[tok]], device=device), cache=cache, pos=pos)[0, -1]  # noqa
+        step = lambda tok, pos: model.step(tok, cache, pos)  # noqa: E731
     else:  # any transformers causal LM: its own cache object
         out = model(input_ids=x, use_cache=True)
         state = {"past": out.past_key_values}

@@ -70,6 +70,22 @@ class Block(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
         return self._finish(x, y)
 
+    def step(self, x: torch.Tensor, rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             pos: int) -> torch.Tensor:
+        """forward() for one new token of one sequence at position POS, in about half the ops and with
+        matrix-vector products: decoding a small model at batch 1 costs per-op overhead, not arithmetic.
+        x: (C,); rot: (hd, hd), the rotary embedding at POS; caches: (1, nkv, max_T, hd)."""
+        nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
+        qkv = matvec(self.wqkv, rms_norm(x, self.attn_norm, self.eps)).view(1, nh + 2 * nkv, 1, hd)  # T = 1:
+        qk = qkv[:, :nh + nkv] @ rot  # (1, nh+nkv, 1, hd)             heads-first is a free view, no transpose
+        k_cache[:, :, pos] = qk[:, nh:, 0]  # (1, nkv, hd)
+        v_cache[:, :, pos] = qkv[:, nh + nkv:, 0]
+        y = F.scaled_dot_product_attention(qk[:, :nh], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
+                                           enable_gqa=nkv != nh)  # (1, nh, 1, hd)
+        x = matvec(self.wo, y.reshape(-1), residual=x)
+        gate, up = matvec(self.w_gate_up, rms_norm(x, self.mlp_norm, self.eps)).chunk(2)
+        return matvec(self.w_down, F.silu(gate) * up, residual=x)  # (C,)
+
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Attention output y (B, nh, T, hd) -> output projection, residual, then the MLP."""
         B, T, C = x.shape
@@ -81,6 +97,21 @@ class Block(nn.Module):
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm's result in fewer dispatched ops (on CPU F.rms_norm runs ~12 small ones): faster for one token."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain weight (a Linear's, or a tensor) takes torch.mv/addmv,
+    about twice as fast on CPU as F.linear's (1, C) matrix product; other layers (int8) are called as they are."""
+    w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, nn.Linear) else None
+    if w is None:
+        y = layer(x[None])[0]
+        return y if residual is None else residual + y
+    return torch.mv(w, x) if residual is None else torch.addmv(residual, w, x)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -114,6 +145,7 @@ class Llama(nn.Module):
         sign = torch.cat((-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)))  # rotate_half's signs
         self.register_buffer("cos", emb.cos().unsqueeze(1), persistent=False)  # (max_T, 1, hd)
         self.register_buffer("sin", (emb.sin() * sign).unsqueeze(1), persistent=False)  # (max_T, 1, hd)
+        self._rot_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # built by step() on first use
         self.apply(self._init)
         for block in self.layers:  # GPT-2's scaled init of residual projections keeps early activations bounded
             std = c.get("initializer_range", 0.02) / math.sqrt(2 * L)
@@ -137,6 +169,22 @@ class Llama(nn.Module):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
         return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+
+    def step(self, token: int, cache: list, pos: int) -> torch.Tensor:
+        """One decode step of one sequence: TOKEN at position POS -> logits (V,). The same maths as
+        forward(tensor([[token]]), cache, pos)[0, -1] (tests/test_models.py checks it) in fewer, cheaper ops."""
+        x = self.embed(torch.tensor([token], device=self.cos.device))[0]  # (C,)
+        # Rotary at POS as one (hd, hd) matrix for every layer: q @ rot = q * cos + rotate_half(q) * sin. The
+        # roll that rope() uses is the permutation matrix `perm`; sin already carries rotate_half's signs.
+        if self._rot_basis is None or self._rot_basis[0].device != x.device:
+            eye = torch.eye(self.head_dim, device=x.device)
+            self._rot_basis = (eye, eye.roll(self.head_dim // 2, dims=1))  # perm[i, j] = 1 for i = j - hd/2 mod hd
+        eye, perm = self._rot_basis
+        rot = (eye * self.cos[pos] + perm * self.sin[pos]).to(x.dtype)  # (hd, hd)
+        for block, (k_cache, v_cache) in zip(self.layers, cache, strict=True):
+            x = block.step(x, rot, k_cache, v_cache, pos)
+        x = rms_norm(x, self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
+        return matvec(self.embed.weight if self.lm_head is None else self.lm_head, x)  # (V,)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
         """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd)."""

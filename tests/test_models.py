@@ -39,3 +39,17 @@ def test_kv_cache_decoding_equals_full_forward():
         steps = [model(x[:, i:i + 1], cache=cache, pos=i) for i in range(12, 30)]
     torch.testing.assert_close(prefill, full[:, :12], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 12:], rtol=1e-4, atol=1e-5)
+
+
+def test_one_token_decode_step_equals_full_forward():
+    # step() is the batch-1 decode path generate() uses: its own ops (matrix-vector products, rotary as a matrix),
+    # so it must give forward()'s logits, with grouped-query attention, a tied head and an untied one.
+    for overrides in ({}, {"tie_word_embeddings": False, "num_key_value_heads": 2}):
+        model = _model(**overrides).eval()
+        x = torch.randint(0, 300, (1, 30))
+        with torch.no_grad():
+            full = model(x)
+            cache = model.new_cache(1, 30)
+            model(x[:, :12], cache=cache, pos=0)
+            steps = torch.stack([model.step(int(x[0, i]), cache, i) for i in range(12, 30)])  # (18, V)
+        torch.testing.assert_close(steps, full[0, 12:], rtol=1e-4, atol=1e-5)
