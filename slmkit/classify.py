@@ -358,10 +358,11 @@ def finetune(model_dir: Path, data: Path | list, out: Path, text_col: str = "tex
     """
     from transformers import AutoModelForSequenceClassification
 
+    from slmkit.loop import Budget, FitConfig, FitState, fit, parse_count, parse_duration, pick_device
     from slmkit.models import atomic_write_json, read_config, save_model
+    from slmkit.optim import make_optimizer
     from slmkit.report import plot_loss, read_metrics
     from slmkit.tokenizer import load_tokenizer
-    from slmkit.train import Budget, FitConfig, FitState, fit, make_optimizer, parse_count, parse_duration, pick_device
 
     files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
     model_dir, data, out = Path(model_dir), files[0], Path(out)

@@ -116,22 +116,22 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     options = dict(locals())  # the arguments, for --task classify
     from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
     from slmkit.data import expand_paths
-    from slmkit.merge import ADAPTER_RECORD, is_adapter_folder
-    from slmkit.models import atomic_write_json, count_parameters, load_model, read_config, save_model
-    from slmkit.report import plot_loss, read_metrics
-    from slmkit.tokenizer import load_tokenizer
-    from slmkit.train import (
+    from slmkit.loop import (
         FitConfig,
         FitState,
         budget_from,
         causal_lm_loss,
         fit,
-        make_optimizer,
         parse_count,
         parse_duration,
         pick_device,
         pick_dtype,
     )
+    from slmkit.merge import ADAPTER_RECORD, is_adapter_folder
+    from slmkit.models import atomic_write_json, count_parameters, load_model, read_config, save_model
+    from slmkit.optim import make_optimizer
+    from slmkit.report import plot_loss, read_metrics
+    from slmkit.tokenizer import load_tokenizer
 
     if isinstance(lora_targets, str):
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]

@@ -105,11 +105,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain weight (a Linear's, or a tensor) takes torch.mv/addmv,
-    about twice as fast on CPU as F.linear's (1, C) matrix product; other layers (int8) are called as they are."""
+    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's, or a tensor) takes
+    torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product; other layers (int8) are called as is."""
     w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, nn.Linear) else None
-    if w is None:
-        y = layer(x[None])[0]
+    if w is None or w.dtype != torch.float32:  # mv has no fast bf16 kernel on CPUs without bf16 units
+        y = layer(x[None])[0] if w is None else F.linear(x[None], w)[0]
         return y if residual is None else residual + y
     return torch.mv(w, x) if residual is None else torch.addmv(residual, w, x)
 

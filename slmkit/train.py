@@ -1,74 +1,45 @@
-"""Verb `train`: tokenizer + model from scratch on a corpus, and `fit`, the one training loop every recipe uses.
+"""Verb `train`: tokenizer + model from scratch on a corpus.
 
     corpus files -> tokenizer (trained or reused) -> token memmap (cached) -> model (preset) -> fit -> model folder
 
-Budgets: --steps, --tokens, --time (training time; evaluation and checkpoint writes are not counted). The learning
-rate warms up, then follows a cosine to 10% of its peak over whichever budget runs out first, so a time-limited run
-still ends on a fully decayed schedule. Checkpoints are atomic and hold optimizer, RNG and data-sampler state, so
-`--resume` continues the same trajectory. Under `torchrun` the same command trains data-parallel (DDP).
+The loop itself (`fit`, budgets, the learning-rate schedule) is slmkit/loop.py. Checkpoints are atomic and hold
+optimizer, RNG and data-sampler state, so `--resume` continues the same trajectory. Under `torchrun` the same command
+trains data-parallel (DDP).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import signal
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from slmkit import encoders, recipe
 from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
+from slmkit.loop import (
+    FitConfig,
+    FitState,
+    budget_from,
+    causal_lm_loss,
+    fit,
+    parse_count,
+    parse_duration,
+    pick_device,
+    pick_dtype,
+)
 from slmkit.models import (
     atomic_write_json,
     base_parameter_count,
     build_config,
     build_model,
-    logits_of,
     save_model,
     set_dropout,
-    unwrap,
 )
-from slmkit.optim import make_optimizer  # noqa: F401  (re-exported: finetune, classify use it)
+from slmkit.optim import make_optimizer
 from slmkit.presets import is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure helpers (unit-tested directly)
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """'180', '180s', '3m', '1.5h', '90min' -> seconds."""
-    if text is None:
-        return None
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|secs|m|min|mins|h|hr|hrs)?\s*", str(text).lower())
-    if not m:
-        raise SystemExit(f"error: cannot read duration {text!r}; use e.g. 180, 180s, 3m or 1h")
-    scale = {"m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600, "hrs": 3600}.get(m.group(2) or "s", 1)
-    return float(m.group(1)) * scale
-
-
-def parse_count(text: str | int | None) -> int | None:
-    """'5000', '2M', '1.5B', '20k' -> int."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmbg]?)\s*", str(text).lower())
-    if not m:
-        raise SystemExit(f"error: cannot read count {text!r}; use e.g. 5000, 20k, 2M or 1B")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2)])
-
-
-def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup over WARMUP_STEPS, then cosine from LR to LR*MIN_LR_RATIO as PROGRESS goes 0 -> 1."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps  # +1: step 0 must not train at lr=0
-    p = min(max(progress, 0.0), 1.0)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+# Helpers of the verb (unit-tested directly)
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -84,210 +55,6 @@ def parse_overrides(items: list[str] | None) -> dict:
             out[key.strip()] = value
     return out
 
-
-def budget_from(args: dict, announce: bool = True) -> Budget:
-    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after checking --val-fraction."""
-    if args["val_fraction"] is not None and not (0.0 <= args["val_fraction"] < 0.5):
-        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
-    budget = Budget(args["steps"], args["tokens"], args["time"])
-    if not (budget.steps or budget.tokens or budget.seconds):
-        budget.seconds = recipe.DEFAULT_SECONDS
-        if announce:
-            print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
-    return budget
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-@dataclass
-class Budget:
-    steps: int | None = None
-    tokens: int | None = None
-    seconds: float | None = None
-
-    def progress(self, step: int, tokens: int, seconds: float) -> float:
-        parts = [step / self.steps if self.steps else 0.0, tokens / self.tokens if self.tokens else 0.0,
-                 seconds / self.seconds if self.seconds else 0.0]
-        return max(parts)
-
-
-@dataclass
-class FitState:
-    step: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    best_val: float | None = None
-    last_eval: dict = field(default_factory=dict)
-
-
-@dataclass
-class FitConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    grad_accum: int = 1
-    clip: float = 1.0
-    eval_every_s: float = 30.0
-    eval_every_steps: int | None = None
-    checkpoint_every_s: float = 120.0
-    log_every_s: float = 1.0
-    autocast_dtype: torch.dtype | None = None
-    device: str = "cpu"
-    progress_bar: bool = True
-
-
-def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn, budget: Budget,
-        cfg: FitConfig, state: FitState, evaluate=None, checkpoint=None, log=None) -> FitState:
-    """Train MODEL until BUDGET is spent or a stop is requested (Ctrl-C / SIGTERM).
-
-    next_batch() -> (x, y); loss_fn(model, x, y) -> scalar loss; evaluate(model) -> dict with 'loss' ('stop': True
-    ends training early);
-    checkpoint(state) writes a resumable checkpoint; log(dict) appends to metrics.jsonl. Returns the final state.
-    """
-    from slmkit.distributed import any_rank, is_main, world_size
-
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):  # first signal: finish this step, save, exit cleanly; second: abort now
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        if is_main():
-            print("\nstopping: finishing the step and saving a checkpoint (again to abort)", file=sys.stderr)
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = _progress_bar(budget, state, cfg.progress_bar and is_main())
-    model.train()
-    last_log = last_eval = last_ckpt = time.perf_counter()
-    window_tokens, window_t0 = 0, time.perf_counter()
-    ws = world_size()
-    try:
-        while True:
-            progress = budget.progress(state.step, state.tokens, state.train_seconds)
-            if any_rank(progress >= 1.0 or stop["requested"] or bool(state.last_eval.get("stop"))):
-                break
-            t0 = time.perf_counter()
-            lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                x, y = next_batch()
-                sync = micro == cfg.grad_accum - 1
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
-                amp = torch.autocast(device_type=cfg.device.split(":")[0], dtype=cfg.autocast_dtype or torch.float32,
-                                     enabled=cfg.autocast_dtype is not None)
-                with ctx, amp:
-                    loss = loss_fn(model, x, y) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                step_tokens += x.numel() * ws
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            state.step += 1
-            state.tokens += step_tokens
-            state.train_seconds += time.perf_counter() - t0
-            window_tokens += step_tokens
-            if not math.isfinite(loss_sum):
-                raise SystemExit(f"error: loss became {loss_sum} at step {state.step}; lower --lr or use --dtype fp32")
-            now = time.perf_counter()
-            if now - last_log >= cfg.log_every_s or state.step == 1:
-                tps = window_tokens / max(1e-9, now - window_t0)
-                if log:
-                    log({"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_sum, "lr": lr,
-                         "tokens_per_s": tps, "train_seconds": state.train_seconds})
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {loss_sum:.3f} | {tps:,.0f} tok/s | lr {lr:.1e}", refresh=False)
-                window_tokens, window_t0, last_log = 0, now, now
-            if bar is not None:
-                _advance(bar, budget, state)
-            due_eval = (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0) or (
-                not cfg.eval_every_steps and now - last_eval >= cfg.eval_every_s)
-            if evaluate is not None and any_rank(bool(due_eval)):
-                _run_eval(model, evaluate, state, log)
-                last_eval = time.perf_counter()
-            if checkpoint is not None and any_rank(now - last_ckpt >= cfg.checkpoint_every_s):
-                checkpoint(state)
-                last_ckpt = time.perf_counter()
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if bar is not None:
-            bar.close()
-    state.last_eval["interrupted"] = stop["requested"]
-    return state
-
-
-def _run_eval(model, evaluate, state: FitState, log) -> None:
-    result = evaluate(unwrap(model))
-    state.last_eval = result
-    state.best_val = result["loss"] if state.best_val is None else min(state.best_val, result["loss"])
-    if log:
-        log({"kind": "eval", **result, "step": state.step, "tokens": state.tokens, "eval_tokens": result["tokens"],
-             "train_seconds": state.train_seconds})
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress_bar(budget: Budget, state: FitState, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    if budget.seconds:  # the bar counts training seconds, so its ETA is the budget's
-        total, unit, n = int(budget.seconds), "s", int(state.train_seconds)
-    elif budget.steps:
-        total, unit, n = budget.steps, "step", state.step
-    else:
-        total, unit, n = budget.tokens, "tok", state.tokens
-    return tqdm(total=total, initial=n, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}] {postfix}")
-
-
-def _advance(bar, budget: Budget, state: FitState) -> None:
-    target = (int(state.train_seconds) if budget.seconds else state.step if budget.steps else state.tokens)
-    if target > bar.n:
-        bar.update(min(target, bar.total) - bar.n)
-
-
-def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(model, x)  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        from slmkit.distributed import local_rank
-
-        return f"cuda:{local_rank()}"
-    return "cpu"
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype | None:
-    """None = plain fp32. 'auto' is bf16 autocast on GPUs that support it; fp32 on CPU, where tiny shapes lose."""
-    if dtype == "fp32":
-        return None
-    if dtype in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if dtype in ("fp16", "float16"):
-        return torch.float16
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    raise SystemExit(f"error: unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
 
 
 # ----------------------------------------------------------------------------------------------------------------

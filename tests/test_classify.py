@@ -45,7 +45,8 @@ def test_stratified_split_holds_out_every_label():
 
 
 def test_fit_stops_when_the_evaluation_asks_it_to():
-    from slmkit.train import Budget, FitConfig, FitState, fit, make_optimizer
+    from slmkit.loop import Budget, FitConfig, FitState, fit
+    from slmkit.optim import make_optimizer
 
     model = torch.nn.Linear(4, 2)
     evals = []
