@@ -14,6 +14,13 @@ def test_orthogonalize_gives_singular_values_near_one():
     assert orthogonalize(g).shape == g.shape and s.min() > 0.4 and s.max() < 1.6, s
 
 
+def test_orthogonalize_a_stack_is_each_matrix_on_its_own():
+    # MuonAdamW orthogonalises every same-shaped part of the model in one stack; that must not mix the matrices
+    g = torch.randn(5, 24, 40)
+    torch.testing.assert_close(orthogonalize(g), torch.stack([orthogonalize(m) for m in g]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(orthogonalize(g.mT), orthogonalize(g).mT, rtol=1e-4, atol=1e-5)  # tall stacks too
+
+
 def test_muonadamw_without_muon_groups_is_adamw():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
