@@ -100,8 +100,10 @@ class Block(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm's result in fewer dispatched ops (on CPU F.rms_norm runs ~12 small ones): faster for one token."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """F.rms_norm's result in fewer dispatched ops (on CPU F.rms_norm runs ~12 small ones): faster for one token.
+    Normalised in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does (no-ops for fp32)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
