@@ -170,7 +170,7 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
-        return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
 
     def step(self, token: int, cache: list, pos: int) -> torch.Tensor:
         """One decode step of one sequence: TOKEN at position POS -> logits (V,). The same maths as

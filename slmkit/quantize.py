@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 METHODS = ("int8",)
 
@@ -57,16 +56,6 @@ def int8_llama(cfg: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
     from slmkit.models import Llama
 
     class Int8Llama(Llama):
-        def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int = 0) -> torch.Tensor:
-            """Llama.forward with the output projection through the int8 head (tied or not)."""
-            T = idx.shape[1]
-            x = self.embed(idx)  # (B, T, C)
-            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-            for i, block in enumerate(self.layers):
-                x = block(x, cos, sin, None if cache is None else cache[i], pos)
-            x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps)
-            return self.lm_head(x)  # (B, T, V)
-
         def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
             shape = (batch, self.config["num_key_value_heads"], max_len, self.head_dim)
             return [(torch.zeros(shape, dtype=dtype or torch.float32), torch.zeros(shape, dtype=dtype or torch.float32))

@@ -43,3 +43,27 @@ def test_bad_quantize_inputs_are_one_line_errors(tmp_path):
     quantize(src, tmp_path / "q")
     with pytest.raises(SystemExit, match="already quantized"):
         quantize(tmp_path / "q", tmp_path / "q2")
+
+
+def test_int8_model_decodes_in_the_servers_batching_engine(tmp_path):
+    # the engine feeds Llama modules per-row positions (a LongTensor pos); the int8 module must take them too
+    import threading
+
+    from slmkit.generate import SamplingParams, generate_ids, load
+    from slmkit.serve.batching import Engine
+
+    lm = load(quantize(tiny_llama_folder(tmp_path / "fp32", seed=3), tmp_path / "int8"))
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    prompts = [lm.encode(s) for s in ["the cat", "hello there, how are you", "x"]]
+    expected = [list(generate_ids(lm.model, ids, greedy, lm.eos_ids, lm.context)) for ids in prompts]
+    engine = Engine(lm, max_batch=3).start()
+    got: list = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, [t.id for t in engine.generate(prompts[i],
+                                                                                               greedy)]))
+               for i in range(3)]
+    try:
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+    finally:
+        engine.stop()
+    assert got == expected

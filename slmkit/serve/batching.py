@@ -189,7 +189,7 @@ class Engine:
         if self.fast:
             i = len(self.rows)
             view = [(k[i:i + 1], v[i:i + 1]) for k, v in self.cache]  # this row of every layer's cache
-            device = self.lm.model.embed.weight.device
+            device = self.lm.model.cos.device  # a buffer every Llama module has (int8 ones too)
             logits = self.lm.model(torch.tensor([ids], device=device), cache=view, pos=0)[0, -1]
             self.rows.append(_Row(req, limit, len(ids), logits.float().cpu(), gen))
         else:
@@ -234,7 +234,7 @@ class Engine:
         if not self.fast or not keep:
             return
         n = len(keep)
-        device = self.lm.model.embed.weight.device
+        device = self.lm.model.cos.device
         pos = torch.tensor([r.pos for r in keep], device=device)  # (n,)
         view = [(k[:n], v[:n]) for k, v in self.cache]
         logits = self.lm.model(torch.tensor(feed, device=device)[:, None], cache=view, pos=pos)[:, -1]  # (n, V)
