@@ -47,7 +47,7 @@ def test_bad_quantize_inputs_are_one_line_errors(tmp_path):
 
 def test_int8_model_decodes_in_the_servers_batching_engine(tmp_path):
     # the engine feeds Llama modules per-row positions (a LongTensor pos); the int8 module must take them too
-    import threading
+    from tiny_server import decode_concurrently
 
     from slmkit.generate import SamplingParams, generate_ids, load
     from slmkit.serve.batching import Engine
@@ -57,13 +57,8 @@ def test_int8_model_decodes_in_the_servers_batching_engine(tmp_path):
     prompts = [lm.encode(s) for s in ["the cat", "hello there, how are you", "x"]]
     expected = [list(generate_ids(lm.model, ids, greedy, lm.eos_ids, lm.context)) for ids in prompts]
     engine = Engine(lm, max_batch=3).start()
-    got: list = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, [t.id for t in engine.generate(prompts[i],
-                                                                                               greedy)]))
-               for i in range(3)]
     try:
-        [t.start() for t in threads]
-        [t.join(30) for t in threads]
+        got = decode_concurrently(engine, prompts, greedy)
     finally:
         engine.stop()
     assert got == expected

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tiny_server import model_folders, running, serve_folders  # noqa: E402
+from tiny_server import decode_concurrently, model_folders, running, serve_folders  # noqa: E402
 
 from slmkit.generate import SamplingParams, generate_ids, load  # noqa: E402
 from slmkit.serve.batching import Engine, Overloaded  # noqa: E402
@@ -46,13 +45,8 @@ def test_batched_decoding_matches_batch_1_decoding_token_for_token(folders):
     prompts = [lm.encode(s) for s in ["the cat", "hello there, how are you", "the dog sat on the log. the", "x"]]
     expected = [list(generate_ids(lm.model, ids, greedy(25), lm.eos_ids, lm.context)) for ids in prompts]
     engine = Engine(lm, max_batch=4).start()
-    got: list = [None] * 4
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, [t.id for t in engine.generate(prompts[i],
-                                                                                               greedy(25))]))
-               for i in range(4)]
     try:
-        [t.start() for t in threads]
-        [t.join(30) for t in threads]
+        got = decode_concurrently(engine, prompts, greedy(25))
     finally:
         engine.stop()
     assert got == expected

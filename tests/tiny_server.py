@@ -28,6 +28,17 @@ def model_folders(root: Path) -> dict[str, Path]:
             "clf": tiny_classifier_folder(root / "clf", tok)}
 
 
+def decode_concurrently(engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Token ids from ENGINE for every prompt, each submitted from its own thread (so rows share forward passes)."""
+    got: list = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, [t.id for t in engine.generate(prompts[i],
+                                                                                               params)]))
+               for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    return got
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
