@@ -189,8 +189,9 @@ class Llama(nn.Module):
         return matvec(self.embed.weight if self.lm_head is None else self.lm_head, x)  # (V,)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
-        """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd)."""
-        p = self.embed.weight
+        """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd). Dtype and device follow the final
+        norm's weight: a float parameter every Llama module has, int8 ones included."""
+        p = self.norm
         shape = (batch, self.config["num_key_value_heads"], max_len, self.head_dim)
         return [(torch.zeros(shape, dtype=dtype or p.dtype, device=p.device),
                  torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)) for _ in self.layers]

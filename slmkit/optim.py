@@ -89,7 +89,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        ortho: dict[tuple, list] = {}  # (wide shape, lr) -> [(weight part, update part, transposed?)]
+        ortho: dict[tuple, list] = {}  # (wide shape, lr, ns steps) -> [(weight part, update part, transposed?)]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lr, wd = group["lr"], group["weight_decay"]
@@ -102,7 +102,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p, update in zip(params, updates, strict=True):
                     for w, u in zip(p.split(group["splits"]), update.split(group["splits"]), strict=True):
                         tall = u.shape[0] > u.shape[1]
-                        ortho.setdefault((*sorted(u.shape), lr), []).append((w, u.T if tall else u, tall))
+                        key = (*sorted(u.shape), lr, group["ns_steps"])
+                        ortho.setdefault(key, []).append((w, u.T if tall else u, tall))
                 continue
             for p in params:
                 state = self.state[p]
@@ -120,8 +121,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
         # Every same-shaped part (wide side up) is orthogonalised in one stack: a few batched matmuls per
         # Newton-Schulz step instead of a few per matrix, which at small widths is most of Muon's cost.
-        ns_steps = self.defaults["ns_steps"]
-        for (_, large, lr), parts in ortho.items():
+        for (_, large, lr, ns_steps), parts in ortho.items():
             o = orthogonalize(torch.stack([u for _, u, _ in parts]), ns_steps).unbind(0)  # N x (small, large)
             o = [oi.T if tall else oi for oi, (_, _, tall) in zip(o, parts, strict=True)]
             # 0.2 * sqrt(max(A, B)): the orthogonal update's RMS matched to AdamW's, so one lr fits both

@@ -55,14 +55,8 @@ def int8_llama(cfg: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
     """Our Llama module with int8 linear layers, embedding and output projection, from a quantized folder."""
     from slmkit.models import Llama
 
-    class Int8Llama(Llama):
-        def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
-            shape = (batch, self.config["num_key_value_heads"], max_len, self.head_dim)
-            return [(torch.zeros(shape, dtype=dtype or torch.float32), torch.zeros(shape, dtype=dtype or torch.float32))
-                    for _ in self.layers]
-
     with torch.device("meta"):  # no float weights are ever allocated; every tensor is replaced below
-        model = Int8Llama(cfg)
+        model = Llama(cfg)
 
     def qs(*names: str) -> Int8Linear:
         return Int8Linear(torch.cat([sd[n] for n in names]), torch.cat([sd[n + ".scale"] for n in names]))
