@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
-from slmkit.models import build_config, build_model, count_parameters, load_model, save_model  # noqa: E402
+from slmkit.models import build_config, build_model, count_parameters, decode_layout  # noqa: E402
+from slmkit.models import load_model, save_model  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=2048)
@@ -66,7 +67,7 @@ def main() -> None:
         model = build_model(build_config(preset, vocab, overrides))
         with tempfile.TemporaryDirectory() as d:
             save_model(model, Path(d))
-            ours = load_model(Path(d))
+            ours = decode_layout(load_model(Path(d)))  # as slmkit.load() / `slm generate` do
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         prompt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
         time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
@@ -74,7 +75,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so both see the same machine conditions
             o.append(time_ours(ours, prompt, args.new))
             h.append(time_hf(hf, prompt, args.new))
-        ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
+        ours, hf = decode_layout(ours.to(torch.bfloat16)), hf.to(torch.bfloat16)
         time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)
         ob, hb = [], []
         for _ in range(args.repeats):

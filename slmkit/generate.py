@@ -171,7 +171,7 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> Lo
     dtype "bf16" halves the bytes of weights read per token: decoding is memory-bound, so it is ~1.4x faster on
     larger models (see docs/benchmarks.md) at a small cost in precision.
     """
-    from slmkit.models import load_model, read_config
+    from slmkit.models import decode_layout, load_model, read_config
     from slmkit.tokenizer import load_tokenizer
 
     if threads:
@@ -180,7 +180,7 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> Lo
     tokenizer = load_tokenizer(Path(model_dir))
     if dtype not in ("fp32", "bf16"):
         raise SystemExit(f"error: unknown --dtype {dtype!r}; use fp32 or bf16")
-    model = load_model(Path(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = decode_layout(load_model(Path(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32))
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     return LoadedModel(Path(model_dir), model, tokenizer, int(context))
 

@@ -48,7 +48,7 @@ class Block(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, nkv, T, hd)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+            y = causal_attention(q, k, v)
         else:
             # Write this step's keys/values into the preallocated cache, then attend over everything so far.
             k_cache, v_cache = cache  # (B, nkv, max_T, hd)
@@ -426,6 +426,20 @@ def read_config(model_dir: Path) -> dict:
         raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
 
 
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every float Linear/Embedding weight of MODEL transposed in memory, in place: the same (out, in) tensor
+    and values, as a view of (in, out) storage. Decoding one token multiplies each weight by a vector, and on CPU
+    MKL streams a weight from RAM ~1.2-1.8x faster in this layout (benchmarks/bench_decode.py: +15% tokens/s at
+    135M parameters, +30% at 7M). For inference on CPU only: optimizers expect contiguous weights. Saving still
+    works (save_model writes contiguous copies); calling it twice changes nothing."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor) and w.dim() == 2
+                and w.is_floating_point() and w.device.type == "cpu" and w.is_contiguous()):
+            w.data = w.data.t().contiguous().t()  # (out, in) view, strides (1, out)
+    return model
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a model folder: our fast module for plain Llama configs, a transformers model otherwise."""
     from safetensors.torch import load_file
@@ -452,3 +466,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])

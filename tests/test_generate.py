@@ -7,6 +7,7 @@ def test_greedy_decode_matches_transformers_generate(tiny_model):
     from transformers import AutoModelForCausalLM
 
     lm = load(tiny_model)
+    assert not lm.model.layers[0].w_down.weight.is_contiguous()  # load() puts weights in decode layout
     ids = lm.encode("ROMEO: But soft")
     ours = lm.generate(ids, max_new_tokens=20, temperature=0)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model)

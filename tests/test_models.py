@@ -1,6 +1,6 @@
 import torch
 
-from slmkit.models import build_config, build_model, load_model, save_model
+from slmkit.models import build_config, build_model, decode_layout, load_model, save_model
 
 
 def _model(vocab=300, **overrides):
@@ -53,3 +53,21 @@ def test_one_token_decode_step_equals_full_forward():
             model(x[:, :12], cache=cache, pos=0)
             steps = torch.stack([model.step(int(x[0, i]), cache, i) for i in range(12, 30)])  # (18, V)
         torch.testing.assert_close(steps, full[0, 12:], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_layout_transposes_storage_only(tmp_path):
+    # Inference relays weights out as (in, out) storage for faster matrix-vector products: same shapes, same
+    # logits from forward() and step(), idempotent, and the folder saved afterwards is the same model.
+    model = _model(tie_word_embeddings=False).eval()
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        full = model(x)
+        decode_layout(decode_layout(model))
+        w = model.layers[0].wqkv.weight
+        assert w.stride() == (1, w.shape[0]) and model.embed.weight.stride() == (1, 300)
+        torch.testing.assert_close(model(x), full)
+        cache = model.new_cache(1, 20)
+        model(x[:, :10], cache=cache, pos=0)
+        torch.testing.assert_close(model.step(int(x[0, 10]), cache, 10), full[0, 10], rtol=1e-4, atol=1e-5)
+        save_model(model, tmp_path)
+        torch.testing.assert_close(load_model(tmp_path)(x), full)
