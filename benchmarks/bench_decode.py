@@ -67,6 +67,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             save_model(model, Path(d))
             ours = decode_layout(load_model(Path(d)))  # as slmkit.load() / `slm generate` do
+            ours_bf16 = load_model(Path(d), dtype=torch.bfloat16)  # decode_layout leaves bf16 weights as they are
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         prompt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
         time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
@@ -74,7 +75,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so both see the same machine conditions
             o.append(time_ours(ours, prompt, args.new))
             h.append(time_hf(hf, prompt, args.new))
-        ours, hf = decode_layout(ours.to(torch.bfloat16)), hf.to(torch.bfloat16)
+        ours, hf = ours_bf16, hf.to(torch.bfloat16)
         time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)
         ob, hb = [], []
         for _ in range(args.repeats):
