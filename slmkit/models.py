@@ -48,7 +48,7 @@ class Block(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, nkv, T, hd)
         if cache is None:
-            y = causal_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
         else:
             # Write this step's keys/values into the preallocated cache, then attend over everything so far.
             k_cache, v_cache = cache  # (B, nkv, max_T, hd)
@@ -467,7 +467,3 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
