@@ -53,6 +53,21 @@ def test_batched_decoding_matches_batch_1_decoding_token_for_token(folders):
     assert engine.max_seen_batch > 1  # the sequences really shared forward passes
 
 
+def test_a_lone_request_takes_the_batch_1_step_and_decodes_the_same(folders):
+    lm = load(folders["tiny"])
+    ids = lm.encode("the dog sat on the log. the")
+    expected = list(generate_ids(lm.model, ids, greedy(25), lm.eos_ids, lm.context))
+    calls = []
+    step = lm.model.step
+    lm.model.step = lambda *a: calls.append(1) or step(*a)  # instance attribute: this test's model only
+    engine = Engine(lm, max_batch=4).start()
+    try:
+        got = [t.id for t in engine.generate(ids, greedy(25))]
+    finally:
+        engine.stop()
+    assert got == expected and len(calls) == len(expected) - 1  # every step after the prefill
+
+
 def test_engine_reports_logprobs_and_frees_a_cancelled_row(folders):
     lm = load(folders["tiny"])
     engine = Engine(lm, max_batch=2).start()
