@@ -226,9 +226,12 @@ def test_overload_answers_429_with_retry_after(folders):
 
 
 def slowed(engine, seconds: float = 0.02):
-    """Make each forward pass of ENGINE's model take SECONDS longer, so a reply is still running when we hang up."""
-    forward = engine.lm.model.forward
-    engine.lm.model.forward = lambda *a, **kw: (time.sleep(seconds), forward(*a, **kw))[1]
+    """Make each forward pass and decode step of ENGINE's model take SECONDS longer, so a reply is still running
+    when we hang up."""
+    model = engine.lm.model
+    forward, step = model.forward, model.step
+    model.forward = lambda *a, **kw: (time.sleep(seconds), forward(*a, **kw))[1]
+    model.step = lambda *a, **kw: (time.sleep(seconds), step(*a, **kw))[1]
 
 
 @pytest.mark.parametrize("stream", [True, False])
