@@ -429,8 +429,8 @@ def read_config(model_dir: Path) -> dict:
 def decode_layout(model: nn.Module) -> nn.Module:
     """Store every float Linear/Embedding weight of MODEL transposed in memory, in place: the same (out, in) tensor
     and values, as a view of (in, out) storage. Decoding one token multiplies each weight by a vector, and on CPU
-    MKL streams a weight from RAM ~1.2-1.8x faster in this layout (benchmarks/bench_decode.py: +15% tokens/s at
-    135M parameters, +30% at 7M). fp32 only: bf16 weights in this layout take a slow kernel (3x slower measured).
+    MKL streams a weight from RAM ~1.2-1.8x faster in this layout (decode A/B in docs/benchmarks.md: +15% tokens/s
+    at 135M parameters, +30% at 7M). fp32 only: bf16 weights in this layout take a slow kernel (3x slower measured).
     For inference on CPU only: optimizers expect contiguous weights. Saving still works (save_model writes
     contiguous copies); calling it twice changes nothing."""
     for m in model.modules():
