@@ -19,3 +19,17 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert get_lr(10, 0.5, 1.0, warmup_steps=10) == pytest.approx(0.55)
     assert get_lr(500, 1.0, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert Budget(steps=100, seconds=10).progress(step=50, tokens=0, seconds=8) == pytest.approx(0.8)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
+    import torch
+
+    from slmkit import loop
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    assert loop.pick_dtype("bf16", "cpu") is torch.bfloat16  # the user's choice stands, with a warning
+    assert "no bf16 units" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    loop.pick_dtype("bf16", "cpu")
+    assert capsys.readouterr().err == ""
+    assert loop.pick_dtype("auto", "cpu") is None
