@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tiny_server import decode_concurrently, model_folders, running, serve_folders  # noqa: E402
+from tiny_server import decode_concurrently, model_folders, running, serve_folders, slowed  # noqa: E402
 
 from slmkit.generate import SamplingParams, generate_ids, load  # noqa: E402
 from slmkit.serve.batching import Engine, Overloaded  # noqa: E402
@@ -223,15 +223,6 @@ def test_overload_answers_429_with_retry_after(folders):
         busy = next(r for r in rs if r.status_code == 429)
         assert int(busy.headers["Retry-After"]) >= 1 and busy.json()["error"]["code"] == "server_busy"
         assert httpx.get(url + "/health").status_code == 200  # still alive
-
-
-def slowed(engine, seconds: float = 0.02):
-    """Make each forward pass and decode step of ENGINE's model take SECONDS longer, so a reply is still running
-    when we hang up."""
-    model = engine.lm.model
-    forward, step = model.forward, model.step
-    model.forward = lambda *a, **kw: (time.sleep(seconds), forward(*a, **kw))[1]
-    model.step = lambda *a, **kw: (time.sleep(seconds), step(*a, **kw))[1]
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from tiny_models import tiny_llama_folder  # noqa: E402
-from tiny_server import running, serve_folders  # noqa: E402
+from tiny_server import running, serve_folders, slowed  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,14 +24,7 @@ def test_chat_page_streams_a_reply_and_stop_cancels_it(tmp_path):
     folders = {"alpha": tiny_llama_folder(tmp_path / "alpha"), "beta": tiny_llama_folder(tmp_path / "beta", seed=1)}
     app = serve_folders(folders)
     engine = app.state.models["beta"].engine
-    model = engine.lm.model
-    forward = model.forward
-
-    def slow_forward(*a, **kw):  # ~40 tokens/s: slow enough for a person (and the test) to press stop
-        time.sleep(0.025)
-        return forward(*a, **kw)
-
-    model.forward = slow_forward
+    slowed(engine, 0.025)  # ~40 tokens/s: slow enough for a person (and the test) to press stop
     with running(app) as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:

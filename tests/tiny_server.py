@@ -74,3 +74,12 @@ def serve_folders(folders: dict[str, Path], **settings):
 
     s = Settings(**settings)
     return create_app({n: load_served(n, d, s.max_batch, s.max_queue) for n, d in folders.items()}, s)
+
+
+def slowed(engine, seconds: float = 0.02):
+    """Make each forward pass and decode step of ENGINE's model take SECONDS longer, so a reply is still running
+    when we hang up."""
+    model = engine.lm.model
+    forward, step = model.forward, model.step
+    model.forward = lambda *a, **kw: (time.sleep(seconds), forward(*a, **kw))[1]
+    model.step = lambda *a, **kw: (time.sleep(seconds), step(*a, **kw))[1]
