@@ -76,12 +76,12 @@ class Block(nn.Module):
         matrix-vector products: decoding a small model at batch 1 costs per-op overhead, not arithmetic.
         x: (C,); rot: (hd, hd), the rotary embedding at POS; caches: (1, nkv, max_T, hd)."""
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
-        qkv = matvec(self.wqkv, rms_norm(x, self.attn_norm, self.eps)).view(1, nh + 2 * nkv, 1, hd)  # T = 1:
-        qk = qkv[:, :nh + nkv] @ rot  # (1, nh+nkv, 1, hd)             heads-first is a free view, no transpose
-        k_cache[:, :, pos] = qk[:, nh:, 0]  # (1, nkv, hd)
-        v_cache[:, :, pos] = qkv[:, nh + nkv:, 0]
-        y = F.scaled_dot_product_attention(qk[:, :nh], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
-                                           enable_gqa=nkv != nh)  # (1, nh, 1, hd)
+        qkv = matvec(self.wqkv, rms_norm(x, self.attn_norm, self.eps)).view(nh + 2 * nkv, hd)  # one row per head
+        qk = torch.mm(qkv[:nh + nkv], rot)  # (nh+nkv, hd): rotary for queries and keys in one product
+        k_cache[0, :, pos] = qk[nh:]  # (nkv, hd)
+        v_cache[0, :, pos] = qkv[nh + nkv:]
+        y = F.scaled_dot_product_attention(qk[None, :nh, None], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
+                                           enable_gqa=nkv != nh)  # (1, nh, 1, hd): heads-first is a free view
         x = matvec(self.wo, y.reshape(-1), residual=x)
         gate, up = matvec(self.w_gate_up, rms_norm(x, self.mlp_norm, self.eps)).chunk(2)
         return matvec(self.w_down, F.silu(gate) * up, residual=x)  # (C,)
@@ -102,17 +102,37 @@ class Block(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm's result in fewer dispatched ops (on CPU F.rms_norm runs ~12 small ones): faster for one token.
     Normalised in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does (no-ops for fp32)."""
+    if x.dim() == 1 and x.dtype == torch.float32 and x.device.type == "cpu":
+        # One fp32 vector on CPU: its mean square as a Python float takes 2 ops (dot, item) instead of 5; this
+        # norm runs twice per layer per token, so it is worth ~10% of a small model's decode (A/B in benchmarks.md).
+        return x * (1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + eps)) * weight
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+SPLIT_MATVEC = 1 << 18  # weights of at least this many elements (1 MB fp32) are read by all threads
+
+
 def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's, or a tensor) takes
-    torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product; other layers (int8) are called as is."""
+    torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or a bmm over per-thread column blocks
+    when it is large (below); other layers (int8) are called as is."""
     w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, nn.Linear) else None
     if w is None or w.dtype != torch.float32:  # mv has no fast bf16 kernel on CPUs without bf16 units
         y = layer(x[None])[0] if w is None else F.linear(x[None], w)[0]
         return y if residual is None else residual + y
+    out, inp = w.shape
+    k = torch.get_num_threads()
+    if k > 1 and out % k == 0 and w.numel() >= SPLIT_MATVEC and w.stride() == (1, out) and x.device.type == "cpu":
+        # decode_layout's weight: (in, out) rows in memory. One mv streams it on one core, which cannot draw the
+        # machine's memory bandwidth alone; as k column blocks of that storage (a view: no copy) bmm streams one
+        # block per thread. Same sums; below ~1 MB the threads' hand-off costs more than it saves (A/B in
+        # docs/benchmarks.md).
+        blocks = w.t().view(inp, k, out // k).permute(1, 0, 2)  # (k, in, out/k)
+        xk = x.view(1, 1, inp).expand(k, 1, inp)  # (k, 1, in)
+        if residual is None:
+            return torch.bmm(xk, blocks).view(out)
+        return torch.baddbmm(residual.view(k, 1, out // k), xk, blocks).view(out)
     return torch.mv(w, x) if residual is None else torch.addmv(residual, w, x)
 
 

@@ -71,3 +71,39 @@ def test_decode_layout_transposes_storage_only(tmp_path):
         torch.testing.assert_close(model.step(int(x[0, 10]), cache, 10), full[0, 10], rtol=1e-4, atol=1e-5)
         save_model(model, tmp_path)
         torch.testing.assert_close(load_model(tmp_path)(x), full)
+
+
+def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
+    # With several threads, a decode_layout weight is read as column blocks through bmm, one per thread: the
+    # same numbers as mv, with and without the residual; step() gives the same logits either way.
+    import slmkit.models as models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _n=name, **kw: (calls.append(_n), _real(*a, **kw))[1])
+    try:
+        lin = torch.nn.Linear(48, 64, bias=False)
+        decode_layout(lin)
+        x, r = torch.randn(48), torch.randn(64)
+        monkeypatch.setattr(models, "SPLIT_MATVEC", 0)
+        torch.testing.assert_close(models.matvec(lin, x), torch.mv(lin.weight, x))
+        torch.testing.assert_close(models.matvec(lin, x, residual=r), torch.addmv(r, lin.weight, x))
+        assert calls == ["bmm", "baddbmm"]
+        odd = torch.nn.Linear(48, 63, bias=False)  # 63 rows do not split in 2: plain mv
+        models.matvec(decode_layout(odd), x)
+        assert calls == ["bmm", "baddbmm"]
+
+        model = decode_layout(_model().eval())
+        with torch.no_grad():
+            cache = model.new_cache(1, 12)
+            model(torch.arange(10)[None], cache=cache, pos=0)
+            split = model.step(7, cache, 10)
+            monkeypatch.setattr(models, "SPLIT_MATVEC", 1 << 40)
+            whole = model.step(7, cache, 10)
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+        assert calls.count("bmm") > 2
+    finally:
+        torch.set_num_threads(threads)
