@@ -110,29 +110,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-SPLIT_MATVEC = 1 << 18  # weights of at least this many elements (1 MB fp32) are read by all threads
-
-
 def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's, or a tensor) takes
-    torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or a bmm over per-thread column blocks
-    when it is large (below); other layers (int8) are called as is."""
-    w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, nn.Linear) else None
+    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's or an Embedding's, or a tensor)
+    takes torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or one bmm over a slab of rows per
+    thread where decode_layout marked the layer `split_rows` (below); other layers (int8) are called as is."""
+    w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, (nn.Linear, nn.Embedding)) \
+        else None
     if w is None or w.dtype != torch.float32:  # mv has no fast bf16 kernel on CPUs without bf16 units
         y = layer(x[None])[0] if w is None else F.linear(x[None], w)[0]
         return y if residual is None else residual + y
     out, inp = w.shape
     k = torch.get_num_threads()
-    if k > 1 and out % k == 0 and w.numel() >= SPLIT_MATVEC and w.stride() == (1, out) and x.device.type == "cpu":
+    if getattr(layer, "split_rows", False) and k > 1 and inp % k == 0 and w.stride() == (1, out):
         # decode_layout's weight: (in, out) rows in memory. One mv streams it on one core, which cannot draw the
-        # machine's memory bandwidth alone; as k column blocks of that storage (a view: no copy) bmm streams one
-        # block per thread. Same sums; below ~1 MB the threads' hand-off costs more than it saves (A/B in
-        # docs/benchmarks.md).
-        blocks = w.t().view(inp, k, out // k).permute(1, 0, 2)  # (k, in, out/k)
-        xk = x.view(1, 1, inp).expand(k, 1, inp)  # (k, 1, in)
-        if residual is None:
-            return torch.bmm(xk, blocks).view(out)
-        return torch.baddbmm(residual.view(k, 1, out // k), xk, blocks).view(out)
+        # machine's memory bandwidth alone. Cut into k contiguous slabs of in/k rows (a view: no copy), one bmm
+        # streams one slab per thread into a partial sum, and the k partials are added.
+        partial = torch.bmm(x.reshape(k, 1, inp // k), w.t().view(k, inp // k, out))  # (k, 1, out)
+        y = partial.view(k, out).sum(0)  # (out,)
+        return y if residual is None else residual + y
     return torch.mv(w, x) if residual is None else torch.addmv(residual, w, x)
 
 
@@ -206,7 +201,7 @@ class Llama(nn.Module):
         for block, (k_cache, v_cache) in zip(self.layers, cache, strict=True):
             x = block.step(x, rot, k_cache, v_cache, pos)
         x = rms_norm(x, self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
-        return matvec(self.embed.weight if self.lm_head is None else self.lm_head, x)  # (V,)
+        return matvec(self.embed if self.lm_head is None else self.lm_head, x)  # (V,)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
         """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd). Dtype and device follow the final
@@ -446,18 +441,32 @@ def read_config(model_dir: Path) -> dict:
         raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
 
 
+# decode_layout's rule for reading a weight with all threads at once (matvec's `split_rows`). It only pays when the
+# weights come from RAM: A/B in docs/benchmarks.md, 2 threads. A model whose fp32 weights fit in ~16 MB of cache
+# (1M: 4 MB) lost up to 16% when its small weights were split, so there only weights of 1 MB or more are; a larger
+# model (7M: 26 MB) gained 14% from splitting every weight of 256 KB or more.
+CACHED_MODEL_BYTES = 16 << 20
+SPLIT_MIN_ELEMENTS = {"cached": 1 << 18, "streamed": 1 << 16}
+
+
 def decode_layout(model: nn.Module) -> nn.Module:
     """Store every float Linear/Embedding weight of MODEL transposed in memory, in place: the same (out, in) tensor
     and values, as a view of (in, out) storage. Decoding one token multiplies each weight by a vector, and on CPU
     MKL streams a weight from RAM ~1.2-1.8x faster in this layout (decode A/B in docs/benchmarks.md: +15% tokens/s
-    at 135M parameters, +30% at 7M). fp32 only: bf16 weights in this layout take a slow kernel (3x slower measured).
-    For inference on CPU only: optimizers expect contiguous weights. Saving still works (save_model writes
-    contiguous copies); calling it twice changes nothing."""
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if (isinstance(m, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor) and w.dim() == 2
-                and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()):
+    at 135M parameters, +30% at 7M). Large weights are also marked `split_rows`: `matvec` reads them with every
+    thread (+17-22% at 30M-135M on 2 cores). fp32 only: bf16 weights in this layout take a slow kernel (3x slower
+    measured). For inference on CPU only: optimizers expect contiguous weights. Saving still works (save_model
+    writes contiguous copies); calling it twice changes nothing."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
+              and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    total = sum(m.weight.numel() * 4 for m in {id(m.weight): m for m in layers}.values())
+    floor = SPLIT_MIN_ELEMENTS["cached" if total <= CACHED_MODEL_BYTES else "streamed"]
+    for m in layers:
+        w = m.weight
+        if w.is_contiguous():
             w.data = w.data.t().contiguous().t()  # (out, in) view, strides (1, out)
+        m.split_rows = w.numel() >= floor
     return model
 
 

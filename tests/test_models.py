@@ -74,36 +74,46 @@ def test_decode_layout_transposes_storage_only(tmp_path):
 
 
 def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
-    # With several threads, a decode_layout weight is read as column blocks through bmm, one per thread: the
-    # same numbers as mv, with and without the residual; step() gives the same logits either way.
+    # With several threads, a weight decode_layout marked `split_rows` is read as slabs of rows through one bmm,
+    # one per thread: the same numbers as mv, with and without the residual; step() gives the same logits either
+    # way. decode_layout marks weights by size, with a lower floor once the model no longer fits in cache.
     import slmkit.models as models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     calls = []
-    for name in ("bmm", "baddbmm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, _n=name, **kw: (calls.append(_n), _real(*a, **kw))[1])
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: (calls.append("bmm"), real(*a, **kw))[1])
     try:
-        lin = torch.nn.Linear(48, 64, bias=False)
-        decode_layout(lin)
+        lin = decode_layout(torch.nn.Linear(48, 64, bias=False))
+        assert not lin.split_rows  # 3k elements: mv
+        lin.split_rows = True
         x, r = torch.randn(48), torch.randn(64)
-        monkeypatch.setattr(models, "SPLIT_MATVEC", 0)
         torch.testing.assert_close(models.matvec(lin, x), torch.mv(lin.weight, x))
         torch.testing.assert_close(models.matvec(lin, x, residual=r), torch.addmv(r, lin.weight, x))
-        assert calls == ["bmm", "baddbmm"]
-        odd = torch.nn.Linear(48, 63, bias=False)  # 63 rows do not split in 2: plain mv
-        models.matvec(decode_layout(odd), x)
-        assert calls == ["bmm", "baddbmm"]
+        assert calls == ["bmm", "bmm"]
+        odd = decode_layout(torch.nn.Linear(47, 64, bias=False))  # 47 inputs do not split in 2: plain mv
+        odd.split_rows = True
+        models.matvec(odd, torch.randn(47))
+        assert calls == ["bmm", "bmm"]
 
+        two = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(256, 256), torch.nn.Linear(16, 16))
+        assert [m.split_rows for m in decode_layout(two)] == [True, False, False]  # fits in cache: >= 1 MB only
+        monkeypatch.setattr(models, "CACHED_MODEL_BYTES", 0)  # as if it streamed from RAM: >= 256 KB
+        two = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(256, 256), torch.nn.Linear(16, 16))
+        assert [m.split_rows for m in decode_layout(two)] == [True, True, False]
+
+        monkeypatch.setattr(models, "SPLIT_MIN_ELEMENTS", {"cached": 0, "streamed": 0})
         model = decode_layout(_model().eval())
         with torch.no_grad():
             cache = model.new_cache(1, 12)
             model(torch.arange(10)[None], cache=cache, pos=0)
+            calls.clear()
             split = model.step(7, cache, 10)
-            monkeypatch.setattr(models, "SPLIT_MATVEC", 1 << 40)
+            assert len(calls) > 4
+            for m in model.modules():
+                m.split_rows = False
             whole = model.step(7, cache, 10)
         torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
-        assert calls.count("bmm") > 2
     finally:
         torch.set_num_threads(threads)
