@@ -63,6 +63,17 @@ def parse_overrides(items: list[str] | None) -> dict:
 RUN_FILE = "train_args.json"
 
 
+def require_cpp_compiler() -> None:
+    """torch.compile on CPU builds C++ kernels: fail at once, in one line, where no compiler is installed (otherwise
+    the first training step fails deep inside inductor, after the data was tokenized)."""
+    import os
+    import shutil
+
+    if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise SystemExit("error: --compile needs a C++ compiler on CPU (torch.compile builds C++ kernels); install "
+                         "one (e.g. apt-get install g++) or train without --compile")
+
+
 def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
@@ -85,6 +96,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
 
     out = Path(out)
     dev = pick_device(device)
+    if compile and dev == "cpu":
+        require_cpp_compiler()
     dist.setup(dev)
     autocast_dtype = pick_dtype(dtype, dev)
     ckpt_path = out / CHECKPOINT
@@ -357,7 +370,8 @@ def add_args(p) -> None:
                    help="auto: bf16 autocast on GPUs that support it, fp32 on CPU (bf16 on a CPU without "
                         "bf16 units warns: it runs emulated, ~15x slower)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts as training)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts as training; "
+                   "on CPU it needs a C++ compiler such as g++)")
     g.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     g = p.add_argument_group("data, evaluation and checkpoints")
     g.add_argument("--val-fraction", type=float, help="held-out share, taken from the end of --data (default: 1%%, "

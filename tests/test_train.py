@@ -113,6 +113,22 @@ def test_eval_data_holds_out_separate_files_and_val_fraction_zero_holds_out_noth
         train(out=tmp_path / "d", eval_data=[str(val)], **common)
 
 
+def test_compile_trains_through_torch_compile(corpus, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
+                  progress=False, compile=True)
+    s = train(out=tmp_path / "m", **common)
+    assert s["step"] == 2 and math.isfinite(s["final_eval"]["loss"])
+    assert counters["stats"]["unique_graphs"] >= 1  # the training forward ran as a compiled graph
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)  # a machine without a C++ compiler
+    with pytest.raises(SystemExit, match="--compile needs a C\\+\\+ compiler"):
+        train(out=tmp_path / "n", **common)
+    assert not (tmp_path / "n").exists()  # failed before writing anything
+
+
 def test_corpus_too_small_for_the_block(tmp_path):
     f = tmp_path / "small.txt"
     f.write_text("only a few words here")
