@@ -86,15 +86,15 @@ def main() -> None:
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, reps=2)
     rows = {}
     # Interleave peers and repeat: the machine is noisy, so each system gets two turns and keeps its best.
+    systems = [("nanoGPT", lambda: nanogpt_iter_time(VOCAB, iters=args.iters, threads=args.threads)),
+               ("transformers Llama", lambda: hf_llama_iter_time(VOCAB, iters=args.iters)),
+               ("slmkit", lambda: slmkit_iter_time(args.iters)),
+               ("slmkit Muon (train default)", lambda: slmkit_iter_time(args.iters, optimizer="muon")),
+               ("slmkit bf16 autocast", lambda: slmkit_iter_time(args.iters, dtype=torch.bfloat16))]
+    if args.compile:
+        systems.append(("slmkit + torch.compile", lambda: slmkit_iter_time(args.iters, compile=True)))
     for _ in range(2):
-        for name, fn in [("nanoGPT", lambda: nanogpt_iter_time(VOCAB, iters=args.iters, threads=args.threads)),
-                         ("transformers Llama", lambda: hf_llama_iter_time(VOCAB, iters=args.iters)),
-                         ("slmkit", lambda: slmkit_iter_time(args.iters)),
-                         ("slmkit Muon (train default)", lambda: slmkit_iter_time(args.iters, optimizer="muon")),
-                         ("slmkit bf16 autocast", lambda: slmkit_iter_time(args.iters, dtype=torch.bfloat16)),
-                         ("slmkit + torch.compile", lambda: slmkit_iter_time(args.iters, compile=True))]:
-            if name == "slmkit + torch.compile" and not args.compile:
-                continue
+        for name, fn in systems:
             r = fn()
             if name in rows and "first_10_steps_s" in r:  # the first turn compiles; later ones reuse its cache
                 r["first_10_steps_s"] = max(r["first_10_steps_s"], rows[name].get("first_10_steps_s", 0.0))
