@@ -10,6 +10,8 @@ trains data-parallel (DDP).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -66,9 +68,6 @@ RUN_FILE = "train_args.json"
 def require_cpp_compiler() -> None:
     """torch.compile on CPU builds C++ kernels: fail at once, in one line, where no compiler is installed (otherwise
     the first training step fails deep inside inductor, after the data was tokenized)."""
-    import os
-    import shutil
-
     if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
         raise SystemExit("error: --compile needs a C++ compiler on CPU (torch.compile builds C++ kernels); install "
                          "one (e.g. apt-get install g++) or train without --compile")
