@@ -16,11 +16,11 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
-         threads: int | None = None) -> None:
+         threads: int | None = None, device: str = "auto") -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
     from slmkit.generate import load
 
-    lm = load(model_dir, threads=threads)
+    lm = load(model_dir, threads=threads, device=device)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
@@ -62,3 +62,4 @@ def add_args(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="penalise repeats; 1 = off (default: 1.1)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")

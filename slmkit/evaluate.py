@@ -59,7 +59,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, block_size: int,
 
 def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: int | None = None,
          batch_size: int = 8, max_tokens: int | None = None, replace_errors: bool = False,
-         as_json: bool = False, skip_bad_lines: bool = False, label_col: str = "label") -> dict:
+         as_json: bool = False, skip_bad_lines: bool = False, label_col: str = "label", device: str = "auto") -> dict:
     """Evaluate the model in MODEL_DIR on DATA: loss, perplexity, bits per byte, token count.
 
     On chat JSONL ({"messages": [...]} or {"prompt", "response"} rows): loss and perplexity on assistant tokens.
@@ -69,6 +69,7 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     from slmkit.classify import evaluate_file, is_classifier
     from slmkit.data import expand_paths, load_tokens, tokenize_to_memmap
     from slmkit.encoders import masked_lm_evaluator
+    from slmkit.loop import pick_device
     from slmkit.models import load_model, read_config
     from slmkit.presets import is_encoder
     from slmkit.tokenizer import load_tokenizer, token_byte_lengths
@@ -78,11 +79,12 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)
         return evaluate_file(model_dir, data, text_col, label_col, batch_size, as_json)
     tokenizer = load_tokenizer(model_dir)
+    dev = pick_device(device)
     files = expand_paths(data)
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024
     if all(is_chat_jsonl(f) for f in files):  # chat rows: loss on the assistant tokens, as `finetune --task sft`
         return _evaluate_chat(model_dir, files, tokenizer, min(block_size or context, context), batch_size,
-                              skip_bad_lines, as_json)
+                              skip_bad_lines, as_json, dev)
     bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
     tokens = load_tokens(bin_path, meta)
     block = min(block_size or context, context, max(2, len(tokens) - 2))
@@ -91,8 +93,8 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
         model, evaluate_fn = masked_lm_evaluator(model_dir, tokenizer)
     else:
         model, evaluate_fn = load_model(model_dir), evaluate_tokens
-    result = evaluate_fn(model, tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
-                         max_windows=max_windows)
+    result = evaluate_fn(model.to(dev), tokens, block, token_byte_lengths(tokenizer), batch_size=batch_size,
+                         max_windows=max_windows, device=dev)
     if as_json:
         print(to_json(result))
     else:
@@ -102,12 +104,12 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
 
 
 def _evaluate_chat(model_dir: Path, files, tokenizer, block: int, batch_size: int, skip_bad_lines: bool,
-                   as_json: bool) -> dict:
+                   as_json: bool, device: str = "cpu") -> dict:
     from slmkit.chat_data import build_examples, evaluate_chat, pad_id_of, read_conversations
     from slmkit.models import load_model
 
     examples = build_examples(read_conversations(files, skip_bad_lines), tokenizer, block)
-    result = evaluate_chat(load_model(model_dir), examples, pad_id_of(tokenizer), batch_size)
+    result = evaluate_chat(load_model(model_dir).to(device), examples, pad_id_of(tokenizer), batch_size, device)
     if as_json:
         print(to_json(result))
     else:
@@ -127,5 +129,6 @@ def add_args(p) -> None:
     p.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     p.add_argument("--label-col", default="label", help="classifier folders: label column (default: label)")
     p.add_argument("--skip-bad-lines", action="store_true", help="chat JSONL: skip malformed rows (with a warning)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print one JSON object with keys loss, perplexity, bits_per_byte, tokens")

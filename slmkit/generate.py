@@ -165,12 +165,14 @@ def stream_text(tokenizer, token_iter: Iterator[int], stop: list[str]) -> Iterat
         yield tail
 
 
-def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> LoadedModel:
-    """Load MODEL_DIR (ours or any local Hugging Face causal LM folder) for generation.
+def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+    """Load MODEL_DIR (ours or any local Hugging Face causal LM folder) for generation on DEVICE ("auto": a GPU
+    when there is one).
 
     dtype "bf16" halves the bytes of weights read per token: decoding is memory-bound, so it is ~1.4x faster on
     larger models (see docs/benchmarks.md) at a small cost in precision.
     """
+    from slmkit.loop import pick_device
     from slmkit.models import decode_layout, load_model, read_config
     from slmkit.tokenizer import load_tokenizer
 
@@ -180,7 +182,8 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> Lo
     tokenizer = load_tokenizer(Path(model_dir))
     if dtype not in ("fp32", "bf16"):
         raise SystemExit(f"error: unknown --dtype {dtype!r}; use fp32 or bf16")
-    model = decode_layout(load_model(Path(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32))
+    model = load_model(Path(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = decode_layout(model.to(pick_device(device)))  # the CPU weight layout; a no-op on GPUs
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     return LoadedModel(Path(model_dir), model, tokenizer, int(context))
 
@@ -188,9 +191,9 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32") -> Lo
 def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
          top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
          num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None,
-         dtype: str = "fp32") -> list[str]:
+         dtype: str = "fp32", device: str = "auto") -> list[str]:
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
-    lm = load(model_dir, threads=threads, dtype=dtype)
+    lm = load(model_dir, threads=threads, dtype=dtype, device=device)
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=list(stop or []))
     texts = []
@@ -232,3 +235,4 @@ def add_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight precision (bf16: faster on "
                    "larger models, memory-bound decoding)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")

@@ -101,6 +101,7 @@ class FitConfig:
     clip: float = 1.0
     eval_every_s: float = 30.0
     eval_every_steps: int | None = None
+    eval_max_steps: int | None = None  # also evaluate at every multiple of this many steps (resumes keep the grid)
     checkpoint_every_s: float = 120.0
     log_every_s: float = 1.0
     autocast_dtype: torch.dtype | None = None
@@ -178,7 +179,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             if bar is not None:
                 _advance(bar, budget, state)
             due_eval = (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0) or (
-                not cfg.eval_every_steps and now - last_eval >= cfg.eval_every_s)
+                not cfg.eval_every_steps and now - last_eval >= cfg.eval_every_s) or (
+                cfg.eval_max_steps and state.step % cfg.eval_max_steps == 0)
             if evaluate is not None and any_rank(bool(due_eval)):
                 _run_eval(model, evaluate, state, log)
                 last_eval = time.perf_counter()
@@ -243,7 +245,11 @@ def pick_device(device: str) -> str:
     if torch.cuda.is_available():
         from slmkit.distributed import local_rank
 
-        return f"cuda:{local_rank()}"
+        rank, n = local_rank(), torch.cuda.device_count()
+        if rank >= n:
+            raise SystemExit(f"error: process {rank} on this machine has no GPU of its own ({n} visible); start "
+                             "torchrun with --nproc-per-node at most the GPU count, or pass --device cpu")
+        return f"cuda:{rank}"
     return "cpu"
 
 

@@ -426,6 +426,25 @@ def save_model(model: nn.Module, out: Path, extra_config: dict | None = None) ->
     atomic_write_json(out / "config.json", cfg)
 
 
+def load_saved_weights(model: nn.Module, model_dir: Path) -> nn.Module:
+    """Copy the weights save_model wrote to MODEL_DIR back into MODEL, in place (parameters keep their device)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(Path(model_dir) / "model.safetensors")
+    m = unwrap(model)
+    if isinstance(m, Llama):
+        return from_hf_state_dict(m, sd)
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    by_storage: dict[int, list[str]] = {}
+    for k, v in m.state_dict().items():
+        by_storage.setdefault(v.data_ptr(), []).append(k)
+    tied = {k for keys in by_storage.values() if len(keys) > 1 for k in keys}  # stored once by save_model
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{model_dir}/model.safetensors does not match the model: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {unexpected}")
+    return model
+
+
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file() and (Path(model_dir) / "adapter_config.json").is_file():  # LoRA adapter: its base's

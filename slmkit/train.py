@@ -34,8 +34,10 @@ from slmkit.models import (
     base_parameter_count,
     build_config,
     build_model,
+    load_saved_weights,
     save_model,
     set_dropout,
+    unwrap,
 )
 from slmkit.optim import make_optimizer
 from slmkit.presets import is_encoder
@@ -63,6 +65,9 @@ def parse_overrides(items: list[str] | None) -> dict:
 # The verb
 
 RUN_FILE = "train_args.json"
+# Early stopping counts an evaluation against --patience only when its held-out loss is this much (relative) above
+# the best: overfitting climbs well past it, while a plateau's evaluation-to-evaluation noise stays below.
+WORSE_BY = 0.01
 
 
 def require_cpp_compiler() -> None:
@@ -82,10 +87,13 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
          device: str = "auto", compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
          set: list[str] | None = None, text_col: str = "text", replace_errors: bool = False,
-         progress: bool = True, lowercase: bool = False) -> dict:
+         progress: bool = True, lowercase: bool = False, patience: int = 3) -> dict:
     """Train a tokenizer and a decoder (or a masked-LM encoder) on DATA and write a Hugging Face model folder to OUT.
 
-    Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, out).
+    With a held-out split, the folder holds the weights that scored best on it, and training stops once PATIENCE
+    evaluations since the best scored over 1% worse than it (0: train to the end of the budget, keep the last
+    weights).
+    Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, best_step, out).
     """
     from slmkit import distributed as dist
     from slmkit.data import corpus_bytes, expand_paths, get_batch, load_tokens, split_tokens, tokenize_to_memmap
@@ -178,6 +186,9 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
     state = FitState()
+    # Early stopping: the folder holds the weights with the best held-out loss so far (written when it improves).
+    keep_best = patience > 0 and len(val_tokens) > 0
+    track = {"best_loss": None, "best_step": None, "bad": 0, "last_step": None}
     if resume:
         saved_state = read_checkpoint_state(ckpt_path)
         if saved_state.get("config") != _comparable(cfg):
@@ -187,6 +198,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if dist.world_size() > 1 and "sampler_states" in st:
             sampler.set_state(torch.tensor(st["sampler_states"][dist.rank()], dtype=torch.uint8))
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
+        track.update({k: st[k] for k in ("best_loss", "best_step", "bad") if k in st})
     if dist.is_main():
         atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
                                            "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})
@@ -204,8 +216,17 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 f.write(json.dumps(row) + "\n")
 
     def evaluate(m) -> dict:
-        return eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
-                       autocast_dtype=autocast_dtype)
+        r = eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
+                    autocast_dtype=autocast_dtype)
+        track["last_step"] = state.step
+        if keep_best and (track["best_loss"] is None or r["loss"] < track["best_loss"]):
+            track.update(best_loss=r["loss"], best_step=state.step, bad=0)
+            if dist.is_main():
+                save_model(m, out)
+        elif keep_best and r["loss"] > track["best_loss"] * (1 + WORSE_BY):  # noise around a plateau is no signal
+            track["bad"] += 1
+            r["stop"] = track["bad"] >= patience
+        return r
 
     def checkpoint(st: FitState) -> None:
         states = dist.gather_states(sampler.get_state())
@@ -214,8 +235,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         extra = {"sampler_states": [s.tolist() for s in states]} if len(states) > 1 else {}
         save_checkpoint(ckpt_path, model, optimizer, {"sampler": sampler},
                         {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
-                         "best_val": st.best_val, "config": _comparable(cfg), **extra})
-        save_model(model, out)
+                         "best_val": st.best_val, "config": _comparable(cfg), "best_loss": track["best_loss"],
+                         "best_step": track["best_step"], "bad": track["bad"], **extra})
+        if not keep_best:  # otherwise evaluate() writes the folder when the held-out loss improves
+            save_model(model, out)
 
     if dist.is_main():
         print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
@@ -228,15 +251,27 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         clip=args["clip"], device=dev, autocast_dtype=autocast_dtype, progress_bar=progress,
         eval_every_steps=int(eval_every) if eval_every and str(eval_every).isdigit() else None,
         eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
-        checkpoint_every_s=parse_duration(checkpoint_every))
+        # at least once per pass over the data: a small corpus on a fast device starts to overfit within minutes
+        eval_max_steps=max(1, len(train_tokens) // (bsz * block * dist.world_size() * grad_accum)) if keep_best
+        else None, checkpoint_every_s=parse_duration(checkpoint_every))
     next_batch, loss_fn = (lambda: get_batch(train_tokens, bsz, block, sampler, dev)), causal_lm_loss
     if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
         next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
     state = fit(train_model, optimizer, next_batch, loss_fn, budget, fit_cfg, state,
                 evaluate=evaluate if len(val_tokens) else None, checkpoint=checkpoint, log=log)  # --val-fraction 0
 
-    # 5. final: full held-out evaluation, checkpoint, model folder, plot, card
+    # 5. final: the best weights (by held-out loss), full held-out evaluation, checkpoint, model folder, plot, card
     checkpoint(state)
+    stopped_early = bool(state.last_eval.get("stop"))
+    if keep_best and track["last_step"] != state.step:  # the last weights may be the best: score them too
+        evaluate(unwrap(model))
+    if keep_best and dist.is_main() and track["best_step"] != state.step:
+        load_saved_weights(model, out)
+        why = (f"stopped early at step {state.step:,}: {patience} evaluations over 1% worse than the best; more "
+               "training would overfit this corpus (add data or raise --dropout; --patience 0 runs the whole budget). "
+               if stopped_early else "")
+        print(f"{why}The held-out loss was best at step {track['best_step']:,} ({track['best_loss']:.4f}): the model "
+              "folder keeps those weights.")
     final = {}
     if dist.is_main():
         final = eval_fn(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
@@ -248,7 +283,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     summary = {"out": str(out), "preset": preset_name, "parameters": n_params, "step": state.step,
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
-               "interrupted": state.last_eval.get("interrupted", False)}
+               "interrupted": state.last_eval.get("interrupted", False), "best_step": track["best_step"],
+               "stopped_early": stopped_early}
     if dist.is_main():
         card = {**summary, "model_type": cfg.get("model_type", "llama"), "layers": cfg.get("num_hidden_layers",
                 cfg.get("num_layers")), "hidden_size": cfg["hidden_size"], "heads": cfg.get("num_attention_heads",
@@ -381,6 +417,10 @@ def add_args(p) -> None:
     g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     g.add_argument("--eval-every", help="evaluate every N steps (a number) or every duration (30s, 2m)")
     g.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per periodic evaluation")
+    g.add_argument("--patience", type=int, default=3, help="stop once this many evaluations since the best held-out "
+                   "loss scored over 1%% worse than it (overfitting); the folder keeps the best weights (default: 3; "
+                   "0 = run the whole budget, keep the last weights). Evaluations come at least once per pass over "
+                   "the data")
     g.add_argument("--checkpoint-every", default="2m", help="checkpoint interval in training time (default: 2m)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     g.add_argument("--overwrite", action="store_true", help="replace a model already in --out")

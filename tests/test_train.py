@@ -118,7 +118,7 @@ def test_compile_trains_through_torch_compile(corpus, tmp_path, monkeypatch):
 
     counters.clear()
     common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
-                  progress=False, compile=True)
+                  progress=False, compile=True, device="cpu")  # the compiler check is for CPU inductor
     s = train(out=tmp_path / "m", **common)
     assert s["step"] == 2 and math.isfinite(s["final_eval"]["loss"])
     assert counters["stats"]["unique_graphs"] >= 1  # the training forward ran as a compiled graph
@@ -141,9 +141,39 @@ def test_two_process_torchrun_trains_data_parallel(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmkit",
            "train", "--data", str(corpus), "--out", str(tmp_path / "ddp"), "--preset", "slm-tiny", "--vocab-size",
-           "300", "--steps", "20", "--block-size", "32", "--batch-size", "4", "--no-progress"]
+           "300", "--steps", "20", "--block-size", "32", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 4x2x1" in r.stdout
     summary = json.loads((tmp_path / "ddp" / "training_summary.json").read_text())
     assert summary["step"] == 20 and summary["tokens_seen"] == 20 * 4 * 32 * 2
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path):
+    """5 KB of text overfits a 2-layer, 128-wide model within ~10 passes: training stops once --patience evaluations
+    scored over 1% worse than the best, and the folder holds the weights of the best evaluation, not the last."""
+    from conftest import corpus_text
+
+    from slmkit.data import load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.evaluate import evaluate_tokens
+    from slmkit.models import load_model
+    from slmkit.tokenizer import load_tokenizer, token_byte_lengths
+
+    f = tmp_path / "small.txt"
+    f.write_text(corpus_text(6000), encoding="utf-8")
+    out = tmp_path / "m"
+    s = train(data=[str(f)], out=out, preset="slm-1m", set=["num_hidden_layers=2"], tokenizer="byte", block_size=32,
+              batch_size=8, steps=600, val_fraction=0.2, eval_every="20", progress=False, device="cpu", patience=3)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    best = min(evals, key=lambda e: e["loss"])
+    assert s["stopped_early"] and s["step"] < 600 and s["step"] == evals[-1]["step"]
+    assert s["best_step"] == best["step"] < s["step"]
+    worse = [e for e in evals if e["step"] > best["step"] and e["loss"] > best["loss"] * 1.01]
+    assert len(worse) == 3  # the held-out loss rose: overfitting
+    # The folder on disk scores the best evaluation's loss on the same held-out windows, not the last one's.
+    tok = load_tokenizer(out)
+    _, val = split_tokens(load_tokens(*tokenize_to_memmap([f], tok)), 0.2, 32)
+    r = evaluate_tokens(load_model(out), val, 32, token_byte_lengths(tok), max_windows=65536 // 32)
+    assert r["loss"] == pytest.approx(best["loss"], abs=1e-5) and r["loss"] < worse[-1]["loss"]
+    assert s["final_eval"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
