@@ -112,11 +112,14 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
          label_col: str = "label", eval_data: Path | None = None, epochs: float | None = None,
          patience: int | None = None, max_length: int | None = None) -> dict:
     """Fine-tune the model in MODEL_DIR on DATA and write the result to OUT: a model folder, or with --lora an
-    adapter folder (merge it with `slm merge`). Returns a summary dict."""
+    adapter folder (merge it with `slm merge`). With a held-out split, OUT keeps the weights that scored best on it,
+    and training stops once PATIENCE (default 3) evaluations since the best scored over 1% worse (0: run the whole
+    budget, keep the last weights). Returns a summary dict."""
     options = dict(locals())  # the arguments, for --task classify
     from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
     from slmkit.data import expand_paths
     from slmkit.loop import (
+        EarlyStop,
         FitConfig,
         FitState,
         budget_from,
@@ -137,9 +140,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     if task == "classify":
         return _classify({k: v for k, v in {**options, "lora_targets": lora_targets}.items() if k != "task"})
-    if eval_data is not None or epochs is not None or patience is not None or max_length is not None:
-        raise SystemExit("error: --eval-data, --epochs, --patience and --max-length are for --task classify; causal "
-                         "and sft hold out the end of --data (--val-fraction) and use --block-size")
+    if eval_data is not None or epochs is not None or max_length is not None:
+        raise SystemExit("error: --eval-data, --epochs and --max-length are for --task classify; causal and sft hold "
+                         "out the end of --data (--val-fraction) and use --block-size")
     if task not in ("causal", "sft"):
         raise SystemExit(f"error: unknown --task {task!r}; use causal, sft or classify")
     model_dir, out = Path(model_dir), Path(out)
@@ -189,9 +192,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     tok = load_tokenizer(model_dir)
     files = expand_paths(args["data"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1)
-    next_batch, evaluate, final_eval, data_note = _prepare_data(args, files, tok, block, bsz, sampler, dev,
-                                                                autocast_dtype, eval_tokens, replace_errors,
-                                                                skip_bad_lines)
+    next_batch, evaluate_periodic, final_eval, data_note, epoch_batches = _prepare_data(
+        args, files, tok, block, bsz, sampler, dev, autocast_dtype, eval_tokens, replace_errors, skip_bad_lines)
 
     # 2. model: every weight (fast module for plain Llama) or LoRA adapters on transformers' module
     fingerprint = None
@@ -214,6 +216,11 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                              "was trained; restore it or start a new --out")
         st = load_checkpoint(ckpt_path, ckpt_target, optimizer, {"sampler": sampler})
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
+    # Early stopping: OUT holds the weights with the best held-out loss so far (written when it improves).
+    early = EarlyStop(3 if patience is None else patience)
+    keep_best = early.patience > 0 and evaluate_periodic is not None
+    if resume:
+        early.load(st)
 
     # 3. the output folder (the first write of this run)
     if not resume and overwrite and out.exists():
@@ -247,8 +254,17 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     def checkpoint(st: FitState) -> None:
         save_checkpoint(ckpt_path, ckpt_target, optimizer, {"sampler": sampler},
                         {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
-                         "best_val": st.best_val, "base_fingerprint": fingerprint})
-        write_weights()
+                         "best_val": st.best_val, "base_fingerprint": fingerprint, **early.as_dict()})
+        if not keep_best:  # otherwise evaluate() writes the weights when the held-out loss improves
+            write_weights()
+
+    def evaluate(m) -> dict:
+        r = evaluate_periodic(m)
+        if keep_best:
+            improved, r["stop"] = early.update(r["loss"], state.step)
+            if improved:
+                write_weights()
+        return r
 
     print(f"finetune ({task}, {method}): {Path(args['model_dir']).name} | {n_params:,} parameters, {n_train:,} "
           f"trainable | block {block} | batch {bsz}x{args['grad_accum']} | lr {peak_lr:g} | {dev} | {data_note}")
@@ -258,13 +274,20 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         clip=args["clip"], device=dev, autocast_dtype=autocast_dtype, progress_bar=progress,
         eval_every_steps=int(eval_every) if eval_every and str(eval_every).isdigit() else None,
         eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
+        eval_max_steps=max(1, epoch_batches // args["grad_accum"]) if keep_best else None,  # at least once per pass
         checkpoint_every_s=parse_duration(checkpoint_every))
     loss_fn = sft_loss if task == "sft" else causal_lm_loss
-    state = fit(model, optimizer, next_batch, loss_fn, budget, fit_cfg, state, evaluate=evaluate,
-                checkpoint=checkpoint, log=log)
+    state = fit(model, optimizer, next_batch, loss_fn, budget, fit_cfg, state,
+                evaluate=evaluate if evaluate_periodic else None, checkpoint=checkpoint, log=log)
 
-    # 4. final: checkpoint + weights, full held-out evaluation, plot, summary
+    # 4. final: checkpoint, the best weights (by held-out loss), full held-out evaluation, plot, summary
     checkpoint(state)
+    stopped_early = bool(state.last_eval.get("stop"))
+    if keep_best and early.last_step != state.step:  # the last weights may be the best: score them too
+        evaluate(model)
+    if keep_best and early.best_step != state.step:
+        _restore_best(model, out, args["lora"])
+        print(early.report(stopped_early, state.step))
     final = final_eval(model)
     log({"kind": "final", **final, "step": state.step, "tokens": state.tokens,
          "eval_tokens": final.get("tokens", 0), "train_seconds": state.train_seconds})
@@ -273,7 +296,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                "parameters": n_params, "trainable_parameters": n_train, "step": state.step,
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
-               "interrupted": state.last_eval.get("interrupted", False), "lr": peak_lr, "block_size": block}
+               "interrupted": state.last_eval.get("interrupted", False), "lr": peak_lr, "block_size": block,
+               "best_step": early.best_step if keep_best else None, "stopped_early": stopped_early}
     atomic_write_json(out / "training_summary.json", summary)
     if final:
         print(f"held-out{' assistant' if task == 'sft' else ''} loss {final['loss']:.4f} | perplexity "
@@ -285,9 +309,23 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     return summary
 
 
+def _restore_best(model: torch.nn.Module, out: Path, lora: bool) -> None:
+    """Copy the best weights, written to OUT when the held-out loss improved, back into MODEL."""
+    from slmkit.models import load_saved_weights
+
+    if lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
+    else:
+        load_saved_weights(model, out)
+
+
 def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.Generator, dev: str,
                   autocast_dtype, eval_tokens: int, replace_errors: bool, skip_bad_lines: bool):
-    """-> (next_batch(), evaluate(model) periodic, final_eval(model) on the whole held-out split, a note)."""
+    """-> (next_batch(), evaluate(model) periodic, final_eval(model) on the whole held-out split, a note, batches
+    per pass over the training data)."""
     if args["task"] == "causal":
         from slmkit.data import get_batch, load_tokens, split_tokens, tokenize_to_memmap
         from slmkit.evaluate import evaluate_tokens
@@ -306,7 +344,8 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
         return (lambda: get_batch(train_tokens, bsz, block, sampler, dev),
                 (lambda m: evaluate_at_most(m, eval_tokens)) if held_out else None,
                 lambda m: evaluate_at_most(m, 4_000_000) if held_out else {},
-                f"data {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
+                f"data {len(train_tokens):,} train / {len(val_tokens):,} val tokens",
+                len(train_tokens) // (bsz * block))
 
     from slmkit.chat_data import (
         build_examples,
@@ -330,8 +369,10 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
     train_ex = build_examples(conversations[:len(conversations) - n_val], tok, block)
     val_ex = build_examples(conversations[len(conversations) - n_val:], tok, block) if n_val else []
     pad = pad_id_of(tok)
+    epoch_batches = len(train_ex) // bsz
     if args["packing"]:
         stream = pack(train_ex)
+        epoch_batches = len(stream[0]) // (bsz * block)
         next_batch = lambda: tuple(t.to(dev) for t in packed_batch(stream, bsz, block, sampler))  # noqa: E731
     else:
         def next_batch():
@@ -349,7 +390,7 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
 
     return (next_batch, (lambda m: evaluate_at_most(m, eval_tokens)) if val_ex else None,
             lambda m: evaluate_at_most(m, 1 << 62) if val_ex else {},
-            f"data {len(train_ex):,} train / {len(val_ex):,} val conversations")
+            f"data {len(train_ex):,} train / {len(val_ex):,} val conversations", epoch_batches)
 
 
 def add_args(p) -> None:
@@ -395,8 +436,9 @@ def add_args(p) -> None:
     g.add_argument("--eval-data", type=Path, help="classify: held-out labelled file (default: a stratified split "
                    "of --data)")
     g.add_argument("--epochs", type=float, help="classify: passes over the data (default: 3)")
-    g.add_argument("--patience", type=int, help="classify: stop after this many evaluations without improvement "
-                   "(default: 3)")
+    g.add_argument("--patience", type=int, help="stop after this many evaluations without improvement, keeping the "
+                   "best weights (default: 3; causal/sft count evaluations over 1%% worse than the best; 0 = run the "
+                   "whole budget)")
     g.add_argument("--max-length", type=int, help="classify: truncate texts to this many tokens (default: 128)")
     g.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL rows (with a warning)")

@@ -92,6 +92,46 @@ class FitState:
     last_eval: dict = field(default_factory=dict)
 
 
+# Early stopping counts an evaluation against the patience only when its held-out loss is this much (relative) above
+# the best: overfitting climbs well past it, while a plateau's evaluation-to-evaluation noise stays below.
+WORSE_BY = 0.01
+
+
+@dataclass
+class EarlyStop:
+    """Held-out early stopping for train and finetune: the best loss so far, and how many evaluations since scored
+    over WORSE_BY worse than it. The caller writes its folder when update() says the loss improved, so the folder
+    always holds the best weights; `as_dict()` travels in checkpoints so a resumed run keeps counting."""
+    patience: int
+    best_loss: float | None = None
+    best_step: int | None = None
+    bad: int = 0
+    last_step: int | None = None
+
+    def update(self, loss: float, step: int) -> tuple[bool, bool]:
+        """Record an evaluation at STEP -> (improved, stop)."""
+        self.last_step = step
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.bad = loss, step, 0
+            return True, False
+        if loss > self.best_loss * (1 + WORSE_BY):
+            self.bad += 1
+        return False, self.bad >= self.patience
+
+    def as_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad": self.bad}
+
+    def load(self, saved: dict) -> None:
+        self.best_loss, self.best_step, self.bad = saved.get("best_loss"), saved.get("best_step"), saved.get("bad", 0)
+
+    def report(self, stopped_early: bool, step: int) -> str:
+        why = (f"stopped early at step {step:,}: {self.patience} evaluations over {WORSE_BY:.0%} worse than the best; "
+               "more training would overfit this data (add data; --patience 0 runs the whole budget). "
+               if stopped_early else "")
+        return (f"{why}The held-out loss was best at step {self.best_step:,} ({self.best_loss:.4f}): the output "
+                "folder keeps those weights.")
+
+
 @dataclass
 class FitConfig:
     lr: float = 3e-3

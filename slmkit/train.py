@@ -19,6 +19,7 @@ import torch
 from slmkit import encoders, recipe
 from slmkit.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_state, save_checkpoint
 from slmkit.loop import (
+    EarlyStop,
     FitConfig,
     FitState,
     budget_from,
@@ -65,9 +66,6 @@ def parse_overrides(items: list[str] | None) -> dict:
 # The verb
 
 RUN_FILE = "train_args.json"
-# Early stopping counts an evaluation against --patience only when its held-out loss is this much (relative) above
-# the best: overfitting climbs well past it, while a plateau's evaluation-to-evaluation noise stays below.
-WORSE_BY = 0.01
 
 
 def require_cpp_compiler() -> None:
@@ -188,7 +186,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     state = FitState()
     # Early stopping: the folder holds the weights with the best held-out loss so far (written when it improves).
     keep_best = patience > 0 and len(val_tokens) > 0
-    track = {"best_loss": None, "best_step": None, "bad": 0, "last_step": None}
+    early = EarlyStop(patience)
     if resume:
         saved_state = read_checkpoint_state(ckpt_path)
         if saved_state.get("config") != _comparable(cfg):
@@ -198,7 +196,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if dist.world_size() > 1 and "sampler_states" in st:
             sampler.set_state(torch.tensor(st["sampler_states"][dist.rank()], dtype=torch.uint8))
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
-        track.update({k: st[k] for k in ("best_loss", "best_step", "bad") if k in st})
+        early.load(st)
     if dist.is_main():
         atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
                                            "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})
@@ -218,14 +216,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     def evaluate(m) -> dict:
         r = eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
                     autocast_dtype=autocast_dtype)
-        track["last_step"] = state.step
-        if keep_best and (track["best_loss"] is None or r["loss"] < track["best_loss"]):
-            track.update(best_loss=r["loss"], best_step=state.step, bad=0)
-            if dist.is_main():
+        if keep_best:
+            improved, r["stop"] = early.update(r["loss"], state.step)
+            if improved and dist.is_main():
                 save_model(m, out)
-        elif keep_best and r["loss"] > track["best_loss"] * (1 + WORSE_BY):  # noise around a plateau is no signal
-            track["bad"] += 1
-            r["stop"] = track["bad"] >= patience
         return r
 
     def checkpoint(st: FitState) -> None:
@@ -235,8 +229,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         extra = {"sampler_states": [s.tolist() for s in states]} if len(states) > 1 else {}
         save_checkpoint(ckpt_path, model, optimizer, {"sampler": sampler},
                         {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
-                         "best_val": st.best_val, "config": _comparable(cfg), "best_loss": track["best_loss"],
-                         "best_step": track["best_step"], "bad": track["bad"], **extra})
+                         "best_val": st.best_val, "config": _comparable(cfg), **early.as_dict(), **extra})
         if not keep_best:  # otherwise evaluate() writes the folder when the held-out loss improves
             save_model(model, out)
 
@@ -263,15 +256,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # 5. final: the best weights (by held-out loss), full held-out evaluation, checkpoint, model folder, plot, card
     checkpoint(state)
     stopped_early = bool(state.last_eval.get("stop"))
-    if keep_best and track["last_step"] != state.step:  # the last weights may be the best: score them too
+    if keep_best and early.last_step != state.step:  # the last weights may be the best: score them too
         evaluate(unwrap(model))
-    if keep_best and dist.is_main() and track["best_step"] != state.step:
+    if keep_best and dist.is_main() and early.best_step != state.step:
         load_saved_weights(model, out)
-        why = (f"stopped early at step {state.step:,}: {patience} evaluations over 1% worse than the best; more "
-               "training would overfit this corpus (add data or raise --dropout; --patience 0 runs the whole budget). "
-               if stopped_early else "")
-        print(f"{why}The held-out loss was best at step {track['best_step']:,} ({track['best_loss']:.4f}): the model "
-              "folder keeps those weights.")
+        print(early.report(stopped_early, state.step))
     final = {}
     if dist.is_main():
         final = eval_fn(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
@@ -283,7 +272,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     summary = {"out": str(out), "preset": preset_name, "parameters": n_params, "step": state.step,
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
-               "interrupted": state.last_eval.get("interrupted", False), "best_step": track["best_step"],
+               "interrupted": state.last_eval.get("interrupted", False), "best_step": early.best_step,
                "stopped_early": stopped_early}
     if dist.is_main():
         card = {**summary, "model_type": cfg.get("model_type", "llama"), "layers": cfg.get("num_hidden_layers",

@@ -192,3 +192,43 @@ def test_classify_options_pass_through_and_are_refused_elsewhere(base, chats, tm
     assert seen == {"eval_data": tmp_path / "dev.csv", "epochs": 1.5, "patience": 2, "max_length": 64}
     with pytest.raises(SystemExit, match="are for --task classify"):
         finetune(base, [str(chats)], tmp_path / "s", task="sft", eval_data=tmp_path / "dev.csv")
+
+
+def test_early_stopping_keeps_the_best_weights(base, tmp_path):
+    """A few KB of text overfits at a high learning rate: finetune stops once --patience evaluations scored over 1%
+    worse than the best, and the output folder holds the best evaluation's weights."""
+    from conftest import corpus_text
+
+    text = tmp_path / "domain.txt"
+    text.write_text(corpus_text(5000))
+    out = tmp_path / "full"
+    s = finetune(base, [str(text)], out, task="causal", steps=600, patience=2, val_fraction=0.2,
+                 **{**FAST, "eval_every": "10", "lr": 1e-2})
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    best = min(evals, key=lambda e: e["loss"])
+    assert s["stopped_early"] and s["step"] < 600 and s["best_step"] == best["step"] < s["step"]
+    # The final evaluation (the same held-out windows) scores the weights restored from the output folder.
+    assert s["final_eval"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
+    assert s["final_eval"]["loss"] < evals[-1]["loss"] / 1.01
+
+
+def test_best_adapter_is_restored_from_the_adapter_folder(base, tmp_path):
+    """With --lora, the best weights are the adapter's: written with save_pretrained, read back with peft."""
+    from slmkit.finetune import _restore_best, lora_model
+
+    model, _ = lora_model(base, 4, 8, 0.0, None, 0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    model.save_pretrained(tmp_path)
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(1.0)
+    _restore_best(model, tmp_path, lora=True)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, kept[n], rtol=0, atol=0, msg=n)

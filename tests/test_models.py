@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from slmkit.models import build_config, build_model, decode_layout, load_model, save_model
+from slmkit.models import build_config, build_model, decode_layout, load_model, load_saved_weights, save_model
 
 
 def _model(vocab=300, **overrides):
@@ -117,3 +118,25 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
         torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_saved_weights_load_back_into_a_live_model(tmp_path):
+    """Early stopping restores the best weights from the folder into the training model: ours, GPT-Neo (tied head,
+    stored once) and a BERT masked LM alike; a folder of another model is refused."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    neo = build_model(build_config("gpt-neo-125m", 300, {"num_layers": 1, "attention_types": [[["global"], 1]],
+                                                         "hidden_size": 32, "num_heads": 2}, block_size=64))
+    bert = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64))
+    for i, model in enumerate([_model(), neo, bert]):
+        save_model(model, tmp_path / str(i))
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        load_saved_weights(model, tmp_path / str(i))
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(RuntimeError, match="does not match the model"):
+        load_saved_weights(bert, tmp_path / "1")
