@@ -87,7 +87,11 @@ def write_model_card(out: Path, info: dict) -> None:
         + (f"held out: {', '.join(info['eval_data'])}" if info.get("eval_data") else
            f"last {info.get('val_fraction', 0):.1%} held out"), "",
         "## Training", "", "| field | value |", "|---|---|",
-        f"| steps | {info.get('step', 0):,} |", f"| tokens seen | {info.get('tokens_seen', 0):,} |",
+        f"| steps | {info.get('step', 0):,}{' (stopped early: held-out loss rose)' * bool(info.get('stopped_early'))}"
+        " |",
+        f"| tokens seen | {info.get('tokens_seen', 0):,} |",
+        *([f"| weights kept | step {info['best_step']:,} (best held-out loss) |"]
+          if info.get("best_step") not in (None, info.get("step")) else []),
         f"| training time | {info.get('train_seconds', 0):.0f} s |",
         f"| throughput | {info.get('tokens_per_s', 0):,.0f} tokens/s |",
         f"| batch × block × accumulation | {info.get('batch_size')} × {info.get('block_size')} × "

@@ -177,3 +177,5 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     r = evaluate_tokens(load_model(out), val, 32, token_byte_lengths(tok), max_windows=65536 // 32)
     assert r["loss"] == pytest.approx(best["loss"], abs=1e-5) and r["loss"] < worse[-1]["loss"]
     assert s["final_eval"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
+    card = (out / "README.md").read_text()
+    assert "(stopped early: held-out loss rose)" in card and f"| weights kept | step {best['step']:,} " in card
