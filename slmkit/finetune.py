@@ -297,7 +297,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
                "interrupted": state.last_eval.get("interrupted", False), "lr": peak_lr, "block_size": block,
-               "best_step": early.best_step if keep_best else None, "stopped_early": stopped_early}
+               "best_step": early.best_step, "stopped_early": stopped_early}
     atomic_write_json(out / "training_summary.json", summary)
     if final:
         print(f"held-out{' assistant' if task == 'sft' else ''} loss {final['loss']:.4f} | perplexity "
