@@ -281,10 +281,10 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                 evaluate=evaluate if evaluate_periodic else None, checkpoint=checkpoint, log=log)
 
     # 4. final: checkpoint, the best weights (by held-out loss), full held-out evaluation, plot, summary
-    checkpoint(state)
     stopped_early = bool(state.last_eval.get("stop"))
     if keep_best and early.last_step != state.step:  # the last weights may be the best: score them too
         evaluate(model)
+    checkpoint(state)  # after that evaluation, so a resumed run knows the best loss the folder holds
     if keep_best and early.best_step != state.step:
         _restore_best(model, out, args["lora"])
         print(early.report(stopped_early, state.step))

@@ -254,10 +254,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 evaluate=evaluate if len(val_tokens) else None, checkpoint=checkpoint, log=log)  # --val-fraction 0
 
     # 5. final: the best weights (by held-out loss), full held-out evaluation, checkpoint, model folder, plot, card
-    checkpoint(state)
     stopped_early = bool(state.last_eval.get("stop"))
     if keep_best and early.last_step != state.step:  # the last weights may be the best: score them too
         evaluate(unwrap(model))
+    checkpoint(state)  # after that evaluation, so a resumed run knows the best loss the folder holds
     if keep_best and dist.is_main() and early.best_step != state.step:
         load_saved_weights(model, out)
         print(early.report(stopped_early, state.step))

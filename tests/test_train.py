@@ -179,3 +179,15 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     assert s["final_eval"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
     card = (out / "README.md").read_text()
     assert "(stopped early: held-out loss rose)" in card and f"| weights kept | step {best['step']:,} " in card
+
+
+def test_checkpoint_records_the_final_evaluation_of_the_best_weights(corpus, tmp_path):
+    """The last weights, scored after the loop, can be the best: the final checkpoint must know, or a resumed run
+    would compare against an older best and overwrite the folder with worse weights."""
+    from slmkit.checkpoint import CHECKPOINT, read_checkpoint_state
+
+    s = train(data=[str(corpus)], out=tmp_path / "m", preset="slm-tiny", tokenizer="byte", block_size=32,
+              batch_size=4, steps=45, eval_every="20", progress=False, device="cpu")
+    state = read_checkpoint_state(tmp_path / "m" / CHECKPOINT)
+    assert s["best_step"] == state["best_step"] == 45  # still learning: the final weights are the best
+    assert state["best_loss"] == pytest.approx(s["final_eval"]["loss"], rel=0.05)
