@@ -208,7 +208,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             if not math.isfinite(loss_sum):
                 raise SystemExit(f"error: loss became {loss_sum} at step {state.step}; lower --lr or use --dtype fp32")
             now = time.perf_counter()
-            if now - last_log >= cfg.log_every_s or state.step == 1:
+            last_step = budget.progress(state.step, state.tokens, state.train_seconds) >= 1.0
+            if now - last_log >= cfg.log_every_s or state.step == 1 or last_step:  # the curve ends where training did
                 tps = window_tokens / max(1e-9, now - window_t0)
                 if log:
                     log({"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_sum, "lr": lr,

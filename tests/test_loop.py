@@ -33,3 +33,21 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
     loop.pick_dtype("bf16", "cpu")
     assert capsys.readouterr().err == ""
     assert loop.pick_dtype("auto", "cpu") is None
+
+
+def test_fit_logs_the_first_and_the_last_step_however_short_the_run():
+    """A run shorter than the log interval (a GPU run right after compiling) still logs its last step, so the
+    progress bar, metrics.jsonl and the loss plot end where training ended."""
+    import torch
+
+    from slmkit.loop import FitConfig, FitState, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    rows = []
+    state = fit(model, opt, lambda: (x, y), lambda m, a, b: torch.nn.functional.mse_loss(m(a), b), Budget(steps=7),
+                FitConfig(log_every_s=1e9, warmup_steps=1, progress_bar=False), FitState(), log=rows.append)
+    assert state.step == 7
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 7]
