@@ -209,6 +209,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev)
     state = FitState()
+    # Early stopping: OUT holds the weights with the best held-out loss so far (written when it improves).
+    early = EarlyStop(3 if patience is None else patience)
+    keep_best = early.patience > 0 and evaluate_periodic is not None
     if resume:
         saved_state = read_checkpoint_state(ckpt_path)
         if fingerprint and saved_state.get("base_fingerprint") not in (None, fingerprint):
@@ -216,10 +219,6 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                              "was trained; restore it or start a new --out")
         st = load_checkpoint(ckpt_path, ckpt_target, optimizer, {"sampler": sampler})
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
-    # Early stopping: OUT holds the weights with the best held-out loss so far (written when it improves).
-    early = EarlyStop(3 if patience is None else patience)
-    keep_best = early.patience > 0 and evaluate_periodic is not None
-    if resume:
         early.load(st)
 
     # 3. the output folder (the first write of this run)
