@@ -281,6 +281,14 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def pick_device(device: str) -> str:
+    """'auto' -> this process's GPU when there is one, else 'cpu'; an explicit GPU that is not there is a one-line
+    error here rather than a CUDA traceback later."""
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _, _, index = device.partition(":")
+        if (int(index) if index.isdigit() else 0) >= n:
+            raise SystemExit(f"error: --device {device}: PyTorch {torch.__version__} sees {n} CUDA GPU(s); "
+                             "use --device cpu (or auto)")
     if device != "auto":
         return device
     if torch.cuda.is_available():

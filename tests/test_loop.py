@@ -35,6 +35,22 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
     assert loop.pick_dtype("auto", "cpu") is None
 
 
+def test_a_gpu_that_is_not_there_is_a_one_line_error(monkeypatch):
+    import torch
+
+    from slmkit.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match=r"--device cuda: PyTorch .* sees 0 CUDA GPU\(s\); use --device cpu"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == "cuda:1" and pick_device("cuda") == "cuda"
+    with pytest.raises(SystemExit, match="--device cuda:2: .* sees 2 CUDA GPU"):
+        pick_device("cuda:2")
+
+
 def test_fit_logs_the_first_and_the_last_step_however_short_the_run():
     """A run shorter than the log interval (a GPU run right after compiling) still logs its last step, so the
     progress bar, metrics.jsonl and the loss plot end where training ended."""

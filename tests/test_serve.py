@@ -272,9 +272,10 @@ def test_slm_serve_starts_and_stops_cleanly_on_sigterm(folders, tmp_path):
     from tiny_server import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", f"chat={folders['tiny']}", "--port", str(port),
-                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--threads", "1", "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.time()
         while time.time() - t0 < 60:
@@ -288,16 +289,22 @@ def test_slm_serve_starts_and_stops_cleanly_on_sigterm(folders, tmp_path):
         proc.send_signal(signal.SIGTERM)
         # uvicorn drains, runs the app's shutdown (engine threads end), then re-raises SIGTERM as its exit status
         assert proc.wait(20) in (0, -signal.SIGTERM)
+        assert "serving chat (decoder, cpu)" in proc.stdout.read()  # --device cpu: where each model runs
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, folders, monkeypatch):
+    import torch
+
     from slmkit.serve import main
 
     with pytest.raises(SystemExit, match="not a folder"):
         main([str(tmp_path / "missing")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: .* sees 0 CUDA GPU"):
+        main([str(folders["tiny"])], device="cuda")
     keys = tmp_path / "keys.txt"
     keys.write_text("# none\n")
     with pytest.raises(SystemExit, match="holds no keys"):

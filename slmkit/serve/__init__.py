@@ -20,6 +20,7 @@ class Served:
     path: Path
     kind: str  # "decoder" | "encoder" | "classifier"
     context: int
+    device: str = "cpu"
     lm: Any = None  # generate.LoadedModel
     engine: Any = None  # batching.Engine
     model: Any = None
@@ -36,30 +37,34 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     return Path(spec).resolve().name, Path(spec)
 
 
-def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32") -> Served:
-    """Open MODEL_DIR as whatever kind it is; decoders get a (not yet started) batching engine."""
+def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32",
+                device: str = "cpu") -> Served:
+    """Open MODEL_DIR as whatever kind it is, on DEVICE ("auto": a GPU when there is one); decoders get a (not yet
+    started) batching engine."""
     from slmkit.classify import is_classifier, load_classifier
+    from slmkit.loop import pick_device
     from slmkit.models import read_config
     from slmkit.presets import is_encoder
 
     cfg = read_config(Path(model_dir))
+    device = pick_device(device)
     if is_classifier(cfg):
-        model, tok, labels = load_classifier(Path(model_dir))
+        model, tok, labels = load_classifier(Path(model_dir), device)
         return Served(name, Path(model_dir), "classifier", int(getattr(model.config, "max_position_embeddings", 512)),
-                      model=model, tokenizer=tok, labels=labels)
+                      device, model=model, tokenizer=tok, labels=labels)
     if is_encoder(cfg):
         from slmkit.embed import load_encoder
 
-        model, tok = load_encoder(Path(model_dir))
+        model, tok = load_encoder(Path(model_dir), device)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return Served(name, Path(model_dir), "encoder", int(getattr(model.config, "max_position_embeddings", 512)),
-                      model=model, tokenizer=tok)
+                      device, model=model, tokenizer=tok)
     from slmkit.generate import load
     from slmkit.serve.batching import Engine
 
-    lm = load(Path(model_dir), dtype=dtype)
-    return Served(name, Path(model_dir), "decoder", lm.context, lm=lm,
+    lm = load(Path(model_dir), dtype=dtype, device=device)
+    return Served(name, Path(model_dir), "decoder", lm.context, device, lm=lm,
                   engine=Engine(lm, max_batch=max_batch, max_queue=max_queue))
 
 
@@ -78,7 +83,8 @@ def read_keys(path: Path) -> list[str]:
 def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
-         max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None) -> None:
+         max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
+         device: str = "auto") -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
@@ -106,12 +112,12 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
             raise SystemExit(f"error: two models are named {name!r}; name them with NAME=DIR")
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
-        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype)
+        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device)
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
                         cors_origins=list(cors_origin or []))
     app = create_app(served, settings)
-    kinds = ", ".join(f"{n} ({m.kind})" for n, m in served.items())
+    kinds = ", ".join(f"{n} ({m.kind}, {m.device})" for n, m in served.items())
     print(f"serving {kinds} on http://{host}:{port}/ (API under /v1, {'keys required' if keys else 'no API key'})")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
@@ -138,3 +144,4 @@ def add_args(p) -> None:
                    "(default: 1000000)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="decoder weight precision")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1 …")

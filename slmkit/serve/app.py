@@ -402,7 +402,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
         texts = texts_of(req.input)
         n_tokens = sum(len(m.tokenizer(t)["input_ids"]) for t in texts)
         async with m.lock:  # one forward pass at a time per model; the event loop stays free meanwhile
-            vecs = await asyncio.to_thread(embed, m.path, texts, 32, None, "cpu", m.model, m.tokenizer)
+            vecs = await asyncio.to_thread(embed, m.path, texts, 32, None, m.device, m.model, m.tokenizer)
         if req.dimensions is not None:
             vecs = vecs[:, :req.dimensions]
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
@@ -421,7 +421,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
         texts = texts_of(req.input)
         seqs = encode(m.tokenizer, texts, _max_length(m.model.config, m.tokenizer, None))
         async with m.lock:
-            logits = await asyncio.to_thread(predict_logits, m.model, seqs, _pad_id(m.tokenizer))
+            logits = await asyncio.to_thread(predict_logits, m.model, seqs, _pad_id(m.tokenizer), 32, m.device)
         probs = torch.softmax(logits, dim=-1)
         p, idx = probs.topk(min(req.top_k, len(m.labels)), dim=-1)  # (N, k)
         n_tokens = sum(map(len, seqs))
