@@ -28,6 +28,11 @@ AUTO_LADDER: list[tuple[str, dict]] = [
     ("slm-15m", {}), ("slm-30m", {}), ("slm-65m", {}), ("slm-125m", {}),
 ]
 DEFAULT_SECONDS = 300.0  # when no budget is given at all
+# Config fields every auto pick sets. An untied LM head costs no extra matmul FLOPs (the tied one is multiplied all
+# the same), only its optimizer state and storage, and at a fixed step count it trained to 0.031 bits/byte better
+# (tiny Shakespeare, slm-1m 3L, 450 steps, two seeds: docs/benchmarks.md). `--set tie_word_embeddings=true` keeps
+# the smaller file for the edge.
+AUTO_OVERRIDES = {"tie_word_embeddings": False}
 
 
 def device_flops(device: str) -> float:
@@ -78,7 +83,7 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
     block = context_for(cfg, device)
     batch_tokens = batch_tokens_for(cfg, device)
     d = cfg["hidden_size"]
-    return {"preset": name, "overrides": dict(overrides), "block_size": block,
+    return {"preset": name, "overrides": {**AUTO_OVERRIDES, **overrides}, "block_size": block,
             "batch_size": max(1, batch_tokens // block), "lr": peak_lr(d), "warmup_steps": 50 if d <= 256 else 200}
 
 

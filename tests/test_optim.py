@@ -59,3 +59,16 @@ def test_muon_covers_hidden_matrices_splits_fused_projections_and_lowers_the_los
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_muon_momentum_ramps_up_over_the_warmup_then_holds():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    opt = MuonAdamW([{"params": [w], "muon": True, "splits": [8], "weight_decay": 0.0}], lr=0.0, momentum_warmup=4)
+    g = torch.randn(8, 8)
+    expected = torch.zeros(8, 8)
+    for t, beta in enumerate([0.85, 0.875, 0.9, 0.925, 0.95, 0.95], start=1):
+        w.grad = g * t  # a new gradient each step, so the buffer depends on every beta
+        opt.step()
+        expected = beta * expected + (1 - beta) * w.grad
+        torch.testing.assert_close(opt.state[w]["momentum_buffer"], expected)
+    assert int(opt.state[w]["step"]) == 6  # saved with the optimizer state: a resumed run keeps its place
