@@ -28,9 +28,23 @@ for v in "--dropout 0.2" "--preset slm-7m --dropout 0.2" "--preset slm-15m --dro
   timeout 120 $S train --data "$TRAIN" --time 25s --out /tmp/gc_v --overwrite $v 2>&1 | show
   timeout 60 $S eval /tmp/gc_v --data "$VAL" --json 2>&1 | tail -1
 done
+echo "=== slm serve on the GPU (--device auto): startup line, one completion"
+$S serve /tmp/gc_auto --port 8123 > /tmp/gc_serve.log 2>&1 &
+python3 - <<'PY'
+import json, time, urllib.request
+for _ in range(60):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8123/health", timeout=1); break
+    except OSError:
+        time.sleep(1)
+body = json.dumps({"model": "gc_auto", "prompt": "ROMEO:", "max_tokens": 30, "temperature": 0}).encode()
+req = urllib.request.Request("http://127.0.0.1:8123/v1/completions", body, {"Content-Type": "application/json"})
+print(urllib.request.urlopen(req, timeout=60).read().decode()[:400])
+PY
+kill %1; wait; head -3 /tmp/gc_serve.log
 echo "=== torchrun, 1 process per GPU (nccl)"
 timeout 120 torchrun --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" -m slmkit train --data "$TRAIN" \
   --steps 40 --out /tmp/gc_ddp --overwrite 2>&1 | show
 echo "=== tests with a GPU visible"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_generate.py tests/test_evaluate.py \
-  tests/test_loop.py tests/test_models.py 2>&1 | tail -15
+  tests/test_loop.py tests/test_models.py tests/test_serve.py 2>&1 | tail -15
