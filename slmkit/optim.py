@@ -101,7 +101,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
                 for p in params:  # a tensor, as AdamW's step: checkpoints save it and a resume keeps the ramp
                     self.state[p]["step"] = self.state[p].get("step", torch.zeros(())) + 1
-                ramp = min(1.0, (float(self.state[params[0]]["step"]) - 1) / max(1, group["momentum_warmup"]))
+                warmup = group.get("momentum_warmup", 0)  # absent from checkpoints written before the ramp: none
+                ramp = min(1.0, (float(self.state[params[0]]["step"]) - 1) / warmup) if warmup else 1.0
                 beta = MOMENTUM_START + (group["momentum"] - MOMENTUM_START) * ramp
                 grads = [p.grad for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - beta)

@@ -72,3 +72,14 @@ def test_muon_momentum_ramps_up_over_the_warmup_then_holds():
         expected = beta * expected + (1 - beta) * w.grad
         torch.testing.assert_close(opt.state[w]["momentum_buffer"], expected)
     assert int(opt.state[w]["step"]) == 6  # saved with the optimizer state: a resumed run keeps its place
+
+
+def test_a_checkpoint_from_before_the_momentum_ramp_still_resumes():
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    opt = MuonAdamW([{"params": [w], "muon": True, "splits": [8], "weight_decay": 0.0}], lr=0.0)
+    old = opt.state_dict()
+    del old["param_groups"][0]["momentum_warmup"]  # what an older slmkit saved
+    opt.load_state_dict(old)
+    w.grad = torch.ones(8, 8)
+    opt.step()  # no KeyError; full momentum from the first step, as that run had
+    torch.testing.assert_close(opt.state[w]["momentum_buffer"], torch.full((8, 8), 0.05))
