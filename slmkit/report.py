@@ -96,7 +96,8 @@ def write_model_card(out: Path, info: dict) -> None:
         f"| throughput | {info.get('tokens_per_s', 0):,.0f} tokens/s |",
         f"| batch × block × accumulation | {info.get('batch_size')} × {info.get('block_size')} × "
         f"{info.get('grad_accum')} |",
-        f"| learning rate | {info.get('lr')} (warmup + cosine) |", f"| device / dtype | {info.get('device')} / "
+        f"| learning rate | {info['lr']:.3g} (warmup + cosine) |" if isinstance(info.get("lr"), float)
+        else f"| learning rate | {info.get('lr')} (warmup + cosine) |", f"| device / dtype | {info.get('device')} / "
         f"{info.get('dtype')} |", "",
         "## Evaluation (held-out split)", "", "| metric | value |", "|---|---|",
         f"| loss (nats/token) | {final.get('loss', float('nan')):.4f} |",

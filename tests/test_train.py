@@ -29,6 +29,7 @@ def test_training_lowers_loss_and_writes_a_complete_folder(tiny_model):
         assert (tiny_model / name).is_file(), name
     card = (tiny_model / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "bits per byte" in card
+    assert "| learning rate | 0.009 (warmup + cosine) |" in card  # Muon's 3 x 3e-3, not 0.009000000000000001
     assert final["step"] == 30
 
 
