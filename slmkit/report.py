@@ -60,6 +60,7 @@ def plot_loss(metrics: list[dict], out_png: Path, title: str = "") -> Path | Non
 def write_model_card(out: Path, info: dict) -> None:
     """README.md with the Hugging Face YAML header and the run's figures."""
     final = info.get("final_eval") or {}
+    lr = float(info.get("lr") or float("nan"))  # 3 significant digits: 0.009, not 0.009000000000000001
     from slmkit.presets import is_encoder
 
     enc = is_encoder(info)  # masked-LM encoders: another pipeline, another way to use the folder
@@ -96,8 +97,7 @@ def write_model_card(out: Path, info: dict) -> None:
         f"| throughput | {info.get('tokens_per_s', 0):,.0f} tokens/s |",
         f"| batch × block × accumulation | {info.get('batch_size')} × {info.get('block_size')} × "
         f"{info.get('grad_accum')} |",
-        f"| learning rate | {info['lr']:.3g} (warmup + cosine) |" if isinstance(info.get("lr"), float)
-        else f"| learning rate | {info.get('lr')} (warmup + cosine) |", f"| device / dtype | {info.get('device')} / "
+        f"| learning rate | {lr:.3g} (warmup + cosine) |", f"| device / dtype | {info.get('device')} / "
         f"{info.get('dtype')} |", "",
         "## Evaluation (held-out split)", "", "| metric | value |", "|---|---|",
         f"| loss (nats/token) | {final.get('loss', float('nan')):.4f} |",
