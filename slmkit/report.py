@@ -97,7 +97,9 @@ def write_model_card(out: Path, info: dict) -> None:
         f"| throughput | {info.get('tokens_per_s', 0):,.0f} tokens/s |",
         f"| batch × block × accumulation | {info.get('batch_size')} × {info.get('block_size')} × "
         f"{info.get('grad_accum')} |",
-        f"| learning rate | {lr:.3g} (warmup + cosine) |", f"| device / dtype | {info.get('device')} / "
+        f"| learning rate | {lr:.3g} (warmup + cosine) |",
+        *([f"| weight decay | {info['weight_decay']:.3g} |"] if info.get("weight_decay") is not None else []),
+        f"| device / dtype | {info.get('device')} / "
         f"{info.get('dtype')} |", "",
         "## Evaluation (held-out split)", "", "| metric | value |", "|---|---|",
         f"| loss (nats/token) | {final.get('loss', float('nan')):.4f} |",

@@ -79,7 +79,7 @@ def require_cpp_compiler() -> None:
 def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
-         weight_decay: float = 0.1, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
+         weight_decay: float | None = None, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
          tokens: int | str | None = None, optimizer: str | None = None,
          time: str | float | None = None, val_fraction: float | None = None, eval_data: list[str] | None = None,
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
@@ -178,6 +178,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if cfg.get("model_type", "llama") != "llama" and block > cfg.get("max_position_embeddings", block):
         raise SystemExit(f"error: --block-size {block} exceeds the preset's max_position_embeddings")
+    if args.get("weight_decay") is None:  # more decay the more often the budget repeats the data (measured on Llama
+        # decoders; the rest keep the usual 0.1)
+        args["weight_decay"] = 0.1 if not llama else recipe.weight_decay_for(
+            cfg, block, bsz * block * grad_accum * dist.world_size(), len(train_tokens), dev, budget.steps,
+            budget.tokens, budget.seconds)
     model = build_model(cfg).to(dev)
     set_dropout(model, args.get("dropout", 0.0))
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
@@ -235,7 +240,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
 
     if dist.is_main():
         print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
-              f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | {dev} "
+              f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | wd {args['weight_decay']:g} | {dev} "
               f"{'bf16' if autocast_dtype == torch.bfloat16 else 'fp32'} | data {len(train_tokens):,} train / "
               f"{len(val_tokens):,} val tokens")
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
@@ -281,7 +286,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]), "corpus_bytes": meta["bytes"],
                 "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
                 "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
-                "grad_accum": grad_accum, "lr": peak_lr, "device": dev,
+                "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"], "device": dev,
                 "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32"}
         atomic_write_json(out / "training_summary.json", card)
         write_model_card(out, card)
@@ -387,7 +392,8 @@ def add_args(p) -> None:
     g.add_argument("--warmup", type=int, help="warmup steps")
     g.add_argument("--optimizer", choices=["adamw", "muon"], help="muon (default for Llama decoders): Muon on the "
                    "blocks' weight matrices, AdamW on embeddings and norms; adamw (default for encoders, GPT-Neo)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, help="weight decay on matrices (default for Llama decoders: 0.1 x "
+                   "the passes the budget makes over the data, between 0.1 and 1.0; others 0.1)")
     g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (default: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -3,7 +3,7 @@
 import torch
 
 from slmkit.presets import DECODERS
-from slmkit.recipe import AUTO_LADDER, auto_recipe, non_embedding_params
+from slmkit.recipe import AUTO_LADDER, auto_recipe, non_embedding_params, weight_decay_for
 
 SHAKESPEARE = 1_003_854  # bytes of the time-to-quality benchmark's training file
 
@@ -39,3 +39,18 @@ def test_a_gpu_gets_a_longer_context_and_bigger_batches(monkeypatch):
     assert gpu["block_size"] == 1024 and gpu["block_size"] * gpu["batch_size"] > cpu["block_size"] * cpu["batch_size"]
     assert rung(gpu) > rung(cpu)
     assert all(r["overrides"]["tie_word_embeddings"] is False for r in (cpu, gpu))
+
+
+def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cfg = {**DECODERS["slm-1m"], "num_hidden_layers": 3, "vocab_size": 1024}
+
+    def wd(**budget):  # 400k training tokens, 16 x 256 tokens per step
+        return weight_decay_for(cfg, 256, 4096, 400_000, "cpu", **budget)
+
+    assert wd(steps=50) == 0.1  # half a pass: the usual decay
+    assert wd(steps=450) == round(0.1 * 450 * 4096 / 400_000, 3) == 0.461  # ~4.6 passes
+    assert wd(tokens=100_000_000) == 1.0  # 250 passes: capped
+    assert wd(steps=450, tokens=400_000) == 0.1  # the first budget to run out is the one that counts
+    assert 0.4 < wd(seconds=180) < 0.5  # the benchmark's 3 minutes on 2 threads: ~1.8M tokens, ~4.5 passes
+    assert wd(seconds=180) < wd(seconds=360) < wd(seconds=3600) == 1.0

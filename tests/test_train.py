@@ -114,6 +114,23 @@ def test_eval_data_holds_out_separate_files_and_val_fraction_zero_holds_out_noth
         train(out=tmp_path / "d", eval_data=[str(val)], **common)
 
 
+def test_weight_decay_follows_the_passes_over_the_data(corpus, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:2000])
+    n = len(small.read_bytes()) + 1  # byte tokens + one EOS, all of them trained on
+    common = dict(data=[str(small)], preset="slm-tiny", tokenizer="byte", steps=80, block_size=32, batch_size=4,
+                  val_fraction=0.0, progress=False)
+    train(out=tmp_path / "a", **common)  # 80 x 4 x 32 tokens: ~5 passes over the data
+    card = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    assert card["weight_decay"] == round(0.1 * 80 * 4 * 32 / n, 3) > 0.4
+    assert f"| weight decay | {card['weight_decay']:.3g} |" in (tmp_path / "a" / "README.md").read_text()
+    assert json.loads((tmp_path / "a" / RUN_FILE).read_text())["weight_decay"] == card["weight_decay"]  # resume
+    train(out=tmp_path / "b", weight_decay=0.05, **common)  # an explicit value wins
+    assert json.loads((tmp_path / "b" / "training_summary.json").read_text())["weight_decay"] == 0.05
+    train(out=tmp_path / "c", **{**common, "steps": 5})  # under one pass: the usual 0.1
+    assert json.loads((tmp_path / "c" / "training_summary.json").read_text())["weight_decay"] == 0.1
+
+
 def test_compile_trains_through_torch_compile(corpus, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
