@@ -36,6 +36,7 @@ class Block(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(d))
         self.w_gate_up = nn.Linear(d, 2 * ffn, bias=False)
         self.w_down = nn.Linear(ffn, d, bias=False)
+        self.norms_folded = False  # decode_layout folded attn_norm/mlp_norm into wqkv/w_gate_up (step() skips them)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
@@ -76,15 +77,24 @@ class Block(nn.Module):
         matrix-vector products: decoding a small model at batch 1 costs per-op overhead, not arithmetic.
         x: (C,); rot: (hd, hd), the rotary embedding at POS; caches: (1, nkv, max_T, hd)."""
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
-        qkv = matvec(self.wqkv, rms_norm(x, self.attn_norm, self.eps)).view(nh + 2 * nkv, hd)  # one row per head
+        qkv = matvec(self.wqkv, *self._normed(x, self.attn_norm)).view(nh + 2 * nkv, hd)  # one row per head
         qk = torch.mm(qkv[:nh + nkv], rot)  # (nh+nkv, hd): rotary for queries and keys in one product
         k_cache[0, :, pos] = qk[nh:]  # (nkv, hd)
         v_cache[0, :, pos] = qkv[nh + nkv:]
         y = F.scaled_dot_product_attention(qk[None, :nh, None], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
                                            enable_gqa=nkv != nh)  # (1, nh, 1, hd): heads-first is a free view
         x = matvec(self.wo, y.reshape(-1), residual=x)
-        gate, up = matvec(self.w_gate_up, rms_norm(x, self.mlp_norm, self.eps)).chunk(2)
+        gate, up = matvec(self.w_gate_up, *self._normed(x, self.mlp_norm)).chunk(2)
         return matvec(self.w_down, F.silu(gate) * up, residual=x)  # (C,)
+
+    def _normed(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """RMSNorm(x) * weight for one vector x (C,), as (v, s) with RMSNorm(x) * weight = v * s, for matvec(layer, v,
+        scale=s): on CPU in fp32 the scalar s = 1/rms(x) rides on the product (its alpha) instead of costing an op,
+        and where decode_layout folded the norm's weight into the next matrix, v is x itself: no op at all."""
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            s = 1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + self.eps)  # mean square as a Python float
+            return (x if self.norms_folded else x * weight), s
+        return rms_norm(x, weight, self.eps), 1.0
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Attention output y (B, nh, T, hd) -> output projection, residual, then the MLP."""
@@ -110,25 +120,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's or an Embedding's, or a tensor)
-    takes torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or one bmm over a slab of rows per
-    thread where decode_layout marked the layer `split_rows` (below); other layers (int8) are called as is."""
+def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """SCALE * LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's or an Embedding's, or a
+    tensor) takes torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or one bmm over a slab of rows
+    per thread where decode_layout marked the layer `split_rows` (below); other layers (int8) are called as is.
+    The scale and the residual ride on the product itself (addmv's/baddbmm's alpha and beta): each op saved is worth
+    ~20 us per layer per token in a decode step, where small ops run on cold caches."""
     w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, (nn.Linear, nn.Embedding)) \
         else None
     if w is None or w.dtype != torch.float32:  # mv has no fast bf16 kernel on CPUs without bf16 units
         y = layer(x[None])[0] if w is None else F.linear(x[None], w)[0]
+        y = y if scale == 1.0 else y * scale
         return y if residual is None else residual + y
     out, inp = w.shape
     k = torch.get_num_threads()
     if getattr(layer, "split_rows", False) and k > 1 and inp % k == 0 and w.stride() == (1, out):
         # decode_layout's weight: (in, out) rows in memory. One mv streams it on one core, which cannot draw the
         # machine's memory bandwidth alone. Cut into k contiguous slabs of in/k rows (a view: no copy), one bmm
-        # streams one slab per thread into a partial sum, and the k partials are added.
-        partial = torch.bmm(x.reshape(k, 1, inp // k), w.t().view(k, inp // k, out))  # (k, 1, out)
-        y = partial.view(k, out).sum(0)  # (out,)
-        return y if residual is None else residual + y
-    return torch.mv(w, x) if residual is None else torch.addmv(residual, w, x)
+        # streams one slab per thread into a partial sum, and the k partials are added. The residual joins as
+        # 1/k of it in each partial (exact for k a power of two).
+        slabs = getattr(layer, "slabs", None)  # the view, made once: it costs two dispatched ops per product
+        if slabs is None or slabs.shape[0] != k or slabs.data_ptr() != w.data_ptr():
+            slabs = layer.slabs = w.t().view(k, inp // k, out)  # (k, in/k, out)
+        xs = x.view(k, 1, inp // k)
+        if residual is not None:
+            partial = torch.baddbmm(residual.view(1, 1, out), xs, slabs, beta=1.0 / k, alpha=scale)
+        elif scale != 1.0:
+            partial = torch.baddbmm(_ZERO, xs, slabs, beta=0.0, alpha=scale)  # beta=0: the input is not read
+        else:
+            partial = torch.bmm(xs, slabs)  # (k, 1, out)
+        return partial.view(k, out).sum(0)  # (out,)
+    if residual is None and scale == 1.0:
+        return torch.mv(w, x)
+    return torch.addmv(_ZERO if residual is None else residual, w, x, beta=0.0 if residual is None else 1.0,
+                       alpha=scale)
+
+
+_ZERO = torch.zeros(())  # matvec's ignored input to baddbmm/addmv when beta=0 (CPU fp32 only: scale != 1 there)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -473,9 +502,11 @@ def decode_layout(model: nn.Module) -> nn.Module:
     and values, as a view of (in, out) storage. Decoding one token multiplies each weight by a vector, and on CPU
     MKL streams a weight from RAM ~1.2-1.8x faster in this layout (decode A/B in docs/benchmarks.md: +15% tokens/s
     at 135M parameters, +30% at 7M). Large weights are also marked `split_rows`: `matvec` reads them with every
-    thread (+17-22% at 30M-135M on 2 cores). fp32 only: bf16 weights in this layout take a slow kernel (3x slower
-    measured). For inference on CPU only: optimizers expect contiguous weights. Saving still works (save_model
-    writes contiguous copies); calling it twice changes nothing."""
+    thread (+17-22% at 30M-135M on 2 cores). Each Llama block's two RMSNorm weights are folded into the matrices they
+    feed (wqkv, w_gate_up; the norms become ones): the same function up to float rounding, two ops fewer per layer
+    in step(). fp32 only: bf16 weights in this layout take a slow kernel (3x slower measured). For inference on CPU
+    only: optimizers expect contiguous weights. Saving still works (save_model writes contiguous copies of the folded,
+    equivalent weights); calling it twice changes nothing."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
@@ -486,6 +517,18 @@ def decode_layout(model: nn.Module) -> nn.Module:
         if w.is_contiguous():
             w.data = w.data.t().contiguous().t()  # (out, in) view, strides (1, out)
         m.split_rows = w.numel() >= floor
+    fast = {id(m) for m in layers if type(m) is nn.Linear}
+    with torch.no_grad():
+        for b in model.modules():
+            if isinstance(b, Block) and not b.norms_folded and all(
+                    id(lin) in fast and norm.dtype == torch.float32 for norm, lin in ((b.attn_norm, b.wqkv),
+                                                                                      (b.mlp_norm, b.w_gate_up))):
+                # RMSNorm(x) * g feeds W: W (RMSNorm(x) * g) = (W diag(g)) RMSNorm(x). Scaling W's input columns by
+                # g once and setting g to ones gives the same model (forward() too), and step() skips two ops a layer.
+                for norm, lin in ((b.attn_norm, b.wqkv), (b.mlp_norm, b.w_gate_up)):
+                    lin.weight.mul_(norm)  # (out, in) * (in,)
+                    norm.fill_(1.0)
+                b.norms_folded = True
     return model
 
 

@@ -56,15 +56,25 @@ def test_one_token_decode_step_equals_full_forward():
         torch.testing.assert_close(steps, full[0, 12:], rtol=1e-4, atol=1e-5)
 
 
-def test_decode_layout_transposes_storage_only(tmp_path):
-    # Inference relays weights out as (in, out) storage for faster matrix-vector products: same shapes, same
-    # logits from forward() and step(), idempotent, and the folder saved afterwards is the same model.
+def test_decode_layout_keeps_the_function(tmp_path):
+    # Inference relays weights out as (in, out) storage for faster matrix-vector products and folds each block's
+    # RMSNorm weights into the matrix they feed: same shapes, same logits from forward() and step(), idempotent, and
+    # the folder saved afterwards is the same model. Trained norm weights are not ones: random ones here.
     model = _model(tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        for b in model.layers:
+            b.attn_norm.uniform_(0.5, 1.5)
+            b.mlp_norm.uniform_(0.5, 1.5)
     x = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         full = model(x)
-        decode_layout(decode_layout(model))
-        w = model.layers[0].wqkv.weight
+        decode_layout(model)
+        once = [p.clone() for p in model.parameters()]
+        decode_layout(model)
+        assert all(torch.equal(a, b) for a, b in zip(once, model.parameters(), strict=True))  # folded once
+        b = model.layers[0]
+        assert b.norms_folded and torch.equal(b.attn_norm, torch.ones_like(b.attn_norm))
+        w = b.wqkv.weight
         assert w.stride() == (1, w.shape[0]) and model.embed.weight.stride() == (1, 300)
         torch.testing.assert_close(model(x), full)
         cache = model.new_cache(1, 20)
@@ -83,20 +93,24 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     calls = []
-    real = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: (calls.append("bmm"), real(*a, **kw))[1])
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _n=name, _f=real, **kw: (calls.append(_n), _f(*a, **kw))[1])
     try:
         lin = decode_layout(torch.nn.Linear(48, 64, bias=False))
         assert not lin.split_rows  # 3k elements: mv
-        lin.split_rows = True
         x, r = torch.randn(48), torch.randn(64)
-        torch.testing.assert_close(models.matvec(lin, x), torch.mv(lin.weight, x))
-        torch.testing.assert_close(models.matvec(lin, x, residual=r), torch.addmv(r, lin.weight, x))
-        assert calls == ["bmm", "bmm"]
+        for split in (False, True):  # mv/addmv, then the slabs: scale and residual ride on the product
+            lin.split_rows = split
+            torch.testing.assert_close(models.matvec(lin, x), torch.mv(lin.weight, x))
+            torch.testing.assert_close(models.matvec(lin, x, residual=r), torch.addmv(r, lin.weight, x))
+            torch.testing.assert_close(models.matvec(lin, x, scale=0.3), 0.3 * torch.mv(lin.weight, x))
+            torch.testing.assert_close(models.matvec(lin, x, 0.3, r), r + 0.3 * torch.mv(lin.weight, x))
+        assert calls == ["bmm", "baddbmm", "baddbmm", "baddbmm"]
         odd = decode_layout(torch.nn.Linear(47, 64, bias=False))  # 47 inputs do not split in 2: plain mv
         odd.split_rows = True
         models.matvec(odd, torch.randn(47))
-        assert calls == ["bmm", "bmm"]
+        assert len(calls) == 4
 
         two = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(256, 256), torch.nn.Linear(16, 16))
         assert [m.split_rows for m in decode_layout(two)] == [True, False, False]  # fits in cache: >= 1 MB only
@@ -114,7 +128,9 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
             assert len(calls) > 4
             for m in model.modules():
                 m.split_rows = False
+            calls.clear()
             whole = model.step(7, cache, 10)
+            assert calls == []  # unsplit: mv/addmv only
         torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
