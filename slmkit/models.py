@@ -79,13 +79,14 @@ class Block(nn.Module):
         nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
         qkv = matvec(self.wqkv, *self._normed(x, self.attn_norm)).view(nh + 2 * nkv, hd)  # one row per head
         qk = torch.mm(qkv[:nh + nkv], rot)  # (nh+nkv, hd): rotary for queries and keys in one product
-        k_cache[0, :, pos] = qk[nh:]  # (nkv, hd)
-        v_cache[0, :, pos] = qkv[nh + nkv:]
-        y = F.scaled_dot_product_attention(qk[None, :nh, None], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
-                                           enable_gqa=nkv != nh)  # (1, nh, 1, hd): heads-first is a free view
-        x = matvec(self.wo, y.reshape(-1), residual=x)
-        gate, up = matvec(self.w_gate_up, *self._normed(x, self.mlp_norm)).chunk(2)
-        return matvec(self.w_down, F.silu(gate) * up, residual=x)  # (C,)
+        k_cache.select(2, pos).copy_(qk[nh:])  # (1, nkv, hd) <- (nkv, hd); fewer view ops than k_cache[0, :, pos]
+        v_cache.select(2, pos).copy_(qkv[nh + nkv:])
+        y = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), k_cache[:, :, :pos + 1],
+                                           v_cache[:, :, :pos + 1], enable_gqa=nkv != nh)  # (1, nh, 1, hd)
+        x = matvec(self.wo, y.view(-1), residual=x)
+        gate_up = matvec(self.w_gate_up, *self._normed(x, self.mlp_norm))
+        ffn = gate_up.shape[0] // 2  # two slices cost less than chunk()'s split
+        return matvec(self.w_down, F.silu(gate_up[:ffn]) * gate_up[ffn:], residual=x)  # (C,)
 
     def _normed(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
         """RMSNorm(x) * weight for one vector x (C,), as (v, s) with RMSNorm(x) * weight = v * s, for matvec(layer, v,
