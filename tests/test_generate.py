@@ -1,6 +1,6 @@
 import torch
 
-from slmkit.generate import SamplingParams, generate_ids, load, sample_next, stream_text
+from slmkit.generate import SamplingParams, draw, generate_ids, load, sample_next, stream_text
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_model):
@@ -35,6 +35,29 @@ def test_sampling_filters():
     # the penalty makes a seen token lose to the runner-up
     assert sample_next(logits.clone(), SamplingParams(temperature=0, repetition_penalty=2.0),
                        seen=torch.tensor([1])) == 2
+
+
+def test_draw_follows_the_weights_and_never_picks_a_zero():
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])  # unnormalised
+    picks = [draw(w, g) for _ in range(4000)]
+    assert set(picks) == {1, 3}
+    assert abs(picks.count(3) / 4000 - 0.75) < 0.03
+
+
+def test_top_p_alone_keeps_the_smallest_set_reaching_it():
+    # Without top-k the nucleus is looked for among the best 256 tokens first, over all V when they fall short: a
+    # peaked distribution takes the first path, a flat one (the best 256 of 1000 hold ~30%) the second.
+    g = torch.Generator().manual_seed(0)
+    for scale, first_256_reach_it in ((2.0, True), (0.1, False)):
+        logits = torch.randn(1000, generator=g) * scale
+        probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        assert (float(probs[:256].sum()) > 0.5) == first_256_reach_it
+        nucleus = set(order[: int((probs.cumsum(0) < 0.5).sum()) + 1].tolist())
+        picks = {sample_next(logits.clone(), SamplingParams(temperature=1.0, top_k=0, top_p=0.5), gen=g)
+                 for _ in range(300)}
+        assert picks <= nucleus  # nothing outside the top-p set ...
+        assert len(picks) > (2 if first_256_reach_it else 50)  # ... and more than its best token
 
 
 class _CharTok:
