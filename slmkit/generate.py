@@ -40,7 +40,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
     if p.temperature <= 0:  # greedy; numpy's argmax is vectorised, torch's CPU argmax ~10x slower at V = 49k
-        return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
+        return int(logits.detach().numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
     ids = None  # the candidates' token ids, once probs holds only the candidates (sorted, best first)
     if p.top_k and p.top_k < logits.numel():
         logits, ids = torch.topk(logits, p.top_k)  # (k,)
@@ -60,7 +60,10 @@ def draw(weights: torch.Tensor, gen: torch.Generator | None = None) -> int:
     weight: by inverse CDF, one cumsum and a binary search (~75 us at V = 49k on CPU, where torch.multinomial takes
     ~1.3 ms). A zero weight is never drawn: searchsorted(right=True) skips the flat steps of the CDF."""
     cdf = weights.cumsum(0)
-    u = torch.rand((), generator=gen, dtype=cdf.dtype) * cdf[-1]
+    total = float(cdf[-1])
+    if not total > 0:  # NaN logits, or every weight zero: as torch.multinomial would, refuse rather than guess
+        raise ValueError(f"cannot sample: the token weights sum to {total} (NaN or -inf logits from the model?)")
+    u = torch.rand((), generator=gen, dtype=cdf.dtype) * total
     return min(int(torch.searchsorted(cdf, u, right=True)), weights.numel() - 1)
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from slmkit.generate import SamplingParams, draw, generate_ids, load, sample_next, stream_text
@@ -43,6 +44,8 @@ def test_draw_follows_the_weights_and_never_picks_a_zero():
     picks = [draw(w, g) for _ in range(4000)]
     assert set(picks) == {1, 3}
     assert abs(picks.count(3) / 4000 - 0.75) < 0.03
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.tensor([float("nan"), 1.0]), g)
 
 
 def test_top_p_alone_keeps_the_smallest_set_reaching_it():
