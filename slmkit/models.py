@@ -93,8 +93,7 @@ class Block(nn.Module):
         scale=s): on CPU in fp32 the scalar s = 1/rms(x) rides on the product (its alpha) instead of costing an op,
         and where decode_layout folded the norm's weight into the next matrix, v is x itself: no op at all."""
         if x.dtype == torch.float32 and x.device.type == "cpu":
-            s = 1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + self.eps)  # mean square as a Python float
-            return (x if self.norms_folded else x * weight), s
+            return (x if self.norms_folded else x * weight), inv_rms(x, self.eps)
         return rms_norm(x, weight, self.eps), 1.0
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -114,11 +113,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm's result in fewer dispatched ops (on CPU F.rms_norm runs ~12 small ones): faster for one token.
     Normalised in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does (no-ops for fp32)."""
     if x.dim() == 1 and x.dtype == torch.float32 and x.device.type == "cpu":
-        # One fp32 vector on CPU: its mean square as a Python float takes 2 ops (dot, item) instead of 5; this
-        # norm runs twice per layer per token, so it is worth ~10% of a small model's decode (A/B in benchmarks.md).
-        return x * (1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + eps)) * weight
+        return x * inv_rms(x, eps) * weight
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def inv_rms(x: torch.Tensor, eps: float) -> float:
+    """1 / sqrt(mean(x^2) + eps) of one fp32 vector on CPU as a Python float: 2 ops (dot, item) instead of 5. The
+    decode step normalises twice per layer per token, so it is worth ~10% of a small model's decode (benchmarks.md)."""
+    return 1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + eps)
 
 
 def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
