@@ -47,9 +47,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         if ids is None:  # the nucleus is nearly always among a few hundred tokens: sorting all V costs ~7 ms at 49k
-            probs, ids = torch.topk(probs, min(NUCLEUS_SEARCH, probs.numel()))
-            if float(probs.sum()) <= p.top_p and probs.numel() < logits.numel():
-                probs, ids = torch.sort(torch.softmax(logits / p.temperature, dim=-1), descending=True)
+            every = probs
+            probs, ids = torch.topk(every, min(NUCLEUS_SEARCH, every.numel()))
+            if float(probs.sum()) <= p.top_p and probs.numel() < every.numel():
+                probs, ids = torch.sort(every, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)  # the smallest set reaching top_p
     i = draw(probs, gen)
     return i if ids is None else int(ids[i])
