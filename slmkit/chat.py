@@ -18,7 +18,7 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
          threads: int | None = None, device: str = "auto") -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    from slmkit.generate import load
+    from slmkit.generate import NonFiniteLogits, load
 
     lm = load(model_dir, threads=threads, device=device)
     base = [{"role": "system", "content": system}] if system else []
@@ -48,6 +48,9 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             pass
+        except NonFiniteLogits as e:
+            print()
+            raise SystemExit(f"error: {model_dir}: {e}") from None
         print()
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 

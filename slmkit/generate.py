@@ -8,6 +8,7 @@ processors or stopping-criteria lists. `benchmarks/bench_decode.py` compares it 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +29,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
 
+class NonFiniteLogits(ValueError):
+    """The model scored the next token NaN or infinite: its weights hold NaN/inf (a diverged training run)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's next-token scores are NaN or infinite: its weights hold NaN/inf (a run that "
+                         "diverged?); `slm eval` the folder, or retrain with a lower --lr")
+
+
 def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
                 gen: torch.Generator | None = None) -> int:
     """Pick the next token id from LOGITS (V,) under P. SEEN: ids already in the context (for the penalty).
@@ -40,7 +49,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
     if p.temperature <= 0:  # greedy; numpy's argmax is vectorised, torch's CPU argmax ~10x slower at V = 49k
-        return int(logits.detach().numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
+        i = int(logits.detach().numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
+        if not math.isfinite(logits[i]):  # argmax lands on a NaN when there is one: one scalar read checks them all
+            raise NonFiniteLogits()
+        return i
     ids = None  # the candidates' token ids, once probs holds only the candidates (sorted, best first)
     if p.top_k and p.top_k < logits.numel():
         logits, ids = torch.topk(logits, p.top_k)  # (k,)
@@ -52,7 +64,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
             if float(probs.sum()) <= p.top_p and probs.numel() < every.numel():
                 probs, ids = torch.sort(every, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)  # the smallest set reaching top_p
-    i = draw(probs, gen)
+    try:
+        i = draw(probs, gen)
+    except ValueError:  # softmax of finite logits sums to 1: a NaN/inf score made it NaN
+        raise NonFiniteLogits() from None
     return i if ids is None else int(ids[i])
 
 
@@ -215,8 +230,18 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
          dtype: str = "fp32", device: str = "auto") -> list[str]:
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
     lm = load(model_dir, threads=threads, dtype=dtype, device=device)
-    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=list(stop or []))
+    try:
+        return _print_samples(lm, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, repetition_penalty=repetition_penalty,
+                                               stop=list(stop or [])), seed, num_samples, stream, as_json)
+    except NonFiniteLogits as e:
+        if stream and not as_json:
+            print(flush=True)  # end the streamed line: the error gets a line of its own
+        raise SystemExit(f"error: {model_dir}: {e}") from None
+
+
+def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None, num_samples: int, stream: bool,
+                   as_json: bool) -> list[str]:
     texts = []
     for i in range(num_samples):
         s = None if seed is None else seed + i

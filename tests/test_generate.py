@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slmkit.generate import SamplingParams, draw, generate_ids, load, sample_next, stream_text
+from slmkit.generate import NonFiniteLogits, SamplingParams, draw, generate_ids, load, sample_next, stream_text
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_model):
@@ -36,6 +36,31 @@ def test_sampling_filters():
     # the penalty makes a seen token lose to the runner-up
     assert sample_next(logits.clone(), SamplingParams(temperature=0, repetition_penalty=2.0),
                        seen=torch.tensor([1])) == 2
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=1.0, top_k=2),
+                                    dict(temperature=1.0, top_k=0, top_p=0.9), dict(temperature=1.0, top_k=0)])
+def test_nan_scores_are_refused_on_every_sampling_path(params):
+    logits = torch.tensor([1.0, float("nan"), 2.0, 0.5])
+    with pytest.raises(NonFiniteLogits, match="NaN or infinite"):
+        sample_next(logits, SamplingParams(**params))
+
+
+def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slmkit.generate import main as generate
+
+    broken = tmp_path / "diverged"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")  # what a diverged run leaves behind
+    save_file(weights, broken / "model.safetensors")
+    for temperature in (0.0, 0.8):
+        with pytest.raises(SystemExit, match=r"^error: .*diverged: the model's next-token scores are NaN"):
+            generate(broken, prompt="KING", max_new_tokens=5, temperature=temperature)
 
 
 def test_draw_follows_the_weights_and_never_picks_a_zero():
