@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.peers.nanogpt import (
-    WARMUP_ITERS_EXCLUDED,
     check_ids,
     get_batch,
     num_threads,
@@ -187,48 +187,24 @@ def train_hf_llama(
     }
 
 
-def hf_llama_iter_time(
+def hf_llama_train_step(
     vocab_size: int,
+    *,
     n_layer: int = 4,
     n_head: int = 4,
     n_embd: int = 128,
     block_size: int = 64,
-    batch_size: int = 12,
-    iters: int = 50,
-    *,
     intermediate_size: int | None = None,
     lr: float = 3e-3,
     weight_decay: float = 0.1,
     grad_clip: float = 1.0,
     seed: int = 1337,
-    threads: int | None = None,
-) -> dict:
-    """Time Llama training iterations on random tokens at nanoGPT's shape (defaults match ``nanogpt_iter_time``).
-
-    Runs ``iters`` steps after 10 untimed warm-up steps at a constant learning rate. Returns ``ms_per_iter``
-    (median), ``tokens_per_s``, ``iters`` and ``params``.
-    """
-    with num_threads(threads):
-        torch.manual_seed(seed)
-        model = build_hf_llama(
-            vocab_size,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            n_head=n_head,
-            intermediate_size=intermediate_size,
-            block_size=block_size,
-        )
-        model.train()
-        optimizer = _configure_adamw(model, lr, weight_decay)
-        iter_times: list[float] = []
-        for _ in range(WARMUP_ITERS_EXCLUDED + iters):
-            x = torch.randint(vocab_size, (batch_size, block_size))
-            y = torch.randint(vocab_size, (batch_size, block_size))
-            t0 = time.perf_counter()
-            _train_step(model, optimizer, x, y, grad_clip)
-            iter_times.append(time.perf_counter() - t0)
-    return {
-        **timing_summary(iter_times, batch_size * block_size),
-        "iters": iters,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], int]:
+    """A plain ``LlamaForCausalLM`` at nanoGPT's shape (defaults match ``nanogpt_train_step``) and one training step
+    as ``step(x, y) -> loss`` at a constant learning rate. Returns ``(step, parameter count)``."""
+    torch.manual_seed(seed)
+    model = build_hf_llama(vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                           intermediate_size=intermediate_size, block_size=block_size)
+    model.train()
+    optimizer = _configure_adamw(model, lr, weight_decay)
+    return (lambda x, y: _train_step(model, optimizer, x, y, grad_clip)), sum(p.numel() for p in model.parameters())

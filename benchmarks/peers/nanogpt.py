@@ -525,49 +525,36 @@ def train_nanogpt(
     }
 
 
-def nanogpt_iter_time(
+def nanogpt_train_step(
     vocab_size: int,
-    iters: int = 50,
     *,
     n_layer: int = 4,
     n_head: int = 4,
     n_embd: int = 128,
     block_size: int = 64,
-    batch_size: int = 12,
     lr: float = 1e-3,
     weight_decay: float = 0.1,
     beta2: float = 0.99,
     grad_clip: float = 1.0,
     seed: int = 1337,
-    threads: int | None = None,
-) -> dict:
-    """Time nanoGPT training iterations on random tokens (throughput only; nothing is learned or evaluated).
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], int]:
+    """nanoGPT's model and optimizer at its CPU recipe's shape, and one training iteration of its ``train.py`` as a
+    function ``step(X, Y) -> loss`` (forward, backward, clipping, AdamW, zero_grad; a constant learning rate, since
+    the schedule does not change the cost of a step). Returns ``(step, parameter count)``: for step-interleaved
+    throughput timing against other systems (benchmarks/bench_throughput.py)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       bias=False)
+    model = GPT(config)
+    optimizer = model.configure_optimizers(weight_decay, lr, (0.9, beta2), "cpu")
 
-    Runs ``iters`` steps after 10 untimed warm-up steps, at a constant learning rate (the schedule does not change
-    the cost of a step). Returns ``ms_per_iter`` (median), ``tokens_per_s``, ``iters`` and ``params``.
-    """
-    with num_threads(threads):
-        torch.manual_seed(seed)
-        config = GPTConfig(
-            block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=False
-        )
-        model = GPT(config)
-        optimizer = model.configure_optimizers(weight_decay, lr, (0.9, beta2), "cpu")
-        iter_times: list[float] = []
-        for _ in range(WARMUP_ITERS_EXCLUDED + iters):
-            X = torch.randint(vocab_size, (batch_size, block_size))
-            Y = torch.randint(vocab_size, (batch_size, block_size))
-            t0 = time.perf_counter()
-            _, loss = model(X, Y)
-            loss.backward()
-            if grad_clip != 0.0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()
-            iter_times.append(time.perf_counter() - t0)
-    return {
-        **timing_summary(iter_times, batch_size * block_size),
-        "iters": iters,
-        "params": model.get_num_params(),
-    }
+    def step(X: torch.Tensor, Y: torch.Tensor) -> float:
+        _, loss = model(X, Y)
+        loss.backward()
+        if grad_clip != 0.0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, model.get_num_params()
