@@ -123,12 +123,23 @@ def byte_tokenizer():
 
 def load_tokenizer(model_dir: Path):
     """The tokenizer saved in a model folder (local files only)."""
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise SystemExit(f"error: {model_dir} holds no tokenizer (tokenizer.json); pass a model folder written by "
                          "`slm train` or a Hugging Face folder with its tokenizer")
+    config = model_dir / "tokenizer_config.json"
+    try:
+        cls = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        cls = None  # AutoTokenizer reports what is wrong with the file
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (model_dir / "tokenizer.json").is_file():
+        # The generic tokenizer.json class (what `slm train` saves): load it directly. AutoTokenizer would first
+        # read the model's config through AutoConfig, whose imports cost ~2 s of every verb's start-up here.
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 

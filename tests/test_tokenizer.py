@@ -55,3 +55,24 @@ def test_default_vocab_grows_with_the_corpus():
 def test_vocab_too_small_is_an_error():
     with pytest.raises(SystemExit, match="too small"):
         train_bpe(["abc"], vocab_size=100)
+
+
+def test_our_folders_load_without_autoconfig_and_match_autotokenizer(tiny_model):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from slmkit.tokenizer import load_tokenizer
+
+    ours, auto = load_tokenizer(tiny_model), AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
+    text = "ROMEO: But soft, what light <|im_end|> through yonder window breaks?"
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
+    assert (ours.eos_token_id, ours.pad_token_id, ours.chat_template) == (auto.eos_token_id, auto.pad_token_id,
+                                                                         auto.chat_template)
+    # the point of the direct path: no AutoConfig import chain (~2 s) at the start of generate/chat/eval/serve
+    probe = ("import sys; from slmkit.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1]); "
+             "print('transformers.models.auto.configuration_auto' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tiny_model)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
