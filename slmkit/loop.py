@@ -55,10 +55,33 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def budget_from(args: dict, announce: bool = True) -> Budget:
-    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after checking --val-fraction."""
-    if args["val_fraction"] is not None and not (0.0 <= args["val_fraction"] < 0.5):
+# The run's numbers that train and finetune share, checked before any work: None is "the recipe's choice".
+POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",
+            "time": "leave it out for the default budget", "block_size": "leave it out for the recipe's choice",
+            "batch_size": "leave it out for the recipe's choice", "grad_accum": "1 = no accumulation",
+            "lr": "leave it out for the recipe's choice"}
+NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout")
+
+
+def check_numbers(args: dict) -> None:
+    """One line naming the flag for a budget, size or rate that cannot work (0 steps, a negative lr...)."""
+    for key, hint in POSITIVE.items():
+        if args.get(key) is not None and not args[key] > 0:  # `not > 0` also catches NaN
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be positive ({hint})")
+    for key in NON_NEGATIVE:
+        if args.get(key) is not None and not args[key] >= 0:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be 0 or more")
+    if args.get("dropout") is not None and not args["dropout"] < 1:
+        raise SystemExit(f"error: --dropout {args['dropout']} must be below 1")
+    if args.get("min_lr_ratio") is not None and not 0 <= args["min_lr_ratio"] <= 1:
+        raise SystemExit(f"error: --min-lr-ratio {args['min_lr_ratio']} must be in [0, 1]")
+    if args.get("val_fraction") is not None and not (0.0 <= args["val_fraction"] < 0.5):
         raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
+
+
+def budget_from(args: dict, announce: bool = True) -> Budget:
+    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after check_numbers(ARGS)."""
+    check_numbers(args)
     budget = Budget(args["steps"], args["tokens"], args["time"])
     if not (budget.steps or budget.tokens or budget.seconds):
         budget.seconds = recipe.DEFAULT_SECONDS

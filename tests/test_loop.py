@@ -13,6 +13,24 @@ def test_parse_budgets():
         parse_duration("soon")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0 must be positive"), (["--time", "0"], "--time 0.0 must be positive"),
+    (["--lr", "-1"], "--lr -1.0 must be positive"), (["--grad-accum", "0"], "--grad-accum 0 must be positive"),
+    (["--batch-size", "0"], "--batch-size 0 must be positive"), (["--warmup", "-5"], "--warmup -5 must be 0 or more"),
+    (["--clip", "nan"], "--clip nan must be 0 or more"), (["--dropout", "1"], "--dropout 1.0 must be below 1"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0 must be in")])
+def test_numbers_that_cannot_train_are_refused_before_any_work(flags, message, corpus, tmp_path, capsys):
+    """They used to train silently (0 steps meant the default budget, a negative lr trained uphill) or crash
+    (--grad-accum 0: ZeroDivisionError); now one line names the flag, and nothing is written."""
+    from slmkit.__main__ import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--preset", "slm-tiny", *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_lr_warms_up_then_decays_to_the_floor():
     assert get_lr(0, 0.0, 1.0, warmup_steps=10) == pytest.approx(0.1)
     assert get_lr(9, 0.0, 1.0, warmup_steps=10) == pytest.approx(1.0)
