@@ -28,6 +28,17 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """A ValueError naming the setting that cannot sample (they crashed in topk, or divided by zero and passed
+        for NaN weights). The server's request schema narrows these further."""
+        for ok, name, rule in ((self.max_new_tokens >= 0, "max_new_tokens", "0 or more"),
+                               (self.temperature >= 0, "temperature", "0 (greedy) or more"),
+                               (self.top_k >= 0, "top_k", "0 (off) or more"),
+                               (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+                               (self.repetition_penalty > 0, "repetition_penalty", "positive (1 = off)")):
+            if not ok:  # comparisons with NaN are False: NaN is refused too
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be {rule}")
+
 
 class NonFiniteLogits(ValueError):
     """The model scored the next token NaN or infinite: its weights hold NaN/inf (a diverged training run)."""
@@ -229,11 +240,17 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
          num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None,
          dtype: str = "fp32", device: str = "auto") -> list[str]:
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
+    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=list(stop or []))
+    try:
+        SamplingParams(**params)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if num_samples < 1:
+        raise SystemExit(f"error: --num-samples {num_samples} must be 1 or more")
     lm = load(model_dir, threads=threads, dtype=dtype, device=device)
     try:
-        return _print_samples(lm, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                               top_p=top_p, repetition_penalty=repetition_penalty,
-                                               stop=list(stop or [])), seed, num_samples, stream, as_json)
+        return _print_samples(lm, prompt, params, seed, num_samples, stream, as_json)
     except NonFiniteLogits as e:
         if stream and not as_json:
             print(flush=True)  # end the streamed line: the error gets a line of its own

@@ -46,6 +46,21 @@ def test_nan_scores_are_refused_on_every_sampling_path(params):
         sample_next(logits, SamplingParams(**params))
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(top_k=-5), "--top-k -5 must be 0"),
+    (dict(repetition_penalty=0.0), "--repetition-penalty 0.0 must be positive"),
+    (dict(temperature=float("nan")), "--temperature nan must be"), (dict(top_p=0.0), "--top-p 0.0 must be in"),
+    (dict(max_new_tokens=-1), "--max-new-tokens -1 must be")])
+def test_settings_that_cannot_sample_are_named_before_loading(setting, message, tmp_path):
+    """top_k < 0 crashed inside topk; a zero penalty or a NaN temperature made NaN scores, taken for NaN weights."""
+    from slmkit.generate import main as generate
+
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**setting)
+    with pytest.raises(SystemExit, match="^error: " + message):  # before the folder is read: it does not exist
+        generate(tmp_path / "no-model", prompt="x", **setting)
+
+
 def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path, capsys):
     import shutil
 
