@@ -74,6 +74,9 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     from slmkit.presets import is_encoder
     from slmkit.tokenizer import load_tokenizer, token_byte_lengths
 
+    for flag, value in (("--block-size", block_size), ("--batch-size", batch_size), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} {value} must be 1 or more")
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)
