@@ -129,6 +129,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
     budget = budget_from(args, announce=dist.is_main())
+    for flag, value, ok, rule in (("--patience", patience, patience >= 0, "0 or more (0 = no early stopping)"),
+                                  ("--eval-tokens", eval_tokens, eval_tokens >= 1, "positive")):
+        if not ok:
+            raise SystemExit(f"error: {flag} {value} must be {rule}")
+    for flag, every, what in (("--eval-every", eval_every, "steps, or a duration such as 30s"),
+                              ("--checkpoint-every", checkpoint_every, "a duration such as 2m")):
+        if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
+            raise SystemExit(f"error: {flag} {every} must be positive ({what})")
     files = expand_paths(args["data"])
     n_bytes = corpus_bytes(files)
     torch.manual_seed(args["seed"])
