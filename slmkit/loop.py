@@ -59,8 +59,9 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
 POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",
             "time": "leave it out for the default budget", "block_size": "leave it out for the recipe's choice",
             "batch_size": "leave it out for the recipe's choice", "grad_accum": "1 = no accumulation",
-            "lr": "leave it out for the recipe's choice"}
-NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout")
+            "lr": "leave it out for the recipe's choice", "lora_r": "the adapter's rank, e.g. 8",
+            "lora_alpha": "the adapter's scale numerator, e.g. 16"}
+NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout")
 
 
 def check_numbers(args: dict) -> None:
@@ -71,8 +72,9 @@ def check_numbers(args: dict) -> None:
     for key in NON_NEGATIVE:
         if args.get(key) is not None and not args[key] >= 0:
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be 0 or more")
-    if args.get("dropout") is not None and not args["dropout"] < 1:
-        raise SystemExit(f"error: --dropout {args['dropout']} must be below 1")
+    for key in ("dropout", "lora_dropout"):
+        if args.get(key) is not None and not args[key] < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be below 1")
     if args.get("min_lr_ratio") is not None and not 0 <= args["min_lr_ratio"] <= 1:
         raise SystemExit(f"error: --min-lr-ratio {args['min_lr_ratio']} must be in [0, 1]")
     if args.get("val_fraction") is not None and not (0.0 <= args["val_fraction"] < 0.5):

@@ -101,6 +101,16 @@ def test_bad_chat_files_fail_with_the_line_number_and_write_nothing(base, tmp_pa
     assert summary["step"] == 2
 
 
+@pytest.mark.parametrize("setting, message", [(dict(lora_r=0), "--lora-r 0 must be positive"),
+                                              (dict(lora_dropout=1.0), "--lora-dropout 1.0 must be below 1"),
+                                              (dict(grad_accum=0), "--grad-accum 0 must be positive")])
+def test_adapter_and_loop_numbers_that_cannot_train_are_named(base, chats, tmp_path, setting, message):
+    """--lora-r 0 used to surface as peft's complaint, blamed on --lora-targets."""
+    with pytest.raises(SystemExit, match="^error: " + message):
+        finetune(base, [str(chats)], tmp_path / "o", task="sft", steps=2, lora=True, **{**FAST, **setting})
+    assert not (tmp_path / "o").exists()
+
+
 def test_full_sft_learns_the_replies_and_the_folder_chats(base, chats, tmp_path):
     from slmkit.evaluate import main as evaluate
     from slmkit.generate import load
