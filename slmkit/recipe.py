@@ -67,19 +67,13 @@ def context_for(cfg: dict, device: str) -> int:
 def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, steps: int | None = None,
                 tokens: int | None = None, bytes_per_token: float = 3.0) -> dict:
     """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget."""
-    flops = device_flops(device)
     choice = AUTO_LADDER[0]
     for name, overrides in AUTO_LADDER:
         cfg = {**DECODERS[name], **overrides}
         block = context_for(cfg, device)
         vocab = auto_vocab_size(corpus_bytes, cfg["hidden_size"])
-        per_token = step_flops_per_token(cfg, vocab, block)
-        if tokens:
-            budget_tokens = tokens
-        elif steps:
-            budget_tokens = steps * batch_tokens_for(cfg, device)
-        else:
-            budget_tokens = flops * (seconds or DEFAULT_SECONDS) / per_token
+        budget_tokens = planned_tokens(cfg, vocab, block, batch_tokens_for(cfg, device), device, steps, tokens,
+                                       seconds if seconds or steps or tokens else DEFAULT_SECONDS)
         # A model that needs more than ~10 passes over a small corpus to get its tokens only memorises it.
         enough_data = corpus_bytes / bytes_per_token * 10 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
         if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or choice[0] == name):
@@ -98,11 +92,19 @@ def weight_decay_for(cfg: dict, block: int, step_tokens: int, train_tokens: int,
     """Weight decay for training CFG on TRAIN_TOKENS tokens, STEP_TOKENS per step, until the first of the budgets
     runs out (a time budget's tokens estimated at device_flops): 0.1 up to one pass over the data, 0.1 per pass
     beyond that, at most WEIGHT_DECAY_MAX."""
+    passes = planned_tokens(cfg, cfg["vocab_size"], block, step_tokens, device, steps, tokens, seconds) / max(
+        1, train_tokens)
+    return round(min(WEIGHT_DECAY_MAX, max(WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_PER_PASS * passes)), 3)
+
+
+def planned_tokens(cfg: dict, vocab: int, block: int, step_tokens: int, device: str, steps: int | None = None,
+                   tokens: int | None = None, seconds: float | None = None) -> float:
+    """Training tokens until the first of the budgets runs out (`slm train` stops at the first); a time budget's
+    tokens estimated from device_flops. 0 when no budget is given."""
     planned = [t for t in (tokens, (steps or 0) * step_tokens) if t]
     if seconds:
-        planned.append(device_flops(device) * seconds / step_flops_per_token(cfg, cfg["vocab_size"], block))
-    passes = min(planned, default=0) / max(1, train_tokens)
-    return round(min(WEIGHT_DECAY_MAX, max(WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_PER_PASS * passes)), 3)
+        planned.append(device_flops(device) * seconds / step_flops_per_token(cfg, vocab, block))
+    return min(planned, default=0)
 
 
 def peak_lr(width: int, optimizer: str = "adamw") -> float:
