@@ -159,6 +159,10 @@ def test_bad_classification_data_are_one_line_errors(toy, tmp_path):
           write_csv(tmp_path / "e.csv", [(t, f"row-{i}") for i, (t, _) in enumerate(rows)]))
     (tmp_path / "f.txt").write_text("just text\n")
     fails("plain text; labelled data must be CSV", tmp_path / "f.txt")
+    good = write_csv(tmp_path / "g.csv", rows)  # numbers that cannot train, named before any work
+    fails("--lora-r 0 must be positive", good, lora=True, lora_r=0)
+    fails("--batch-size 0 must be positive", good, batch_size=0)
+    fails("--epochs 0 must be positive", good, epochs=0)
     assert not (tmp_path / "never").exists()  # nothing half-written
 
 
