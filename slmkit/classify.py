@@ -365,12 +365,9 @@ def finetune(model_dir: Path, data: Path | list, out: Path, text_col: str = "tex
     from slmkit.tokenizer import load_tokenizer
 
     check_numbers(dict(steps=parse_count(steps), time=parse_duration(time), lr=lr, batch_size=batch_size,
-                       warmup=warmup, weight_decay=weight_decay, val_fraction=val_fraction,
+                       warmup=warmup, weight_decay=weight_decay, val_fraction=val_fraction, epochs=epochs,
+                       patience=patience, max_length=max_length,
                        **(dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout) if lora else {})))
-    for flag, value, ok in (("--epochs", epochs, epochs > 0), ("--patience", patience, patience >= 0),
-                            ("--max-length", max_length, max_length is None or max_length >= 1)):
-        if not ok:
-            raise SystemExit(f"error: {flag} {value} must be {'0 or more' if flag == '--patience' else 'positive'}")
     files = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
     model_dir, data, out = Path(model_dir), files[0], Path(out)
     read_config(model_dir)

@@ -55,13 +55,14 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-# The run's numbers that train and finetune share, checked before any work: None is "the recipe's choice".
+# The run's numbers that train, finetune and classify share, checked before any work: None is "the recipe's choice".
 POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",
             "time": "leave it out for the default budget", "block_size": "leave it out for the recipe's choice",
             "batch_size": "leave it out for the recipe's choice", "grad_accum": "1 = no accumulation",
             "lr": "leave it out for the recipe's choice", "lora_r": "the adapter's rank, e.g. 8",
-            "lora_alpha": "the adapter's scale numerator, e.g. 16"}
-NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout")
+            "lora_alpha": "the adapter's scale numerator, e.g. 16", "eval_tokens": "held-out tokens per evaluation",
+            "epochs": "passes over the data", "max_length": "tokens kept per text"}
+NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "patience")
 
 
 def check_numbers(args: dict) -> None:

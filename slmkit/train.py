@@ -24,6 +24,7 @@ from slmkit.loop import (
     FitState,
     budget_from,
     causal_lm_loss,
+    check_numbers,
     fit,
     parse_count,
     parse_duration,
@@ -129,10 +130,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
     budget = budget_from(args, announce=dist.is_main())
-    for flag, value, ok, rule in (("--patience", patience, patience >= 0, "0 or more (0 = no early stopping)"),
-                                  ("--eval-tokens", eval_tokens, eval_tokens >= 1, "positive")):
-        if not ok:
-            raise SystemExit(f"error: {flag} {value} must be {rule}")
+    check_numbers(dict(patience=patience, eval_tokens=eval_tokens))  # the run's other numbers: budget_from
     for flag, every, what in (("--eval-every", eval_every, "steps, or a duration such as 30s"),
                               ("--checkpoint-every", checkpoint_every, "a duration such as 2m")):
         if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
