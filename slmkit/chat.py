@@ -18,13 +18,10 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
          threads: int | None = None, device: str = "auto") -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    from slmkit.generate import NonFiniteLogits, SamplingParams, load
+    from slmkit.generate import NonFiniteLogits, checked_sampling, load
 
-    try:
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty)
     lm = load(model_dir, threads=threads, device=device)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)

@@ -40,6 +40,14 @@ class SamplingParams:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be {rule}")
 
 
+def checked_sampling(**settings) -> SamplingParams:
+    """SamplingParams for a CLI verb (generate, chat): a setting that cannot sample is one line naming its flag."""
+    try:
+        return SamplingParams(**settings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 class NonFiniteLogits(ValueError):
     """The model scored the next token NaN or infinite: its weights hold NaN/inf (a diverged training run)."""
 
@@ -242,10 +250,7 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=list(stop or []))
-    try:
-        SamplingParams(**params)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    checked_sampling(**params)
     if num_samples < 1:
         raise SystemExit(f"error: --num-samples {num_samples} must be 1 or more")
     lm = load(model_dir, threads=threads, dtype=dtype, device=device)
