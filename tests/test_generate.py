@@ -61,7 +61,7 @@ def test_settings_that_cannot_sample_are_named_before_loading(setting, message, 
         generate(tmp_path / "no-model", prompt="x", **setting)
 
 
-def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path, capsys):
+def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -74,8 +74,9 @@ def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path, capsy
     weights["model.norm.weight"][3] = float("nan")  # what a diverged run leaves behind
     save_file(weights, broken / "model.safetensors")
     for temperature in (0.0, 0.8):
-        with pytest.raises(SystemExit, match=r"^error: .*diverged: the model's next-token scores are NaN"):
+        with pytest.raises(SystemExit, match=r"^error: .*diverged: the model's next-token scores are NaN") as e:
             generate(broken, prompt="KING", max_new_tokens=5, temperature=temperature)
+        assert "\n" not in e.value.code
 
 
 def test_draw_follows_the_weights_and_never_picks_a_zero():
