@@ -4,6 +4,7 @@ Weights are random (speed does not depend on them); shapes are slmkit presets pl
 Greedy decoding of --new tokens after a 32-token prompt; EOS is disabled so both produce exactly --new tokens.
 
     python benchmarks/bench_decode.py [--new 128] [--threads 2] [--json benchmarks/results/decode.json]
+    python benchmarks/bench_decode.py --device cuda        # the same comparison on a GPU
 """
 
 from __future__ import annotations
@@ -29,20 +30,31 @@ SHAPES = {"slm-1m": ("slm-1m", 2048, {}), "slm-7m": ("slm-7m", 8192, {}), "slm-3
           "smollm2-135m shape": ("slm-125m", 49152, SMOLLM2_135M)}
 
 
+def sync(model) -> None:
+    """On a GPU, wait for queued kernels so the host clock measures the work, not the queueing."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_ours(model, prompt: list[int], new: int) -> float:
+    sync(model)
     t0 = time.perf_counter()
     n = sum(1 for _ in generate_ids(model, prompt, SamplingParams(max_new_tokens=new, temperature=0), set(), 4096))
     assert n == new
+    sync(model)
     return new / (time.perf_counter() - t0)
 
 
 def time_hf(model, prompt: list[int], new: int) -> float:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    sync(model)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     assert out.shape[1] == len(prompt) + new
+    sync(model)
     return new / (time.perf_counter() - t0)
 
 
@@ -52,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="models to time")
+    ap.add_argument("--device", default="cpu", help="cpu (the issue's target) or cuda")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,9 +79,9 @@ def main() -> None:
         model = build_model(build_config(preset, vocab, overrides))
         with tempfile.TemporaryDirectory() as d:
             save_model(model, Path(d))
-            ours = decode_layout(load_model(Path(d)))  # as slmkit.load() / `slm generate` do
-            ours_bf16 = load_model(Path(d), dtype=torch.bfloat16)  # decode_layout leaves bf16 weights as they are
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            ours = decode_layout(load_model(Path(d)).to(args.device))  # as slmkit.load() / `slm generate` do
+            ours_bf16 = load_model(Path(d), dtype=torch.bfloat16).to(args.device)  # decode_layout keeps bf16 as is
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval().to(args.device)
         prompt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
         time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
         o, h = [], []
@@ -89,7 +102,8 @@ def main() -> None:
         print(f"{name:<22}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}{r['speedup']:>9.2f}x"
               f"{r['slmkit_bf16_tok_s']:>13.1f}{r['hf_bf16_tok_s']:>13.1f}{r['speedup_bf16']:>9.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"threads": args.threads, "new_tokens": args.new, "results": rows}, indent=2))
+    report = {"device": args.device, "threads": args.threads, "new_tokens": args.new, "results": rows}
+    args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
