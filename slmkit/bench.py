@@ -261,7 +261,12 @@ def chart(rows: list[dict], path: Path) -> None:
 def main(targets: list[Path], threads: int | None = None, memory_cap: str | None = None, new_tokens: int = 64,
          data: Path | None = None, ppl_tokens: int = 1024, as_json: bool = False, out: Path | None = None) -> list:
     """Profile each TARGET (model folder, int8 folder, ONNX export folder or .gguf) in its own process."""
+    from slmkit.loop import check_numbers
+
     cap = parse_size(memory_cap) if memory_cap else None
+    check_numbers(dict(threads=threads, new_tokens=new_tokens, ppl_tokens=ppl_tokens, memory_cap=cap),
+                  {"new_tokens": "greedy tokens to decode per target", "ppl_tokens": "tokens of --data to score",
+                   "memory_cap": "e.g. 512M; leave it out for no limit"})
     for t in targets:
         if not Path(t).exists():
             raise SystemExit(f"error: {t} does not exist; pass model folders, ONNX export folders or .gguf files")

@@ -19,9 +19,11 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
          threads: int | None = None, device: str = "auto") -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
     from slmkit.generate import NonFiniteLogits, checked_sampling, load
+    from slmkit.loop import check_numbers
 
     checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty)
+    check_numbers(dict(threads=threads))
     lm = load(model_dir, threads=threads, device=device)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)

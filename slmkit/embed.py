@@ -60,8 +60,10 @@ def main(model_dir: Path, data: Path, out: Path, text_col: str = "text", batch_s
          max_length: int | None = None, device: str = "cpu") -> Path:
     """Embed every text of DATA with the encoder in MODEL_DIR and write OUT (.npy or .parquet). Returns OUT."""
     from slmkit.classify import read_texts
+    from slmkit.loop import check_numbers
     from slmkit.models import atomic_write_bytes
 
+    check_numbers(dict(batch_size=batch_size, max_length=max_length), {"batch_size": "texts per forward pass"})
     out = Path(out)
     if out.suffix.lower() not in (".npy", ".parquet"):
         raise SystemExit(f"error: --out {out} must end in .npy or .parquet")

@@ -69,14 +69,14 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     from slmkit.classify import evaluate_file, is_classifier
     from slmkit.data import expand_paths, load_tokens, tokenize_to_memmap
     from slmkit.encoders import masked_lm_evaluator
-    from slmkit.loop import pick_device
+    from slmkit.loop import check_numbers, pick_device
     from slmkit.models import load_model, read_config
     from slmkit.presets import is_encoder
     from slmkit.tokenizer import load_tokenizer, token_byte_lengths
 
-    for flag, value in (("--block-size", block_size), ("--batch-size", batch_size), ("--max-tokens", max_tokens)):
-        if value is not None and value < 1:
-            raise SystemExit(f"error: {flag} {value} must be 1 or more")
+    check_numbers(dict(block_size=block_size, batch_size=batch_size, max_tokens=max_tokens),
+                  {"block_size": "tokens per window; leave it out for the model's context",
+                   "batch_size": "windows per forward pass", "max_tokens": "tokens to score; leave it out for all"})
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)

@@ -66,9 +66,11 @@ def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = N
     onnx: a folder with model.onnx (decoders: logits + past key values; encoders: logits or embeddings) and the
     tokenizer (--quant int8 for onnxruntime dynamic int8). hf: a clean Hugging Face folder with safetensors.
     """
+    from slmkit.loop import check_numbers
     from slmkit.models import read_config
     from slmkit.presets import is_encoder
 
+    check_numbers(dict(max_ppl_rise=max_ppl_rise), non_negative=("max_ppl_rise",))
     model_dir, out = Path(model_dir), Path(out)
     if format not in FORMATS:
         raise SystemExit(f"error: unknown --format {format!r}; use one of {', '.join(FORMATS)}")

@@ -248,11 +248,12 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
          num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None,
          dtype: str = "fp32", device: str = "auto") -> list[str]:
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
+    from slmkit.loop import check_numbers
+
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=list(stop or []))
     checked_sampling(**params)
-    if num_samples < 1:
-        raise SystemExit(f"error: --num-samples {num_samples} must be 1 or more")
+    check_numbers(dict(num_samples=num_samples, threads=threads), {"num_samples": "texts to sample"})
     lm = load(model_dir, threads=threads, dtype=dtype, device=device)
     try:
         return _print_samples(lm, prompt, params, seed, num_samples, stream, as_json)

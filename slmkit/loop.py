@@ -55,22 +55,25 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-# The run's numbers that train, finetune and classify share, checked before any work: None is "the recipe's choice".
+# Numbers the verbs share, checked before any work: None is "the default". A verb passes its values and, for flags of
+# its own, more (flag -> hint) to check_numbers.
 POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",
             "time": "leave it out for the default budget", "block_size": "leave it out for the recipe's choice",
             "batch_size": "leave it out for the recipe's choice", "grad_accum": "1 = no accumulation",
             "lr": "leave it out for the recipe's choice", "lora_r": "the adapter's rank, e.g. 8",
             "lora_alpha": "the adapter's scale numerator, e.g. 16", "eval_tokens": "held-out tokens per evaluation",
-            "epochs": "passes over the data", "max_length": "tokens kept per text"}
+            "epochs": "passes over the data", "max_length": "tokens kept per text",
+            "threads": "CPU threads; leave it out for all cores"}
 NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "patience")
 
 
-def check_numbers(args: dict) -> None:
-    """One line naming the flag for a budget, size or rate that cannot work (0 steps, a negative lr...)."""
-    for key, hint in POSITIVE.items():
+def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negative: tuple[str, ...] = ()) -> None:
+    """One line naming the flag for a budget, size or rate that cannot work (0 steps, a negative lr...). ARGS maps
+    flag names (underscored) to values; POSITIVE (flag -> hint) and NON_NEGATIVE add a verb's own flags."""
+    for key, hint in {**POSITIVE, **(positive or {})}.items():
         if args.get(key) is not None and not args[key] > 0:  # `not > 0` also catches NaN
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be positive ({hint})")
-    for key in NON_NEGATIVE:
+    for key in (*NON_NEGATIVE, *non_negative):
         if args.get(key) is not None and not args[key] >= 0:
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be 0 or more")
     for key in ("dropout", "lora_dropout"):

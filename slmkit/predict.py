@@ -13,7 +13,10 @@ def main(model_dir: Path, text: str | None = None, data: Path | None = None, tex
          as_json: bool = False, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
     """Classify --text or every row of --data with the classifier in MODEL_DIR: top-k labels with probabilities."""
     from slmkit.classify import predict, read_texts
+    from slmkit.loop import check_numbers
 
+    check_numbers(dict(top_k=top_k, batch_size=batch_size, max_length=max_length),
+                  {"top_k": "labels to show per text", "batch_size": "texts per forward pass"})
     if (text is None) == (data is None):
         raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
     if text is not None and not text.strip():

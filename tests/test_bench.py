@@ -54,3 +54,13 @@ def test_bench_rejects_what_it_cannot_run(tmp_path):
         backend_of(tmp_path / "notes.txt")
     with pytest.raises(SystemExit, match="does not exist"):
         bench([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(new_tokens=0), "--new-tokens 0 must be positive"),  # ZeroDivisionError in the tokens/s cell
+    (dict(ppl_tokens=0), "--ppl-tokens 0 must be positive"),
+    (dict(memory_cap="0"), "--memory-cap 0 must be positive"),  # quietly meant no limit
+    (dict(threads=0), "--threads 0 must be positive")])
+def test_bench_names_a_number_that_cannot_profile(setting, message, tmp_path):
+    with pytest.raises(SystemExit, match="^error: " + message):
+        bench([tmp_path / "missing"], **setting)

@@ -173,6 +173,15 @@ def test_classifying_with_a_folder_that_is_not_a_classifier_is_a_one_line_error(
         classify(toy["base"], text="hello")
 
 
+@pytest.mark.parametrize("setting", [dict(top_k=0), dict(batch_size=0), dict(max_length=0)])
+def test_slm_classify_names_a_size_below_one(setting, tmp_path):
+    from slmkit.predict import main as classify
+
+    flag, value = next(iter(setting.items()))
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} {value} must be positive"):
+        classify(tmp_path / "no-model", text="hello", **setting)  # before the folder is read
+
+
 def test_fine_tuning_a_collapsed_encoder_warns_that_it_is_undertrained(toy, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -47,3 +47,10 @@ def test_masked_lm_folders_embed_with_their_encoder(tmp_path):
     folder = tiny_mlm_folder(tmp_path / "mlm", wordpiece(extra=SENTENCES))
     v = embed(folder, SENTENCES)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", [dict(batch_size=0), dict(max_length=-1)])
+def test_embed_names_a_size_below_one(setting, tmp_path):
+    flag, value = next(iter(setting.items()))
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} {value} must be positive"):
+        main(tmp_path / "no-model", tmp_path / "texts.txt", tmp_path / "v.npy", **setting)

@@ -19,5 +19,5 @@ def test_eval_matches_training_report(tiny_model, corpus):
 @pytest.mark.parametrize("flag", ["block_size", "batch_size", "max_tokens"])
 def test_window_sizes_below_one_are_refused(tiny_model, corpus, flag):
     """--batch-size 0 crashed in range(); --block-size 0 quietly meant the model's context."""
-    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} 0 must be 1 or more"):
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} 0 must be positive"):
         evaluate(tiny_model, data=[str(corpus)], **{flag: 0})

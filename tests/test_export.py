@@ -187,6 +187,13 @@ def test_bad_quant_types_are_one_line_errors(bpe_model, tmp_path, kwargs, messag
         export(bpe_model, tmp_path / "x", **kwargs)
 
 
+@pytest.mark.parametrize("rise", [-1.0, float("nan")])
+def test_a_negative_perplexity_bound_is_refused(rise, tmp_path):
+    """--max-ppl-rise -1 made every export fail parity with a message about a -100% bound."""
+    with pytest.raises(SystemExit, match="^error: --max-ppl-rise .* must be 0 or more"):
+        export(tmp_path / "no-model", tmp_path / "m.gguf", max_ppl_rise=rise)
+
+
 def test_a_missing_output_directory_is_an_error(bpe_model, tmp_path):
     with pytest.raises(SystemExit, match="does not exist; create it first"):
         export(bpe_model, tmp_path / "no" / "such" / "m.gguf", format="gguf")

@@ -120,3 +120,16 @@ def test_generation_stops_at_the_context_end(tiny_model):
     ids = list(range(10, 10 + lm.context - 3))
     out = list(generate_ids(lm.model, ids, SamplingParams(max_new_tokens=50, temperature=0), set(), lm.context))
     assert len(out) == 3
+
+
+@pytest.mark.parametrize("verb, setting, message", [
+    ("generate", dict(threads=-1), "--threads -1 must be positive"),  # crashed in torch.set_num_threads
+    ("generate", dict(threads=0), "--threads 0 must be positive"),  # quietly meant all cores
+    ("generate", dict(num_samples=0), "--num-samples 0 must be positive"),
+    ("chat", dict(threads=-2), "--threads -2 must be positive")])
+def test_cli_numbers_are_named_before_loading(verb, setting, message, tmp_path):
+    from slmkit.chat import main as chat
+    from slmkit.generate import main as generate
+
+    with pytest.raises(SystemExit, match="^error: " + message):  # the folder does not exist: checked first
+        (generate if verb == "generate" else chat)(tmp_path / "no-model", **setting)

@@ -311,3 +311,19 @@ def test_cli_errors_are_one_line(tmp_path, folders, monkeypatch):
     keys.write_text("# none\n")
     with pytest.raises(SystemExit, match="holds no keys"):
         main([str(tmp_path)], api_keys_file=keys)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(max_batch=0), "--max-batch 0 must be positive"),
+    (dict(max_queue=0), "--max-queue 0 must be positive"),  # every request would get 429
+    (dict(max_tokens_limit=0), "--max-tokens-limit 0 must be positive"),
+    (dict(max_prompt_tokens=0), "--max-prompt-tokens 0 must be positive"),
+    (dict(max_body_bytes=-1), "--max-body-bytes -1 must be positive"),
+    (dict(threads=-1), "--threads -1 must be positive"),  # crashed in torch.set_num_threads
+    (dict(port=70000), "--port 70000 must be in 1-65535"),  # crashed in bind()
+    (dict(port=0), "--port 0 must be in 1-65535")])  # the OS picks a port the startup line would not show
+def test_serve_names_a_setting_that_cannot_serve_before_loading(setting, message, tmp_path):
+    from slmkit.serve import main as serve
+
+    with pytest.raises(SystemExit, match="^error: " + message):
+        serve([str(tmp_path / "no-model")], **setting)

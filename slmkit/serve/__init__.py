@@ -97,11 +97,19 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SystemExit("error: slm serve needs FastAPI and uvicorn: pip install 'slmkit[serve]'") from None
     import torch
 
+    from slmkit.loop import check_numbers
     from slmkit.serve.app import create_app
     from slmkit.serve.protocol import Settings
 
     if api_key and api_keys_file:
         raise SystemExit("error: give --api-key or --api-keys-file, not both")
+    if not 0 < port < 65536:
+        raise SystemExit(f"error: --port {port} must be in 1-65535")
+    check_numbers(dict(max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, threads=threads),
+                  {"max_batch": "sequences decoded together", "max_queue": "requests that may wait for a batch row",
+                   "max_tokens_limit": "the largest max_tokens a request may ask for",
+                   "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000"})
     if threads:
         torch.set_num_threads(threads)
     keys = [api_key] if api_key else read_keys(api_keys_file) if api_keys_file else []
