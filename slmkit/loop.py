@@ -63,7 +63,8 @@ POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it 
             "lr": "leave it out for the recipe's choice", "lora_r": "the adapter's rank, e.g. 8",
             "lora_alpha": "the adapter's scale numerator, e.g. 16", "eval_tokens": "held-out tokens per evaluation",
             "epochs": "passes over the data", "max_length": "tokens kept per text",
-            "threads": "CPU threads; leave it out for all cores"}
+            "threads": "CPU threads; leave it out for all cores",
+            "vocab_size": "leave it out for one sized to the corpus"}
 NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "patience")
 
 
@@ -83,6 +84,11 @@ def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negati
         raise SystemExit(f"error: --min-lr-ratio {args['min_lr_ratio']} must be in [0, 1]")
     if args.get("val_fraction") is not None and not (0.0 <= args["val_fraction"] < 0.5):
         raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
+    for key, what in (("eval_every", "steps, or a duration such as 30s"),
+                      ("checkpoint_every", "a duration such as 2m")):
+        every = args.get(key)
+        if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {every} must be positive ({what})")
 
 
 def budget_from(args: dict, announce: bool = True) -> Budget:

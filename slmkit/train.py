@@ -130,11 +130,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
     budget = budget_from(args, announce=dist.is_main())
-    check_numbers(dict(patience=patience, eval_tokens=eval_tokens))  # the run's other numbers: budget_from
-    for flag, every, what in (("--eval-every", eval_every, "steps, or a duration such as 30s"),
-                              ("--checkpoint-every", checkpoint_every, "a duration such as 2m")):
-        if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
-            raise SystemExit(f"error: {flag} {every} must be positive ({what})")
+    check_numbers(dict(patience=patience, eval_tokens=eval_tokens, eval_every=eval_every,
+                       checkpoint_every=checkpoint_every))  # the run's other numbers: budget_from
     files = expand_paths(args["data"])
     n_bytes = corpus_bytes(files)
     torch.manual_seed(args["seed"])

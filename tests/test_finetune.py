@@ -103,7 +103,12 @@ def test_bad_chat_files_fail_with_the_line_number_and_write_nothing(base, tmp_pa
 
 @pytest.mark.parametrize("setting, message", [(dict(lora_r=0), "--lora-r 0 must be positive"),
                                               (dict(lora_dropout=1.0), "--lora-dropout 1.0 must be below 1"),
-                                              (dict(grad_accum=0), "--grad-accum 0 must be positive")])
+                                              (dict(grad_accum=0), "--grad-accum 0 must be positive"),
+                                              # these four were taken as they came (train refused them already)
+                                              (dict(eval_every="0"), "--eval-every 0 must be positive"),
+                                              (dict(checkpoint_every="0s"), "--checkpoint-every 0s must be"),
+                                              (dict(eval_tokens=0), "--eval-tokens 0 must be positive"),
+                                              (dict(patience=-1), "--patience -1 must be 0 or more")])
 def test_adapter_and_loop_numbers_that_cannot_train_are_named(base, chats, tmp_path, setting, message):
     """--lora-r 0 used to surface as peft's complaint, blamed on --lora-targets."""
     with pytest.raises(SystemExit, match="^error: " + message):

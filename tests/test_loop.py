@@ -20,7 +20,8 @@ def test_parse_budgets():
     (["--clip", "nan"], "--clip nan must be 0 or more"), (["--dropout", "1"], "--dropout 1.0 must be below 1"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0 must be in"), (["--patience", "-1"], "--patience -1 must be 0"),
     (["--eval-tokens", "0"], "--eval-tokens 0 must be positive"), (["--eval-every", "0"], "--eval-every 0 must be"),
-    (["--checkpoint-every", "0s"], "--checkpoint-every 0s must be positive")])
+    (["--checkpoint-every", "0s"], "--checkpoint-every 0s must be positive"),
+    (["--vocab-size", "0"], "--vocab-size 0 must be positive")])  # quietly meant one sized to the corpus
 def test_numbers_that_cannot_train_are_refused_before_any_work(flags, message, corpus, tmp_path, capsys):
     """They used to train silently (0 steps meant the default budget, a negative lr trained uphill) or crash
     (--grad-accum 0: ZeroDivisionError); now one line names the flag, and nothing is written."""
