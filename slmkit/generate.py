@@ -268,21 +268,28 @@ def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None,
     texts = []
     for i in range(num_samples):
         s = None if seed is None else seed + i
-        t0, pieces = time.perf_counter(), []
+        t0, pieces, t_first = time.perf_counter(), [], None
         if stream and not as_json:
             print(prompt, end="", flush=True)
         for piece in lm.stream(prompt, seed=s, **params):
+            t_first = t_first or time.perf_counter()
             pieces.append(piece)
             if stream and not as_json:
                 print(piece, end="", flush=True)
+        seconds = time.perf_counter() - t0
         text = "".join(pieces)
         texts.append(text)
         n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        # The first token waits for the prompt's forward pass (and, on the first call, for kernels to warm up: ~0.5 s
+        # on a GPU): the rate after it is the decoding speed.
+        first = (t_first or t0 + seconds) - t0
+        rate = (n - 1) / (seconds - first) if n > 1 and seconds > first else n / max(1e-9, seconds)
         if as_json:
-            print(json.dumps({"prompt": prompt, "text": text, "tokens": n,
-                              "seconds": round(time.perf_counter() - t0, 3)}))
+            print(json.dumps({"prompt": prompt, "text": text, "tokens": n, "seconds": round(seconds, 3),
+                              "first_token_seconds": round(first, 3), "tokens_per_s": round(rate, 1)}))
         elif stream:
-            print(f"\n[{n} tokens, {n / max(1e-9, time.perf_counter() - t0):.1f} tokens/s]", file=sys.stderr)
+            print(f"\n[{n} tokens in {seconds:.2f} s: first after {first:.2f} s, then {rate:.1f} tokens/s]",
+                  file=sys.stderr)
         else:
             print(prompt + text)
     return texts
