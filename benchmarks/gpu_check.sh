@@ -69,5 +69,6 @@ echo "=== torchrun, 1 process per GPU (nccl)"
 timeout 120 torchrun --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" -m slmkit train --data "$TRAIN" \
   --steps 40 --out /tmp/gc_ddp --overwrite 2>&1 | show
 echo "=== tests with a GPU visible"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_generate.py tests/test_evaluate.py \
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # the 2026-11-27 run ran out of lease serially
+timeout 150 python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_generate.py tests/test_evaluate.py \
   tests/test_serve.py tests/test_train.py 2>&1 | tail -15
