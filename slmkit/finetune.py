@@ -124,7 +124,6 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         FitState,
         budget_from,
         causal_lm_loss,
-        check_numbers,
         fit,
         parse_count,
         parse_duration,
@@ -177,9 +176,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-    budget = budget_from(args)
-    check_numbers(dict(patience=patience, eval_tokens=eval_tokens, eval_every=eval_every,
-                       checkpoint_every=checkpoint_every))
+    budget = budget_from(args, loop_args=dict(
+        patience=patience, eval_tokens=eval_tokens, eval_every=eval_every, checkpoint_every=checkpoint_every))
     dev = pick_device(device)
     autocast_dtype = pick_dtype(args["dtype"], dev)
     method = "lora" if args["lora"] else "full"

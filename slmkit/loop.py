@@ -91,9 +91,10 @@ def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negati
             raise SystemExit(f"error: --{key.replace('_', '-')} {every} must be positive ({what})")
 
 
-def budget_from(args: dict, announce: bool = True) -> Budget:
-    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after check_numbers(ARGS)."""
-    check_numbers(args)
+def budget_from(args: dict, announce: bool = True, loop_args: dict | None = None) -> Budget:
+    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after check_numbers on ARGS and
+    LOOP_ARGS (the run's numbers that are not saved with ARGS: patience, evaluation and checkpoint intervals)."""
+    check_numbers({**args, **(loop_args or {})})
     budget = Budget(args["steps"], args["tokens"], args["time"])
     if not (budget.steps or budget.tokens or budget.seconds):
         budget.seconds = recipe.DEFAULT_SECONDS

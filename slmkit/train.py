@@ -24,7 +24,6 @@ from slmkit.loop import (
     FitState,
     budget_from,
     causal_lm_loss,
-    check_numbers,
     fit,
     parse_count,
     parse_duration,
@@ -129,9 +128,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-    budget = budget_from(args, announce=dist.is_main())
-    check_numbers(dict(patience=patience, eval_tokens=eval_tokens, eval_every=eval_every,
-                       checkpoint_every=checkpoint_every))  # the run's other numbers: budget_from
+    budget = budget_from(args, announce=dist.is_main(), loop_args=dict(
+        patience=patience, eval_tokens=eval_tokens, eval_every=eval_every, checkpoint_every=checkpoint_every))
     files = expand_paths(args["data"])
     n_bytes = corpus_bytes(files)
     torch.manual_seed(args["seed"])
