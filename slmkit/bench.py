@@ -26,13 +26,16 @@ PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\
 
 
 def parse_size(text: str) -> int:
-    """'512M' -> bytes (K, M, G suffixes; plain numbers are bytes)."""
+    """'512M' -> bytes (K, M, G suffixes; plain numbers are bytes); a size of 0 or less is an error."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     t = text.strip().upper().removesuffix("B")
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise SystemExit(f"error: --memory-cap {text!r} is not a size; write e.g. 512M or 2G") from None
+    if size <= 0:  # the user's words, not a byte count: "-5M", not -5242880
+        raise SystemExit(f"error: --memory-cap {text} must be positive (e.g. 512M; leave it out for no limit)")
+    return size
 
 
 def backend_of(path: Path) -> str:
@@ -264,9 +267,8 @@ def main(targets: list[Path], threads: int | None = None, memory_cap: str | None
     from slmkit.loop import check_numbers
 
     cap = parse_size(memory_cap) if memory_cap else None
-    check_numbers(dict(threads=threads, new_tokens=new_tokens, ppl_tokens=ppl_tokens, memory_cap=cap),
-                  {"new_tokens": "greedy tokens to decode per target", "ppl_tokens": "tokens of --data to score",
-                   "memory_cap": "e.g. 512M; leave it out for no limit"})
+    check_numbers(dict(threads=threads, new_tokens=new_tokens, ppl_tokens=ppl_tokens),
+                  {"new_tokens": "greedy tokens to decode per target", "ppl_tokens": "tokens of --data to score"})
     for t in targets:
         if not Path(t).exists():
             raise SystemExit(f"error: {t} does not exist; pass model folders, ONNX export folders or .gguf files")

@@ -15,6 +15,8 @@ def test_parse_size():
     assert parse_size("512M") == 512 * 2**20 and parse_size("2g") == 2 * 2**30 and parse_size("1000") == 1000
     with pytest.raises(SystemExit, match="not a size"):
         parse_size("lots")
+    with pytest.raises(SystemExit, match=r"^error: --memory-cap -5M must be positive"):  # as written, not in bytes
+        parse_size("-5M")
 
 
 def test_bench_profiles_each_backend_and_writes_a_report(tmp_path, corpus, capsys):
