@@ -307,7 +307,8 @@ def add_args(p) -> None:
     p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print only when finished")
-    p.add_argument("--json", dest="as_json", action="store_true", help="one JSON object per sample")
+    p.add_argument("--json", dest="as_json", action="store_true",
+                   help="one JSON object per sample: prompt, text, tokens, seconds, first_token_seconds, tokens_per_s")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight precision (bf16: faster on "
                    "larger models, memory-bound decoding)")
