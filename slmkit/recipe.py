@@ -39,6 +39,18 @@ AUTO_OVERRIDES = {"tie_word_embeddings": False}
 # rule's 0.45: -0.011 bits/byte); on a 120 KB corpus (~50 passes budgeted, early stopping ends at ~15) 1.0 gave
 # -0.084 and 2.0 less (docs/benchmarks.md).
 WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_MAX = 0.1, 1.0
+# A GPU's larger batch only where the corpus has room for it: each pass over the data must still make this many
+# updates. On tiny Shakespeare (1 MB) the H100's 32k-token batch made 12 updates per pass; the run overfitted after
+# 216 updates, still near its peak learning rate, and scored worse than 2 CPU cores' 4k-token batches
+# (docs/benchmarks.md, "On a GPU"). Never below the CPU's batch, which the CPU benchmarks calibrated.
+MIN_UPDATES_PER_PASS = 64
+# A time budget's schedule ends after at most this many passes over the training data: beyond it a small corpus is
+# only memorised, and early stopping then keeps weights from mid-schedule, before the learning rate decayed. On a
+# 120 KB corpus on 2 CPU cores (~90 passes in the budget), two seeds each: no cap 3.305 / 3.314 bits/byte in 30 s,
+# 16 passes 3.288 / 3.307 in 25 s, 10 passes 3.318 / 3.328 in 16 s (docs/benchmarks.md).
+MAX_PASSES = 16
+# Sequences per optimizer step at least (shape_for): the context shortens before the batch gets fewer rows.
+MIN_SEQUENCES = 16
 
 
 def device_flops(device: str) -> float:
@@ -64,24 +76,33 @@ def context_for(cfg: dict, device: str) -> int:
     return 256 if cfg["hidden_size"] <= 256 else 512
 
 
+def shape_for(cfg: dict, device: str, corpus_tokens: int | None = None) -> tuple[int, int]:
+    """(block size, tokens per step): the device's context, shortened until a step holds MIN_SEQUENCES sequences.
+    A GPU's batch shrinks on a small corpus (batch_tokens_for), and 4 sequences of 1024 tokens trained worse than 16
+    of 256 on the H100 (tiny Shakespeare: 2.28-2.31 vs 2.16 bits/byte, docs/benchmarks.md); the CPU's shapes and a
+    GPU's on a large corpus already hold 16 or more."""
+    batch_tokens = batch_tokens_for(cfg, device, corpus_tokens)
+    return min(context_for(cfg, device), batch_tokens // MIN_SEQUENCES), batch_tokens
+
+
 def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, steps: int | None = None,
                 tokens: int | None = None, bytes_per_token: float = 3.0) -> dict:
     """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget."""
+    corpus_tokens = int(corpus_bytes / bytes_per_token)
     choice = AUTO_LADDER[0]
     for name, overrides in AUTO_LADDER:
         cfg = {**DECODERS[name], **overrides}
-        block = context_for(cfg, device)
+        block, batch_tokens = shape_for(cfg, device, corpus_tokens)
         vocab = auto_vocab_size(corpus_bytes, cfg["hidden_size"])
-        budget_tokens = planned_tokens(cfg, vocab, block, batch_tokens_for(cfg, device), device, steps, tokens,
+        budget_tokens = planned_tokens(cfg, vocab, block, batch_tokens, device, steps, tokens,
                                        seconds if seconds or steps or tokens else DEFAULT_SECONDS)
         # A model that needs more than ~10 passes over a small corpus to get its tokens only memorises it.
-        enough_data = corpus_bytes / bytes_per_token * 10 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
+        enough_data = corpus_tokens * 10 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
         if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or choice[0] == name):
             choice = (name, overrides)
     name, overrides = choice
     cfg = {**DECODERS[name], **overrides}
-    block = context_for(cfg, device)
-    batch_tokens = batch_tokens_for(cfg, device)
+    block, batch_tokens = shape_for(cfg, device, corpus_tokens)
     d = cfg["hidden_size"]
     return {"preset": name, "overrides": {**AUTO_OVERRIDES, **overrides}, "block_size": block,
             "batch_size": max(1, batch_tokens // block), "lr": peak_lr(d), "warmup_steps": 50 if d <= 256 else 200}
@@ -116,11 +137,22 @@ def peak_lr(width: int, optimizer: str = "adamw") -> float:
     return lr * (MUON_LR_SCALE if optimizer == "muon" and width <= 256 else 1.0)
 
 
-def batch_tokens_for(cfg: dict, device: str) -> int:
-    """Tokens per optimizer step: small for tiny models (more updates per second), larger as models grow."""
+def batch_tokens_for(cfg: dict, device: str, corpus_tokens: int | None = None) -> int:
+    """Tokens per optimizer step: small for tiny models (more updates per second), larger as models grow; a GPU's
+    8x larger batch shrinks (to a power of two, not below the CPU's) until a pass over CORPUS_TOKENS makes
+    MIN_UPDATES_PER_PASS updates."""
     d = cfg["hidden_size"]
     base = 4096 if d <= 128 else 8192 if d <= 256 else 16384 if d <= 512 else 32768
-    return base * (8 if device.startswith("cuda") else 1)
+    if not device.startswith("cuda"):
+        return base
+    room = corpus_tokens // MIN_UPDATES_PER_PASS if corpus_tokens else base * 8
+    return max(base, min(base * 8, 1 << max(0, room.bit_length() - 1)))
+
+
+def pass_cap(train_tokens: int, steps: int | None, tokens: int | None) -> int | None:
+    """The token budget that ends a time-budgeted run after MAX_PASSES passes over TRAIN_TOKENS (the schedule then
+    anneals within the passes the corpus supports); None when --steps or --tokens was given: those are kept."""
+    return None if steps or tokens or not train_tokens else MAX_PASSES * train_tokens
 
 
 def auto_vocab_size(corpus_bytes: int, hidden_size: int) -> int:

@@ -3,7 +3,16 @@
 import torch
 
 from slmkit.presets import DECODERS
-from slmkit.recipe import AUTO_LADDER, auto_recipe, non_embedding_params, weight_decay_for
+from slmkit.recipe import (
+    AUTO_LADDER,
+    MAX_PASSES,
+    MIN_UPDATES_PER_PASS,
+    auto_recipe,
+    batch_tokens_for,
+    non_embedding_params,
+    pass_cap,
+    weight_decay_for,
+)
 
 SHAKESPEARE = 1_003_854  # bytes of the time-to-quality benchmark's training file
 
@@ -39,6 +48,28 @@ def test_a_gpu_gets_a_longer_context_and_bigger_batches(monkeypatch):
     assert gpu["block_size"] == 1024 and gpu["block_size"] * gpu["batch_size"] > cpu["block_size"] * cpu["batch_size"]
     assert rung(gpu) > rung(cpu)
     assert all(r["overrides"]["tie_word_embeddings"] is False for r in (cpu, gpu))
+
+
+def test_a_gpu_batch_leaves_updates_for_a_small_corpus(monkeypatch):
+    """A GPU's 8x batch shrinks until a pass makes MIN_UPDATES_PER_PASS updates (a power of two, never below the
+    CPU's batch); the CPU's batch, which the CPU benchmarks calibrated, does not depend on the corpus."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cfg = DECODERS["slm-1m"]
+    assert batch_tokens_for(cfg, "cuda", 10**9) == 8 * batch_tokens_for(cfg, "cpu", 10**9) == 32768
+    assert batch_tokens_for(cfg, "cuda", SHAKESPEARE // 3) == 4096  # 334k tokens / 64 = 5.2k -> 4096
+    assert batch_tokens_for(cfg, "cuda", 1000) == batch_tokens_for(cfg, "cpu", 1000) == 4096
+    for n in (10**5, 10**6, 3 * 10**6, 10**7):
+        b = batch_tokens_for(cfg, "cuda", n)
+        assert b & (b - 1) == 0 and (n // b >= MIN_UPDATES_PER_PASS or b == 4096)
+    gpu = auto_recipe(SHAKESPEARE, "cuda", seconds=30)  # the H100's best shape on this corpus: 16 x 256
+    assert (gpu["block_size"], gpu["batch_size"]) == (256, 16)
+    assert auto_recipe(SHAKESPEARE, "cpu", seconds=180)["batch_size"] == 16  # unchanged on CPU
+
+
+def test_the_pass_cap_applies_to_time_budgets_only():
+    assert pass_cap(50_000, None, None) == MAX_PASSES * 50_000
+    assert pass_cap(50_000, 100, None) is None and pass_cap(50_000, None, 10**6) is None
+    assert pass_cap(0, None, None) is None
 
 
 def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):

@@ -52,7 +52,8 @@ def test_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
     """Ctrl-C mid-run saves a checkpoint; --resume finishes with exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    common = ["--data", corpus, "--preset", "slm-tiny", "--vocab-size", "300", "--steps", "400",
+    # On the CPU: exact equality needs deterministic kernels (a GPU's atomics in backward are not)
+    common = ["--data", corpus, "--preset", "slm-tiny", "--vocab-size", "300", "--steps", "400", "--device", "cpu",
               "--block-size", "32", "--batch-size", "4", "--no-progress", "--eval-every", "400"]
     straight = _cli("train", *common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
@@ -129,6 +130,26 @@ def test_weight_decay_follows_the_passes_over_the_data(corpus, tmp_path):
     assert json.loads((tmp_path / "b" / "training_summary.json").read_text())["weight_decay"] == 0.05
     train(out=tmp_path / "c", **{**common, "steps": 5})  # under one pass: the usual 0.1
     assert json.loads((tmp_path / "c" / "training_summary.json").read_text())["weight_decay"] == 0.1
+
+
+def test_a_time_budget_ends_after_max_passes_over_a_small_corpus(corpus, tmp_path, capsys):
+    """--time on a corpus the budget would repeat many times: the schedule (and the run) ends after MAX_PASSES
+    passes (progress counts the capped tokens, so the learning rate has decayed by then) instead of overfitting at
+    peak learning rate; --tokens keeps what the user asked for."""
+    from slmkit.recipe import MAX_PASSES
+
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:1000])
+    n = len(small.read_bytes()) + 1  # byte tokens + one EOS, all of them trained on
+    common = dict(data=[str(small)], preset="slm-tiny", tokenizer="byte", block_size=32, batch_size=4,
+                  val_fraction=0.0, progress=False, device="cpu")
+    s = train(out=tmp_path / "a", time="10m", **common)
+    step_tokens = 4 * 32
+    assert s["tokens_seen"] == -(-MAX_PASSES * n // step_tokens) * step_tokens  # the first step at or past the cap
+    assert s["train_seconds"] < 60
+    assert f"schedule: at most {MAX_PASSES} passes over the {n:,} training tokens" in capsys.readouterr().out
+    s = train(out=tmp_path / "b", tokens=(MAX_PASSES + 5) * n, **common)  # an explicit budget is kept
+    assert s["tokens_seen"] >= (MAX_PASSES + 5) * n
 
 
 def test_compile_trains_through_torch_compile(corpus, tmp_path, monkeypatch):
