@@ -295,18 +295,26 @@ def _progress_bar(budget: Budget, state: FitState, enabled: bool):
         return None
     from tqdm import tqdm
 
-    if budget.seconds:  # the bar counts training seconds, so its ETA is the budget's
-        total, unit, n = int(budget.seconds), "s", int(state.train_seconds)
-    elif budget.steps:
-        total, unit, n = budget.steps, "step", state.step
-    else:
-        total, unit, n = budget.tokens, "tok", state.tokens
+    total, unit, n = _bar_position(budget, state)
     return tqdm(total=total, initial=n, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}] {postfix}")
 
 
+def _bar_position(budget: Budget, state: FitState) -> tuple[int, str, int]:
+    """(total, unit, position) of the progress bar: the budget's own unit, so a --time bar's ETA is the budget's;
+    with two budgets (--time and the pass cap, or --steps and --time), percent of the schedule's progress, which
+    follows whichever ends first."""
+    if sum(1 for b in (budget.steps, budget.tokens, budget.seconds) if b) > 1:
+        return 100, "%", min(100, int(100 * budget.progress(state.step, state.tokens, state.train_seconds)))
+    if budget.seconds:
+        return int(budget.seconds), "s", int(state.train_seconds)
+    if budget.steps:
+        return budget.steps, "step", state.step
+    return budget.tokens, "tok", state.tokens
+
+
 def _advance(bar, budget: Budget, state: FitState) -> None:
-    target = (int(state.train_seconds) if budget.seconds else state.step if budget.steps else state.tokens)
+    target = _bar_position(budget, state)[2]
     if target > bar.n:
         bar.update(min(target, bar.total) - bar.n)
 

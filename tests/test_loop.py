@@ -2,7 +2,7 @@
 
 import pytest
 
-from slmkit.loop import Budget, get_lr, parse_count, parse_duration
+from slmkit.loop import Budget, FitState, _bar_position, get_lr, parse_count, parse_duration
 
 
 def test_parse_budgets():
@@ -11,6 +11,16 @@ def test_parse_budgets():
     assert parse_count("5M") == 5_000_000 and parse_count("20k") == 20_000 and parse_count("7") == 7
     with pytest.raises(SystemExit, match="cannot read duration"):
         parse_duration("soon")
+
+
+def test_the_progress_bar_follows_whichever_budget_ends_first():
+    state = FitState(step=50, tokens=4_000, train_seconds=30.0)
+    assert _bar_position(Budget(seconds=120), state) == (120, "s", 30)
+    assert _bar_position(Budget(steps=200), state) == (200, "step", 50)
+    assert _bar_position(Budget(tokens=10_000), state) == (10_000, "tok", 4_000)
+    # --time with the pass cap: the cap ends this run first (40% of its tokens vs 25% of the time)
+    assert _bar_position(Budget(seconds=120, tokens=10_000), state) == (100, "%", 40)
+    assert _bar_position(Budget(steps=100, seconds=600), state) == (100, "%", 50)
 
 
 @pytest.mark.parametrize("flags, message", [
