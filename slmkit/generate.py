@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +145,12 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParam
         pos += 1
 
 
+def _tap(tokens: Iterator[int], on_token: Callable[[int], None]) -> Iterator[int]:
+    for tok in tokens:
+        on_token(tok)
+        yield tok
+
+
 class LoadedModel:
     """A model folder ready to generate: the module, its tokenizer and its context length."""
 
@@ -160,11 +166,16 @@ class LoadedModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
-        """Yield text pieces as they are generated; honours stop strings."""
+    def stream(self, prompt: str | list[int], on_token: Callable[[int], None] | None = None,
+               **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated; honours stop strings. ON_TOKEN sees each token id as it is
+        sampled (a piece can hold several tokens, or none yet: incomplete UTF-8 and possible stop strings wait)."""
         p = SamplingParams(**sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        yield from stream_text(self.tokenizer, generate_ids(self.model, ids, p, self.eos_ids, self.context), p.stop)
+        tokens = generate_ids(self.model, ids, p, self.eos_ids, self.context)
+        if on_token is not None:
+            tokens = _tap(tokens, on_token)
+        yield from stream_text(self.tokenizer, tokens, p.stop)
 
     def generate(self, prompt: str | list[int], **sampling) -> str:
         """The full completion of PROMPT (without the prompt)."""
@@ -268,21 +279,20 @@ def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None,
     texts = []
     for i in range(num_samples):
         s = None if seed is None else seed + i
-        t0, pieces, t_first = time.perf_counter(), [], None
+        t0, pieces, stamps = time.perf_counter(), [], []  # stamps: when each token was sampled
         if stream and not as_json:
             print(prompt, end="", flush=True)
-        for piece in lm.stream(prompt, seed=s, **params):
-            t_first = t_first or time.perf_counter()
+        for piece in lm.stream(prompt, on_token=lambda _, st=stamps: st.append(time.perf_counter()), seed=s, **params):
             pieces.append(piece)
             if stream and not as_json:
                 print(piece, end="", flush=True)
         seconds = time.perf_counter() - t0
         text = "".join(pieces)
         texts.append(text)
-        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        n = len(stamps)  # tokens sampled (not the text re-tokenized: a stop string or broken UTF-8 changes that)
         # The first token waits for the prompt's forward pass (and, on the first call, for kernels to warm up: ~0.5 s
         # on a GPU): the rate after it is the decoding speed.
-        first = (t_first or t0 + seconds) - t0
+        first = (stamps[0] if stamps else t0 + seconds) - t0
         rate = (n - 1) / (seconds - first) if n > 1 and seconds > first else n / max(1e-9, seconds)
         if as_json:
             print(json.dumps({"prompt": prompt, "text": text, "tokens": n, "seconds": round(seconds, 3),

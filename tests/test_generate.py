@@ -140,12 +140,23 @@ def test_json_output_separates_the_first_token_from_the_decoding_rate(tiny_model
     GPU's 455 tokens/s print as 92."""
     import json
 
+    from slmkit.generate import SamplingParams, generate_ids, load
     from slmkit.generate import main as generate
 
     generate(tiny_model, prompt="To be", max_new_tokens=100, temperature=0, as_json=True, device="cpu")
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < row["first_token_seconds"] <= row["seconds"]
-    assert row["tokens"] > 1 and row["tokens_per_s"] > 0
+    # the tokens sampled, not the text re-tokenized (which a stop string or a split UTF-8 character would change)
+    lm = load(tiny_model)
+    sampled = list(generate_ids(lm.model, lm.encode("To be"), SamplingParams(max_new_tokens=100, temperature=0),
+                                lm.eos_ids, lm.context))
+    assert row["tokens"] == len(sampled) > 1 and row["tokens_per_s"] > 0
+    stop = row["text"][-6:-3]
+    generate(tiny_model, prompt="To be", max_new_tokens=100, temperature=0, as_json=True, stop=[stop])
+    cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cut["text"] == row["text"][:row["text"].find(stop)]
+    # the tokens that made the stop string count too (the text re-tokenized misses them)
+    assert cut["tokens"] > len(lm.tokenizer(cut["text"], add_special_tokens=False)["input_ids"])
     # the rate counts the tokens after the first over the time after it (the JSON's seconds are rounded to 1 ms)
     after = row["seconds"] - row["first_token_seconds"]
     assert row["tokens_per_s"] == pytest.approx((row["tokens"] - 1) / after, rel=0.1)
