@@ -178,14 +178,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     cfg = build_config(preset_name, vocab, overrides, block_size=block)
     cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     step_tokens = bsz * block * grad_accum * dist.world_size()
-    cap = recipe.pass_cap(len(train_tokens), budget.steps, budget.tokens)
-    if cap:  # a time budget on a small corpus: end the schedule (and the run) after MAX_PASSES passes
-        planned = recipe.planned_tokens(cfg, vocab, block, step_tokens, dev, seconds=budget.seconds)
+    cap = recipe.pass_cap(len(train_tokens), budget.steps, budget.tokens) if llama else None
+    if cap:  # a time budget on a small corpus: end the schedule (and the run) after MAX_PASSES passes (measured on
+        # Llama decoders, like the weight decay below)
         budget.tokens = cap
-        if planned > cap and dist.is_main():
-            print(f"schedule: at most {recipe.MAX_PASSES} passes over the {len(train_tokens):,} training tokens "
-                  f"({cap:,} tokens; the {budget.seconds:g} s budget could make ~{planned / len(train_tokens):.0f}"
-                  "), since more would only memorise a corpus this small; set --tokens to train longer")
+        if recipe.planned_tokens(cfg, vocab, block, step_tokens, dev, seconds=budget.seconds) > cap and dist.is_main():
+            print(f"schedule: ends after {recipe.MAX_PASSES} passes over the {len(train_tokens):,} training tokens "
+                  f"({cap:,}) if the {budget.seconds:g} s budget lasts that long: more would only memorise a corpus "
+                  "this small; set --tokens to train longer")
     if cfg.get("model_type", "llama") != "llama" and block > cfg.get("max_position_embeddings", block):
         raise SystemExit(f"error: --block-size {block} exceeds the preset's max_position_embeddings")
     if args.get("weight_decay") is None:  # more decay the more often the budget repeats the data (measured on Llama

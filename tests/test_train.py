@@ -147,7 +147,7 @@ def test_a_time_budget_ends_after_max_passes_over_a_small_corpus(corpus, tmp_pat
     step_tokens = 4 * 32
     assert s["tokens_seen"] == -(-MAX_PASSES * n // step_tokens) * step_tokens  # the first step at or past the cap
     assert s["train_seconds"] < 60
-    assert f"schedule: at most {MAX_PASSES} passes over the {n:,} training tokens" in capsys.readouterr().out
+    assert f"schedule: ends after {MAX_PASSES} passes over the {n:,} training tokens" in capsys.readouterr().out
     s = train(out=tmp_path / "b", tokens=(MAX_PASSES + 5) * n, **common)  # an explicit budget is kept
     assert s["tokens_seen"] >= (MAX_PASSES + 5) * n
 
