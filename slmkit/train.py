@@ -211,6 +211,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             sampler.set_state(torch.tensor(st["sampler_states"][dist.rank()], dtype=torch.uint8))
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
         early.load(st)
+        if budget.progress(state.step, state.tokens, state.train_seconds) >= 1 and dist.is_main():
+            print(f"--resume: {out} already reached this budget (step {state.step:,}, {state.tokens:,} tokens, "
+                  f"{state.train_seconds:.0f} s of training); to train further raise "
+                  + (f"--tokens (a --time budget ends after {recipe.MAX_PASSES} passes here)" if cap else
+                     "--time, --steps or --tokens"))
     if dist.is_main():
         atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
                                            "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})

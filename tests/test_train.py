@@ -148,6 +148,9 @@ def test_a_time_budget_ends_after_max_passes_over_a_small_corpus(corpus, tmp_pat
     assert s["tokens_seen"] == -(-MAX_PASSES * n // step_tokens) * step_tokens  # the first step at or past the cap
     assert s["train_seconds"] < 60
     assert f"schedule: ends after {MAX_PASSES} passes over the {n:,} training tokens" in capsys.readouterr().out
+    # more time does not train further past the cap, and --resume says what would
+    r = train(out=tmp_path / "a", time="20m", resume=True, **{k: v for k, v in common.items() if k != "preset"})
+    assert r["step"] == s["step"] and "to train further raise --tokens" in capsys.readouterr().out
     s = train(out=tmp_path / "b", tokens=(MAX_PASSES + 5) * n, **common)  # an explicit budget is kept
     assert s["tokens_seen"] >= (MAX_PASSES + 5) * n
 
