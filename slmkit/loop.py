@@ -296,8 +296,9 @@ def _progress_bar(budget: Budget, state: FitState, enabled: bool):
     from tqdm import tqdm
 
     total, unit, n = _bar_position(budget, state)
+    count = "" if unit == "%" else "{n_fmt}/{total_fmt} {unit} "  # a percent bar: its left part says it already
     return tqdm(total=total, initial=n, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}] {postfix}")
+                bar_format="{l_bar}{bar}| " + count + "[{elapsed}<{remaining}]{postfix}")  # tqdm adds ", "
 
 
 def _bar_position(budget: Budget, state: FitState) -> tuple[int, str, int]:
