@@ -6,11 +6,14 @@ from slmkit.presets import DECODERS
 from slmkit.recipe import (
     AUTO_LADDER,
     MAX_PASSES,
+    MIN_SEQUENCES,
     MIN_UPDATES_PER_PASS,
     auto_recipe,
     batch_tokens_for,
+    context_for,
     non_embedding_params,
     pass_cap,
+    shape_for,
     weight_decay_for,
 )
 
@@ -64,6 +67,18 @@ def test_a_gpu_batch_leaves_updates_for_a_small_corpus(monkeypatch):
     gpu = auto_recipe(SHAKESPEARE, "cuda", seconds=30)  # the H100's best shape on this corpus: 16 x 256
     assert (gpu["block_size"], gpu["batch_size"]) == (256, 16)
     assert auto_recipe(SHAKESPEARE, "cpu", seconds=180)["batch_size"] == 16  # unchanged on CPU
+
+
+def test_the_rows_rule_leaves_the_cpu_and_large_gpu_corpora_as_calibrated():
+    """shape_for shortens the context only where a step would hold under MIN_SEQUENCES rows: never on the CPU (its
+    benchmarks calibrated those shapes) nor on a GPU with a large corpus."""
+    for name, overrides in AUTO_LADDER:
+        cfg = {**DECODERS[name], **overrides}
+        for device, n in (("cpu", 1000), ("cpu", 10**9), ("cuda", 10**9)):
+            assert shape_for(cfg, device, n) == (context_for(cfg, device), batch_tokens_for(cfg, device, n))
+        block, step_tokens = shape_for(cfg, "cuda", 300_000)  # a small corpus on a GPU: still 16 rows or more
+        assert step_tokens // block >= MIN_SEQUENCES and block <= context_for(cfg, "cuda")
+    assert shape_for(DECODERS["slm-1m"], "cuda", 300_000) == (256, 4096)  # rows shortened from 1024
 
 
 def test_the_pass_cap_applies_to_time_budgets_only():
