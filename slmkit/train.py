@@ -387,8 +387,8 @@ def add_args(p) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. "
                    "--set num_hidden_layers=6 (repeatable)")
     g = p.add_argument_group("budget (the first one reached ends training; default 5 minutes)")
-    g.add_argument("--time", help="training time: 180, 180s, 3m, 1h (Llama decoders: or 16 passes over the data, if "
-                   "sooner; a small corpus is only memorised beyond that)")
+    g.add_argument("--time", help=f"training time: 180, 180s, 3m, 1h (Llama decoders: or {recipe.MAX_PASSES} passes "
+                   "over the data, if sooner; a small corpus is only memorised beyond that)")
     g.add_argument("--steps", help="optimizer steps, e.g. 2000")
     g.add_argument("--tokens", help="training tokens, e.g. 5M")
     g = p.add_argument_group("tokenizer")
