@@ -75,11 +75,11 @@ def slmkit_train_step(compile: bool = False, dtype: torch.dtype | None = None, o
         for block in model.layers:
             block.forward = types.MethodType(ceiling_forward, block)
     opt = make_optimizer(model, 1e-3, 0.1, "cpu", optimizer)
-    step_model = torch.compile(model) if compile else model
+    loss_fn = torch.compile(causal_lm_loss) if compile else causal_lm_loss  # as `slm train --compile` does
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = causal_lm_loss(step_model, x, y)
+            loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -339,6 +339,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def scale_logits(model: nn.Module, factor: float) -> bool:
+    """Multiply every logit MODEL computes by FACTOR, in its weights: the final norm's gain (and bias) feed only the
+    LM head, which is linear and bias-free, so scaling them scales the logits exactly, tied head or not. Our Llama
+    and GPT-Neo; False (nothing changed) for other architectures."""
+    m = unwrap(model)
+    norm = m.norm if isinstance(m, Llama) else getattr(getattr(m, "transformer", None), "ln_f", None)
+    if norm is None or getattr(getattr(m, "lm_head", None), "bias", None) is not None:
+        return False
+    with torch.no_grad():
+        for p in (norm,) if isinstance(norm, nn.Parameter) else norm.parameters():
+            p.mul_(factor)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Hugging Face layout <-> our module
 

@@ -21,3 +21,28 @@ def test_window_sizes_below_one_are_refused(tiny_model, corpus, flag):
     """--batch-size 0 crashed in range(); --block-size 0 quietly meant the model's context."""
     with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} 0 must be positive"):
         evaluate(tiny_model, data=[str(corpus)], **{flag: 0})
+
+
+def test_fit_temperature_recovers_an_overconfident_models_temperature():
+    """Text sampled from a model, scored by the same model with its logits sharpened 1.25x: the fitted temperature
+    undoes the sharpening and lowers the loss."""
+    import torch
+
+    from slmkit.evaluate import fit_temperature
+    from slmkit.models import build_config, build_model, scale_logits
+
+    torch.manual_seed(0)
+    model = build_model(build_config("slm-tiny", 64, {}, block_size=64)).eval()
+    scale_logits(model, 8.0)  # a random init is near uniform: make its next-token distributions informative
+    tokens = [0]
+    with torch.no_grad():  # sampled window by window, each from the context an evaluation window gives it
+        for _ in range(32):
+            cache = model.new_cache(1, 65)
+            for pos in range(64):  # the one-token decode step: the same logits as forward(), ~10x faster here
+                tokens.append(int(torch.multinomial(model.step(tokens[-1], cache, pos).softmax(-1), 1)))
+    tokens = torch.tensor(tokens + [0]).numpy()  # eval_windows leaves the last token out
+    temp, before, after = fit_temperature(model, tokens, 64)
+    assert 0.93 <= temp <= 1.07 and after <= before  # calibrated already: T near 1
+    scale_logits(model, 1.25)
+    temp, before, after = fit_temperature(model, tokens, 64)
+    assert 1.15 <= temp <= 1.35 and after < before - 0.005

@@ -156,3 +156,40 @@ def test_saved_weights_load_back_into_a_live_model(tmp_path):
             torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
     with pytest.raises(RuntimeError, match="does not match the model"):
         load_saved_weights(bert, tmp_path / "1")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_scale_logits_scales_every_logit_exactly(tied, tmp_path):
+    """Folded into the final norm, so the folder (and transformers) computes the scaled logits too."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.models import scale_logits
+
+    model = _model(tie_word_embeddings=tied).eval()
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        before = model(x)
+        assert scale_logits(model, 0.8)
+        torch.testing.assert_close(model(x), 0.8 * before, rtol=1e-5, atol=1e-6)
+    save_model(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(x).logits, 0.8 * before,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_scale_logits_on_gpt_neo_and_refuses_an_unknown_architecture():
+    from transformers import BertForMaskedLM, BertConfig, GPTNeoConfig, GPTNeoForCausalLM
+
+    from slmkit.models import scale_logits
+
+    torch.manual_seed(0)
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
+                                         attention_types=[[["global", "local"], 1]], max_position_embeddings=64)).eval()
+    x = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        before = neo(x).logits
+        assert scale_logits(neo, 1.5)
+        torch.testing.assert_close(neo(x).logits, 1.5 * before, rtol=1e-5, atol=1e-5)
+    bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    assert not scale_logits(bert, 2.0)

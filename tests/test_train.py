@@ -233,3 +233,30 @@ def test_checkpoint_records_the_final_evaluation_of_the_best_weights(corpus, tmp
     state = read_checkpoint_state(tmp_path / "m" / CHECKPOINT)
     assert s["best_step"] == state["best_step"] == 45  # still learning: the final weights are the best
     assert state["best_loss"] == pytest.approx(s["final_eval"]["loss"], rel=0.05)
+
+
+def test_logits_are_calibrated_on_the_held_out_split_unless_told_not_to(corpus, tmp_path, capsys):
+    """Trained on Shakespeare, held out on Python's docs: overconfident there, so the fitted temperature softens the
+    logits and lowers the held-out loss; --no-calibrate leaves the same weights as trained."""
+    from pydoc_data.topics import topics
+
+    other = tmp_path / "docs.txt"
+    other.write_text("\n\n".join(topics.values())[:40_000], encoding="utf-8")
+    common = dict(data=[str(corpus)], eval_data=[str(other)], preset="slm-tiny", vocab_size=300, steps=60,
+                  block_size=64, batch_size=8, progress=False, patience=0, device="cpu")
+
+    def rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    train(out=tmp_path / "cal", **common)
+    assert "calibrated: logits / " in capsys.readouterr().out
+    cal = [r for r in rows(tmp_path / "cal") if r["kind"] == "calibration"]
+    final = [r for r in rows(tmp_path / "cal") if r["kind"] == "final"][-1]
+    assert len(cal) == 1 and cal[0]["temperature"] > 1.0 and cal[0]["loss_after"] < cal[0]["loss_before"]
+    assert final["loss"] == pytest.approx(cal[0]["loss_after"], rel=1e-4)  # the folder holds the calibrated logits
+
+    train(out=tmp_path / "raw", calibrate=False, **common)
+    assert "calibrated: logits" not in capsys.readouterr().out
+    assert not [r for r in rows(tmp_path / "raw") if r["kind"] == "calibration"]
+    final = [r for r in rows(tmp_path / "raw") if r["kind"] == "final"][-1]
+    assert final["loss"] == pytest.approx(cal[0]["loss_before"], rel=1e-4)
