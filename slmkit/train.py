@@ -286,13 +286,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if keep_best and dist.is_main() and early.best_step != state.step:
         load_saved_weights(model, out)
         print(early.report(stopped_early, state.step))
-    final = {}
+    final, temperature = {}, 1.0
     if calibrate and dist.is_main() and len(val_tokens) >= MIN_CALIBRATION_TOKENS and not is_encoder(cfg):
         from slmkit.evaluate import fit_temperature
         from slmkit.models import scale_logits
 
         temp, before, after = fit_temperature(model, val_tokens, block, dev, autocast_dtype)
         if after < before - 1e-4 and scale_logits(model, 1.0 / temp):
+            temperature = temp
             save_model(model, out)  # the checkpoint keeps the uncalibrated weights a --resume continues from
             log({"kind": "calibration", "temperature": temp, "loss_before": before, "loss_after": after})
             print(f"calibrated: logits / {temp:g} (held-out loss {before:.4f} -> {after:.4f}, fitted on that split; "
@@ -308,7 +309,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
                "interrupted": state.last_eval.get("interrupted", False), "best_step": early.best_step,
-               "stopped_early": stopped_early}
+               "stopped_early": stopped_early, "logit_temperature": temperature}
     if dist.is_main():
         card = {**summary, "model_type": cfg.get("model_type", "llama"), "layers": cfg.get("num_hidden_layers",
                 cfg.get("num_layers")), "hidden_size": cfg["hidden_size"], "heads": cfg.get("num_attention_heads",
@@ -450,7 +451,7 @@ def add_args(p) -> None:
                    "the data")
     g.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="keep the logits as trained; "
                    "by default a decoder's are divided by the temperature (1-1.5) that fits the held-out split best, "
-                   "folded into the final norm's weight (skipped under %d held-out tokens)" % MIN_CALIBRATION_TOKENS)
+                   f"folded into the final norm's weight (skipped under {MIN_CALIBRATION_TOKENS} held-out tokens)")
     g.add_argument("--checkpoint-every", default="2m", help="checkpoint interval in training time (default: 2m)")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     g.add_argument("--overwrite", action="store_true", help="replace a model already in --out")

@@ -178,7 +178,7 @@ def test_scale_logits_scales_every_logit_exactly(tied, tmp_path):
 
 
 def test_scale_logits_on_gpt_neo_and_refuses_an_unknown_architecture():
-    from transformers import BertForMaskedLM, BertConfig, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import BertConfig, BertForMaskedLM, GPTNeoConfig, GPTNeoForCausalLM
 
     from slmkit.models import scale_logits
 

@@ -254,9 +254,12 @@ def test_logits_are_calibrated_on_the_held_out_split_unless_told_not_to(corpus, 
     final = [r for r in rows(tmp_path / "cal") if r["kind"] == "final"][-1]
     assert len(cal) == 1 and cal[0]["temperature"] > 1.0 and cal[0]["loss_after"] < cal[0]["loss_before"]
     assert final["loss"] == pytest.approx(cal[0]["loss_after"], rel=1e-4)  # the folder holds the calibrated logits
+    assert json.loads((tmp_path / "cal" / "training_summary.json").read_text())["logit_temperature"] == \
+        cal[0]["temperature"]
 
     train(out=tmp_path / "raw", calibrate=False, **common)
     assert "calibrated: logits" not in capsys.readouterr().out
     assert not [r for r in rows(tmp_path / "raw") if r["kind"] == "calibration"]
     final = [r for r in rows(tmp_path / "raw") if r["kind"] == "final"][-1]
     assert final["loss"] == pytest.approx(cal[0]["loss_before"], rel=1e-4)
+    assert json.loads((tmp_path / "raw" / "training_summary.json").read_text())["logit_temperature"] == 1.0
