@@ -271,9 +271,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
         next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
     if compile:
-        # The loss, not just the model: the final norm, LM head and cross-entropy then fuse with the rest. 2 CPU
-        # cores, 180 s benchmark shape: 1.27x eager per step vs 1.18x compiling the model alone (benchmarks.md).
-        # Evaluation keeps the eager module (it would otherwise compile a second, no-grad graph).
+        # The loss, not just the model: the final norm, LM head and cross-entropy then fuse with the rest (2 CPU
+        # cores, 180 s benchmark shape, interleaved A/B: 1.27x eager per step vs 1.18x compiling the model alone;
+        # within the host's spread in bench_throughput.py, docs/benchmarks.md). Evaluation keeps the eager module
+        # (it would otherwise compile a second, no-grad graph).
         loss_fn = torch.compile(loss_fn)
     state = fit(train_model, optimizer, next_batch, loss_fn, budget, fit_cfg, state,
                 evaluate=evaluate if len(val_tokens) else None, checkpoint=checkpoint, log=log)  # --val-fraction 0
