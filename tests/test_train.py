@@ -256,6 +256,8 @@ def test_logits_are_calibrated_on_the_held_out_split_unless_told_not_to(corpus, 
     assert final["loss"] == pytest.approx(cal[0]["loss_after"], rel=1e-4)  # the folder holds the calibrated logits
     assert json.loads((tmp_path / "cal" / "training_summary.json").read_text())["logit_temperature"] == \
         cal[0]["temperature"]
+    card = (tmp_path / "cal" / "README.md").read_text()
+    assert f"| logits | divided by {cal[0]['temperature']:g} after training" in card
 
     train(out=tmp_path / "raw", calibrate=False, **common)
     assert "calibrated: logits" not in capsys.readouterr().out
