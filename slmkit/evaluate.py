@@ -27,27 +27,34 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
     return loss * tokens / (math.log(2) * max(1, n_bytes))
 
 
+def window_logits(model: torch.nn.Module, tokens: np.ndarray, starts: np.ndarray, block_size: int,
+                  batch_size: int, device: str, autocast_dtype: torch.dtype | None):
+    """Yield (rows, logits, targets) for the windows of TOKENS at STARTS, BATCH_SIZE windows at a time: rows (B, T+1)
+    numpy token ids, logits (B, T, V) in fp32, targets (B, T). The caller sets eval mode and no_grad."""
+    from slmkit.models import logits_of
+
+    for i in range(0, len(starts), batch_size):
+        rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = logits_of(model, xy[:, :-1])  # (B, T, V)
+        yield rows, logits.float(), xy[:, 1:]
+
+
 @torch.no_grad()
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, block_size: int, token_bytes: np.ndarray,
                     batch_size: int = 16, max_windows: int | None = None, device: str = "cpu",
                     autocast_dtype: torch.dtype | None = None) -> dict:
     """Mean next-token loss over non-overlapping windows of TOKENS (thinned to MAX_WINDOWS)."""
-    from slmkit.models import logits_of
-
     was_training = model.training
     model.eval()
     starts = eval_windows(tokens, block_size, max_windows)
     if len(starts) == 0:
         raise SystemExit(f"error: evaluation data has {len(tokens)} tokens, fewer than one window of {block_size}")
     total_loss, total_tokens, total_bytes = 0.0, 0, 0
-    for i in range(0, len(starts), batch_size):
-        rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
-        xy = torch.from_numpy(rows).to(device)
-        x, y = xy[:, :-1], xy[:, 1:]  # (B, T), (B, T)
-        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            logits = logits_of(model, x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+    for rows, logits, y in window_logits(model, tokens, starts, block_size, batch_size, device, autocast_dtype):
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
         total_loss += loss.item()
         total_tokens += y.numel()
         total_bytes += int(token_bytes[rows[:, 1:]].sum())
@@ -74,23 +81,16 @@ def fit_temperature(model: torch.nn.Module, tokens: np.ndarray, block_size: int,
     A model trained for several passes over a small corpus ends overconfident: on tiny Shakespeare after ~4.5
     passes, T = 1.02-1.04 fitted on the 1% held out lowered the loss on the next play by 0.004-0.009 bits/byte
     (docs/benchmarks.md)."""
-    from slmkit.models import logits_of
-
     was_training = model.training
     model.eval()
-    vocab = None
     sums, count = torch.zeros(len(TEMPERATURES), dtype=torch.float64), 0
     starts = eval_windows(tokens, block_size, None)
-    for s in starts:
-        row = torch.from_numpy(tokens[s:s + block_size + 1].astype(np.int64)).to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            logits = logits_of(model, row[None, :-1])[0].float()  # (T, V)
-        vocab = logits.shape[-1]
+    # one window at a time: the cap on logits is known only once the first window shows the vocabulary
+    for _, logits, y in window_logits(model, tokens, starts, block_size, 1, device, autocast_dtype):
         for i, t in enumerate(TEMPERATURES):
-            sums[i] += torch.nn.functional.cross_entropy(logits / t, row[1:], reduction="sum").item()
+            sums[i] += torch.nn.functional.cross_entropy(logits[0] / t, y[0], reduction="sum").item()
         count += block_size
-        if count * vocab >= max_logits:
+        if count * logits.shape[-1] >= max_logits:
             break
     model.train(was_training)
     losses = (sums / max(1, count)).tolist()
