@@ -267,20 +267,59 @@ def build_config(preset: str, vocab_size: int, overrides: dict | None = None, bl
     cfg["vocab_size"] = vocab_size
     if block_size and cfg.get("model_type", "llama") == "llama":
         cfg["max_position_embeddings"] = block_size  # the context it is trained for; --set can raise it
+    kind = cfg.get("model_type", "llama")
     for key, value in (overrides or {}).items():
-        if key not in cfg and key not in _KNOWN_FIELDS.get(cfg.get("model_type", "llama"), ()):
+        known = _KNOWN_FIELDS.get(kind, {})
+        if key not in cfg and key not in known:
             raise SystemExit(f"error: unknown config field {key!r} for preset {preset!r}; "
-                             f"known fields: {', '.join(sorted(set(cfg) | set(_KNOWN_FIELDS['llama'])))}")
-        cfg[key] = value
+                             f"known fields: {', '.join(sorted(set(cfg) | set(known)))}")
+        cfg[key] = check_override(key, value, cfg.get(key, known.get(key)), kind)
     check_config(cfg)
     return cfg
 
 
-_KNOWN_FIELDS = {"llama": ("head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
-                           "tie_word_embeddings", "initializer_range"),
-                 "gpt_neo": ("window_size", "max_position_embeddings"),
-                 "bert": ("classifier_dropout", "position_embedding_type"), "distilbert": ("seq_classif_dropout",),
-                 "mobilebert": ("classifier_dropout",)}
+# Fields a preset may lack but a --set may give, with an example of their type.
+_KNOWN_FIELDS = {"llama": {"head_dim": 1, "rope_theta": 1.0, "rms_norm_eps": 1.0, "max_position_embeddings": 1,
+                           "tie_word_embeddings": True, "initializer_range": 1.0},
+                 "gpt_neo": {"window_size": 1, "max_position_embeddings": 1},
+                 "bert": {"classifier_dropout": 0.1, "position_embedding_type": "absolute"},
+                 "distilbert": {"seq_classif_dropout": 0.1}, "mobilebert": {"classifier_dropout": 0.1}}
+# What our Llama module computes: a config saying otherwise would open in transformers as a different model.
+_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "vocab_size": None,
+                "model_type": "llama"}
+
+
+def check_override(key: str, value: object, example: object, kind: str) -> object:
+    """A --set value, typed like the preset's own value (EXAMPLE), or a one-line error that names the field."""
+    def bad(what: str) -> SystemExit:
+        return SystemExit(f"error: --set {key}={json.dumps(value)}: {what}")
+
+    if key == "vocab_size":
+        raise bad("the vocabulary comes from the tokenizer; use --vocab-size (or --tokenizer-from DIR)")
+    if key == "model_type":
+        raise bad("the architecture comes from --preset")
+    if kind == "llama" and key in _LLAMA_FIXED and value != _LLAMA_FIXED[key]:
+        raise bad(f"slmkit's Llama computes {key}={json.dumps(_LLAMA_FIXED[key])} only")
+    if isinstance(example, bool):
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+    elif isinstance(example, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("expected a whole number")
+        if value < (0 if key.endswith("_token_id") else 1):
+            raise bad("expected a positive number")
+    elif isinstance(example, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad("expected a number")
+        if "dropout" in key or key.endswith("_prob"):
+            if not 0.0 <= value < 1.0:
+                raise bad("expected a probability from 0 up to 1")
+        elif value <= 0.0:
+            raise bad("expected a positive number")
+        return float(value)
+    elif isinstance(example, str) and not isinstance(value, str):
+        raise bad("expected a string")
+    return value
 
 
 def check_config(cfg: dict) -> None:
@@ -292,8 +331,9 @@ def check_config(cfg: dict) -> None:
         raise SystemExit(f"error: hidden_size={d} is not divisible by num_attention_heads={nh}")
     if nh % nkv:
         raise SystemExit(f"error: num_attention_heads={nh} is not divisible by num_key_value_heads={nkv}")
-    if (d // nh) % 2:
-        raise SystemExit(f"error: head size {d // nh} must be even for rotary embeddings")
+    hd = cfg.get("head_dim") or d // nh
+    if hd % 2:
+        raise SystemExit(f"error: head size {hd} must be even for rotary embeddings")
 
 
 def build_model(cfg: dict) -> nn.Module:

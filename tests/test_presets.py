@@ -38,3 +38,30 @@ def test_unknown_preset_and_field_are_one_line_errors():
         build_config("slm-tiny", 100, {"hiden_size": 64})
     with pytest.raises(SystemExit, match="not divisible"):
         build_config("slm-tiny", 100, {"hidden_size": 96, "num_attention_heads": 5})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_hidden_layers", "abc", "expected a whole number"),
+    ("num_hidden_layers", 0, "expected a positive number"),
+    ("hidden_size", -64, "expected a positive number"),
+    ("rope_theta", "abc", "expected a number"),
+    ("rms_norm_eps", 0, "expected a positive number"),
+    ("tie_word_embeddings", 1, "expected true or false"),
+    ("vocab_size", 10, "comes from the tokenizer"),
+    ("hidden_act", "gelu", 'computes hidden_act="silu" only'),
+    ("attention_bias", True, "computes attention_bias=false only"),
+    ("head_dim", 33, "must be even"),
+])
+def test_bad_override_values_are_one_line_errors(field, value, message):
+    # a wrong type or value used to surface as a traceback from deep inside the model (or, for hidden_act and
+    # the biases, as a folder whose config.json describes a different model than the weights were trained as)
+    with pytest.raises(SystemExit, match=message) as e:
+        build_config("slm-tiny", 100, {field: value})
+    assert "\n" not in str(e.value) and (field in str(e.value) or field == "head_dim")
+
+
+def test_override_values_are_typed_like_the_preset():
+    cfg = build_config("slm-tiny", 100, {"rms_norm_eps": 1, "tie_word_embeddings": False, "num_hidden_layers": 3})
+    assert cfg["rms_norm_eps"] == 1.0 and isinstance(cfg["rms_norm_eps"], float)
+    assert cfg["tie_word_embeddings"] is False and cfg["num_hidden_layers"] == 3
+    assert build_config("bert-tiny", 100, {"classifier_dropout": 0.2})["classifier_dropout"] == 0.2
