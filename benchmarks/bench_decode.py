@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
-from slmkit.models import build_config, build_model, count_parameters, decode_layout, load_model, save_model  # noqa: E402
+from slmkit.models import build_model, count_parameters, decode_layout, load_model, save_model  # noqa: E402
+from slmkit.presets import build_config  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=2048)

@@ -10,8 +10,8 @@ def describe(model_dir: Path | None = None, preset: str | None = None) -> dict:
     """Architecture summary with the exact parameter count (`parameters`), built on the meta device (no memory)."""
     import torch
 
-    from slmkit.models import base_parameter_count, build_config, build_model, read_config, supports_fast_path
-    from slmkit.presets import get_preset, is_encoder
+    from slmkit.models import base_parameter_count, build_model, read_config, supports_fast_path
+    from slmkit.presets import build_config, get_preset, is_encoder
 
     if (model_dir is None) == (preset is None):
         raise SystemExit("error: give a model folder or --preset NAME (one of them)")

@@ -8,6 +8,9 @@ The vocabulary is normally replaced by the size of the tokenizer trained on the 
 
 from __future__ import annotations
 
+import json
+import math
+
 DECODERS: dict[str, dict] = {
     # A toy for tests and smoke runs: trains in seconds.
     "slm-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -110,3 +113,78 @@ def llama_params(hidden_size: int, num_hidden_layers: int, num_attention_heads: 
     per_layer = attn + mlp + 2 * hidden_size  # + two RMSNorm weights
     emb = vocab_size * hidden_size * (1 if tie_word_embeddings else 2)
     return emb + num_hidden_layers * per_layer + hidden_size  # + final norm
+
+
+def build_config(preset: str, vocab_size: int, overrides: dict | None = None, block_size: int | None = None) -> dict:
+    """Preset + tokenizer vocabulary + command-line overrides -> a transformers-style config dict."""
+    cfg = get_preset(preset)
+    cfg["vocab_size"] = vocab_size
+    if block_size and cfg.get("model_type", "llama") == "llama":
+        cfg["max_position_embeddings"] = block_size  # the context it is trained for; --set can raise it
+    kind = cfg.get("model_type", "llama")
+    for key, value in (overrides or {}).items():
+        known = _KNOWN_FIELDS.get(kind, {})
+        if key not in cfg and key not in known:
+            raise SystemExit(f"error: unknown config field {key!r} for preset {preset!r}; "
+                             f"known fields: {', '.join(sorted(set(cfg) | set(known)))}")
+        cfg[key] = check_override(key, value, cfg.get(key, known.get(key)), kind)
+    check_config(cfg)
+    return cfg
+
+
+# Fields a preset may lack but a --set may give, with an example of their type.
+_KNOWN_FIELDS = {"llama": {"head_dim": 1, "rope_theta": 1.0, "rms_norm_eps": 1.0, "max_position_embeddings": 1,
+                           "tie_word_embeddings": True, "initializer_range": 1.0},
+                 "gpt_neo": {"window_size": 1, "max_position_embeddings": 1},
+                 "bert": {"classifier_dropout": 0.1, "position_embedding_type": "absolute"},
+                 "distilbert": {"seq_classif_dropout": 0.1}, "mobilebert": {"classifier_dropout": 0.1}}
+# What our Llama module computes: a config saying otherwise would open in transformers as a different model.
+_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "vocab_size": None,
+                "model_type": "llama"}
+
+
+def check_override(key: str, value: object, example: object, kind: str) -> object:
+    """A --set value, typed like the preset's own value (EXAMPLE), or a one-line error that names the field."""
+    def bad(what: str) -> SystemExit:
+        return SystemExit(f"error: --set {key}={json.dumps(value)}: {what}")
+
+    if key == "vocab_size":
+        raise bad("the vocabulary comes from the tokenizer; use --vocab-size (or --tokenizer-from DIR)")
+    if key == "model_type":
+        raise bad("the architecture comes from --preset")
+    if kind == "llama" and key in _LLAMA_FIXED and value != _LLAMA_FIXED[key]:
+        raise bad(f"slmkit's Llama computes {key}={json.dumps(_LLAMA_FIXED[key])} only")
+    if isinstance(example, bool):
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+    elif isinstance(example, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("expected a whole number")
+        if value < (0 if key.endswith("_token_id") else 1):
+            raise bad("expected a positive number")
+    elif isinstance(example, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad("expected a number")
+        if "dropout" in key or key.endswith("_prob"):
+            if not 0.0 <= value < 1.0:
+                raise bad("expected a probability from 0 up to 1")
+        elif value <= 0.0:
+            raise bad("expected a positive number")
+        return float(value)
+    elif isinstance(example, str) and not isinstance(value, str):
+        raise bad("expected a string")
+    return value
+
+
+def check_config(cfg: dict) -> None:
+    """Derived sizes must divide evenly; say which value is wrong."""
+    if cfg.get("model_type", "llama") != "llama":
+        return
+    d, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if d % nh:
+        raise SystemExit(f"error: hidden_size={d} is not divisible by num_attention_heads={nh}")
+    if nh % nkv:
+        raise SystemExit(f"error: num_attention_heads={nh} is not divisible by num_key_value_heads={nkv}")
+    hd = cfg.get("head_dim") or d // nh
+    if hd % 2:
+        raise SystemExit(f"error: head size {hd} must be even for rotary embeddings")

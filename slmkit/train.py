@@ -33,7 +33,6 @@ from slmkit.loop import (
 from slmkit.models import (
     atomic_write_json,
     base_parameter_count,
-    build_config,
     build_model,
     load_saved_weights,
     save_model,
@@ -41,7 +40,7 @@ from slmkit.models import (
     unwrap,
 )
 from slmkit.optim import make_optimizer
-from slmkit.presets import is_encoder
+from slmkit.presets import build_config, is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers of the verb (unit-tested directly)

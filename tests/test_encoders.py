@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from slmkit.encoders import MASK_PROB, MaskInfo, mask_tokens
-from slmkit.models import base_parameter_count, build_config, build_model
-from slmkit.presets import ENCODERS, PRESETS
+from slmkit.models import base_parameter_count, build_model
+from slmkit.presets import ENCODERS, PRESETS, build_config
 
 PUBLISHED = {"bert-tiny": 4_385_920, "bert-mini": 11_170_560, "bert-small": 28_763_648, "bert-medium": 41_373_184,
              "bert-base": 109_482_240, "distilbert": 66_362_880, "mobilebert": 24_844_544}

@@ -29,7 +29,8 @@ def test_fit_temperature_recovers_an_overconfident_models_temperature():
     import torch
 
     from slmkit.evaluate import fit_temperature
-    from slmkit.models import build_config, build_model, scale_logits
+    from slmkit.models import build_model, scale_logits
+    from slmkit.presets import build_config
 
     torch.manual_seed(0)
     model = build_model(build_config("slm-tiny", 64, {}, block_size=64)).eval()

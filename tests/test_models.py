@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from slmkit.models import build_config, build_model, decode_layout, load_model, load_saved_weights, save_model
+from slmkit.models import build_model, decode_layout, load_model, load_saved_weights, save_model
+from slmkit.presets import build_config
 
 
 def _model(vocab=300, **overrides):
