@@ -128,8 +128,34 @@ def build_config(preset: str, vocab_size: int, overrides: dict | None = None, bl
             raise SystemExit(f"error: unknown config field {key!r} for preset {preset!r}; "
                              f"known fields: {', '.join(sorted(set(cfg) | set(known)))}")
         cfg[key] = check_override(key, value, cfg.get(key, known.get(key)), kind)
+    if kind == "gpt_neo" and "num_layers" in (overrides or {}) and "attention_types" not in overrides:
+        n = cfg["num_layers"]  # GPT-Neo alternates global and local attention layers; keep that for any depth
+        cfg["attention_types"] = [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])
     check_config(cfg)
+    if kind != "llama" and overrides:
+        check_transformers_config(cfg)
     return cfg
+
+
+def check_transformers_config(cfg: dict) -> None:
+    """Overridden GPT-Neo/BERT-family configs go to transformers as they are: let it check them now, as one line."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.activations import ACT2FN
+
+    for key in ("hidden_act", "activation", "activation_function"):
+        if isinstance(cfg.get(key), str) and cfg[key] not in ACT2FN:
+            raise SystemExit(f"error: --set {key}={json.dumps(cfg[key])}: unknown activation; transformers knows "
+                             f"{', '.join(sorted(ACT2FN))}")
+    hf = dict(cfg)
+    model_type = hf.pop("model_type")
+    auto = AutoModelForMaskedLM if is_encoder(cfg) else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):  # builds the module (where BERT checks its sizes) without allocating weights
+            auto.from_config(AutoConfig.for_model(model_type, **hf))
+    except Exception as e:  # noqa: BLE001 - transformers' checks raise TypeError, ValueError or huggingface_hub's own
+        reason = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: --set: transformers rejects this {model_type} config: {reason}") from None
 
 
 # Fields a preset may lack but a --set may give, with an example of their type.

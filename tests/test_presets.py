@@ -65,3 +65,21 @@ def test_override_values_are_typed_like_the_preset():
     assert cfg["rms_norm_eps"] == 1.0 and isinstance(cfg["rms_norm_eps"], float)
     assert cfg["tie_word_embeddings"] is False and cfg["num_hidden_layers"] == 3
     assert build_config("bert-tiny", 100, {"classifier_dropout": 0.2})["classifier_dropout"] == 0.2
+
+
+def test_gpt_neo_depth_override_keeps_its_attention_pattern():
+    # GPT-Neo's config must list one attention type per layer; --set num_layers=3 alone used to be a traceback
+    cfg = build_config("gpt-neo-125m", 300, {"num_layers": 3, "hidden_size": 64, "num_heads": 2})
+    assert cfg["attention_types"] == [[["global", "local"], 1], [["global"], 1]]
+    assert build_model(cfg).config.attention_layers == ["global", "local", "global"]
+
+
+@pytest.mark.parametrize("preset, field, value, message", [
+    ("bert-tiny", "num_attention_heads", 3, "transformers rejects this bert config: The hidden size"),
+    ("bert-tiny", "hidden_act", "foo", "unknown activation"),
+    ("gpt-neo-125m", "attention_types", 3, "transformers rejects this gpt_neo config"),
+])
+def test_bad_encoder_and_gpt_neo_overrides_are_one_line_errors(preset, field, value, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        build_config(preset, 300, {field: value})
+    assert "\n" not in str(e.value)
