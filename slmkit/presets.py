@@ -140,22 +140,20 @@ def build_config(preset: str, vocab_size: int, overrides: dict | None = None, bl
 def check_transformers_config(cfg: dict) -> None:
     """Overridden GPT-Neo/BERT-family configs go to transformers as they are: let it check them now, as one line."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.activations import ACT2FN
+
+    from slmkit.models import build_model
 
     for key in ("hidden_act", "activation", "activation_function"):
         if isinstance(cfg.get(key), str) and cfg[key] not in ACT2FN:
             raise SystemExit(f"error: --set {key}={json.dumps(cfg[key])}: unknown activation; transformers knows "
                              f"{', '.join(sorted(ACT2FN))}")
-    hf = dict(cfg)
-    model_type = hf.pop("model_type")
-    auto = AutoModelForMaskedLM if is_encoder(cfg) else AutoModelForCausalLM
     try:
         with torch.device("meta"):  # builds the module (where BERT checks its sizes) without allocating weights
-            auto.from_config(AutoConfig.for_model(model_type, **hf))
-    except Exception as e:  # noqa: BLE001 - transformers' checks raise TypeError, ValueError or huggingface_hub's own
+            build_model(cfg)
+    except Exception as e:  # transformers' checks raise TypeError, ValueError or huggingface_hub's own errors
         reason = " ".join(str(e).split())[:300]
-        raise SystemExit(f"error: --set: transformers rejects this {model_type} config: {reason}") from None
+        raise SystemExit(f"error: --set: transformers rejects this {cfg['model_type']} config: {reason}") from None
 
 
 # Fields a preset may lack but a --set may give, with an example of their type.
@@ -165,8 +163,7 @@ _KNOWN_FIELDS = {"llama": {"head_dim": 1, "rope_theta": 1.0, "rms_norm_eps": 1.0
                  "bert": {"classifier_dropout": 0.1, "position_embedding_type": "absolute"},
                  "distilbert": {"seq_classif_dropout": 0.1}, "mobilebert": {"classifier_dropout": 0.1}}
 # What our Llama module computes: a config saying otherwise would open in transformers as a different model.
-_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "vocab_size": None,
-                "model_type": "llama"}
+_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 
 def check_override(key: str, value: object, example: object, kind: str) -> object:
