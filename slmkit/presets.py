@@ -105,9 +105,10 @@ def get_preset(name: str) -> dict:
 
 
 def llama_params(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
-                 intermediate_size: int, vocab_size: int, tie_word_embeddings: bool = True, **_: object) -> int:
+                 intermediate_size: int, vocab_size: int, tie_word_embeddings: bool = True, head_dim: int | None = None,
+                 **_: object) -> int:
     """Exact parameter count of a bias-free Llama decoder (used by `--preset auto` before building anything)."""
-    hd = hidden_size // num_attention_heads
+    hd = head_dim or hidden_size // num_attention_heads
     attn = hidden_size * hd * (2 * num_attention_heads + 2 * num_key_value_heads)  # q, o + k, v
     mlp = 3 * hidden_size * intermediate_size  # gate, up, down
     per_layer = attn + mlp + 2 * hidden_size  # + two RMSNorm weights

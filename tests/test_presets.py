@@ -83,3 +83,8 @@ def test_bad_encoder_and_gpt_neo_overrides_are_one_line_errors(preset, field, va
     with pytest.raises(SystemExit, match=message) as e:
         build_config(preset, 300, {field: value})
     assert "\n" not in str(e.value)
+
+
+def test_llama_params_counts_a_head_dim_override():
+    cfg = build_config("slm-tiny", 100, {"head_dim": 16, "tie_word_embeddings": False})
+    assert llama_params(**cfg) == count_parameters(build_model(cfg))
