@@ -120,11 +120,11 @@ def build_config(preset: str, vocab_size: int, overrides: dict | None = None, bl
     """Preset + tokenizer vocabulary + command-line overrides -> a transformers-style config dict."""
     cfg = get_preset(preset)
     cfg["vocab_size"] = vocab_size
-    if block_size and cfg.get("model_type", "llama") == "llama":
-        cfg["max_position_embeddings"] = block_size  # the context it is trained for; --set can raise it
     kind = cfg.get("model_type", "llama")
+    if block_size and kind == "llama":
+        cfg["max_position_embeddings"] = block_size  # the context it is trained for; --set can raise it
+    known = _KNOWN_FIELDS.get(kind, {})
     for key, value in (overrides or {}).items():
-        known = _KNOWN_FIELDS.get(kind, {})
         if key not in cfg and key not in known:
             raise SystemExit(f"error: unknown config field {key!r} for preset {preset!r}; "
                              f"known fields: {', '.join(sorted(set(cfg) | set(known)))}")

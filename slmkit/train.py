@@ -144,11 +144,12 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     bsz = args["batch_size"] or auto["batch_size"]
     warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
     overrides = {**(auto["overrides"] if args["preset"] == "auto" else {}), **parse_overrides(args["set"])}
-    probe = build_config(preset_name, 512, overrides, block_size=block)  # fails fast on a bad field
-    width = probe["hidden_size"]
+    # built (and checked) before the tokenizer trains, so a bad --set fails fast; the vocabulary is set once it exists
+    cfg = build_config(preset_name, 512, overrides, block_size=block)
+    width = cfg["hidden_size"]
     # Muon for Llama decoders: it beat AdamW on tiny Shakespeare at 200 steps and at 180 s (docs/benchmarks.md).
     # Encoders and GPT-Neo keep AdamW (not measured with Muon); runs saved before --optimizer existed used AdamW.
-    llama = probe.get("model_type", "llama") == "llama"
+    llama = cfg.get("model_type", "llama") == "llama"
     args["optimizer"] = args["optimizer"] or ("adamw" if resume or not llama else "muon")
     peak_lr = args["lr"] or recipe.peak_lr(width, args["optimizer"])
 
@@ -177,8 +178,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     token_bytes = token_byte_lengths(tok)
 
     # 4. model
-    cfg = build_config(preset_name, vocab, overrides, block_size=block)
-    cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg.update(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
     step_tokens = bsz * block * grad_accum * dist.world_size()
     cap = recipe.pass_cap(len(train_tokens), budget.steps, budget.tokens) if llama else None
     if cap:  # a time budget on a small corpus: end the schedule (and the run) after MAX_PASSES passes (measured on
