@@ -143,7 +143,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     block = args["block_size"] or auto["block_size"]
     bsz = args["batch_size"] or auto["batch_size"]
     warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
-    overrides = {**(auto["overrides"] if args["preset"] == "auto" else {}), **parse_overrides(args["set"])}
+    # --preset auto's own config fields (the untied head, the 3-layer slm-1m) are saved with the run: a resumed run
+    # rebuilds the model it checkpointed, whatever auto would pick now
+    if not resume:
+        args["auto_overrides"] = auto["overrides"] if args["preset"] == "auto" else {}
+    overrides = {**args.get("auto_overrides", {}), **parse_overrides(args["set"])}
     # built (and checked) before the tokenizer trains, so a bad --set fails fast; the vocabulary is set once it exists
     cfg = build_config(preset_name, 512, overrides, block_size=block)
     width = cfg["hidden_size"]

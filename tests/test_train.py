@@ -76,6 +76,19 @@ def test_interrupted_run_resumes_to_the_same_weights(corpus, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_preset_auto_run_resumes(corpus, tmp_path):
+    """--preset auto's own config fields (the untied LM head) are saved with the run, so --resume rebuilds the model
+    it checkpointed (it once built the preset's tied head and refused its own checkpoint)."""
+    out = tmp_path / "m"
+    common = dict(data=[str(corpus)], out=out, tokenizer="byte", batch_size=2, block_size=32, progress=False)
+    train(**common, steps=2)
+    saved = json.loads((out / RUN_FILE).read_text())
+    assert saved["preset"] != "auto" and saved["auto_overrides"]["tie_word_embeddings"] is False
+    summary = train(**common, steps=4, resume=True)
+    assert summary["step"] == 4
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 @pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "other-optimizer", "existing"])
 def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     out = tmp_path / "m"
