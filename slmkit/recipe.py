@@ -8,13 +8,23 @@ were calibrated on 2 CPU cores (docs/benchmarks.md: tinyshakespeare, 180 s) — 
 
 from __future__ import annotations
 
+import functools
+import os
+import time
+
 import torch
 
 from slmkit.presets import DECODERS, llama_params
 
 # Sustained training FLOP/s of our loop at small shapes (measured: docs/benchmarks.md). Conservative on purpose:
 # an overestimate picks a model too big to converge in the budget, which costs more than one a size too small.
+# On the CPU this is the floor: faster CPUs are measured (cpu_matmul_peak) and get CPU_PEAK_SHARE of their peak.
 CPU_FLOPS_PER_THREAD = 25e9
+# Our loop's training FLOP/s over the CPU's fp32 matmul peak (1024^3 products), 2 threads, slm-1m 3L at 16 x 256
+# tokens: 126 of 387 GFLOP/s on a Xeon with AVX-512 (0.33), ~50 of 111-166 on the AMD EPYC (AVX2) hosts that
+# calibrated the floor above. Without it the Xeon trained the 2-3x slower hosts' model: 2.203 bits/byte on the
+# 180 s benchmark, 2.134 with the model and weight decay its measured speed picks (docs/benchmarks.md).
+CPU_PEAK_SHARE = 0.33
 GPU_FLOPS = 60e12
 # Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
 # the best held-out loss came from models that see only ~3 tokens per parameter (docs/benchmarks.md).
@@ -54,9 +64,33 @@ MIN_SEQUENCES = 16
 
 
 def device_flops(device: str) -> float:
+    """Training FLOP/s a time budget is planned with: a constant on GPUs; on the CPU the calibrated floor, or
+    CPU_PEAK_SHARE of this CPU's measured matmul peak where that is more. Under torchrun the floor alone, so every
+    rank plans the same run."""
     if device.startswith("cuda"):
         return GPU_FLOPS
-    return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
+    threads = torch.get_num_threads()
+    floor = CPU_FLOPS_PER_THREAD * threads
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return floor
+    return max(floor, CPU_PEAK_SHARE * cpu_matmul_peak(threads))
+
+
+@functools.cache
+def cpu_matmul_peak(threads: int) -> float:
+    """fp32 FLOP/s of 1024 x 1024 matrix products on THREADS threads (the current setting), best of 5 bursts:
+    a peak, not an average over whatever else the machine is doing. ~0.1 s on a fast CPU, ~0.4 s on a slow one."""
+    n, reps = 1024, 4
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):  # warm up MKL's thread pool and the caches
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def non_embedding_params(cfg: dict) -> int:

@@ -1,7 +1,9 @@
 """`--preset auto` (slmkit/recipe.py): the size, context and batch it picks for a corpus and a budget."""
 
+import pytest
 import torch
 
+from slmkit import recipe
 from slmkit.presets import DECODERS
 from slmkit.recipe import (
     AUTO_LADDER,
@@ -11,6 +13,7 @@ from slmkit.recipe import (
     auto_recipe,
     batch_tokens_for,
     context_for,
+    cpu_matmul_peak,
     non_embedding_params,
     pass_cap,
     shape_for,
@@ -18,6 +21,13 @@ from slmkit.recipe import (
 )
 
 SHAKESPEARE = 1_003_854  # bytes of the time-to-quality benchmark's training file
+
+
+@pytest.fixture(autouse=True)
+def calibration_host(monkeypatch):
+    """Plan as on the AMD EPYC (AVX2) hosts that calibrated the recipe: their fp32 matmul peak, so the picks below do
+    not depend on the machine running the tests."""
+    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 120e9)
 
 
 def rung(r: dict) -> int:
@@ -100,3 +110,29 @@ def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):
     assert wd(steps=450, tokens=400_000) == 0.1  # the first budget to run out is the one that counts
     assert 0.4 < wd(seconds=180) < 0.5  # the benchmark's 3 minutes on 2 threads: ~1.8M tokens, ~4.5 passes
     assert wd(seconds=180) < wd(seconds=360) < wd(seconds=3600) == 1.0
+
+
+def test_a_faster_cpu_is_measured_and_buys_a_larger_model(monkeypatch):
+    """A CPU's time budget is planned at CPU_PEAK_SHARE of its measured matmul peak, never below the calibrated floor:
+    on a Xeon with AVX-512 (387 GFLOP/s) the 180 s benchmark gets slm-1m's 4 layers and more weight decay."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    slow = auto_recipe(SHAKESPEARE, "cpu", seconds=180)
+    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 387e9)
+    fast = auto_recipe(SHAKESPEARE, "cpu", seconds=180)
+    assert (fast["preset"], fast["overrides"]) == ("slm-1m", {"tie_word_embeddings": False})
+    assert rung(fast) == rung(slow) + 1
+    cfg = {**DECODERS["slm-1m"], "vocab_size": 1024}
+    assert weight_decay_for(cfg, 256, 4096, 400_000, "cpu", seconds=180) > 0.9
+    assert recipe.device_flops("cpu") == pytest.approx(recipe.CPU_PEAK_SHARE * 387e9)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank plans with the floor, so all plan the same run
+    assert recipe.device_flops("cpu") == 2 * recipe.CPU_FLOPS_PER_THREAD
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 10e9)  # a slow or busy CPU: the floor
+    assert recipe.device_flops("cpu") == 2 * recipe.CPU_FLOPS_PER_THREAD
+
+
+def test_the_matmul_peak_is_measured_once_per_thread_count():
+    cpu_matmul_peak.cache_clear()  # the real one (the fixture patches the module's name)
+    threads = torch.get_num_threads()
+    peak = cpu_matmul_peak(threads)
+    assert 1e9 < peak < 1e14 and cpu_matmul_peak(threads) == peak
