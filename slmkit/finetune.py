@@ -179,7 +179,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     budget = budget_from(args, loop_args=dict(
         patience=patience, eval_tokens=eval_tokens, eval_every=eval_every, checkpoint_every=checkpoint_every))
     dev = pick_device(device)
-    autocast_dtype = pick_dtype(args["dtype"], dev)
+    autocast_dtype = pick_dtype(args["dtype"], dev, hf_cfg.get("hidden_size") or hf_cfg.get("n_embd"))
     method = "lora" if args["lora"] else "full"
     peak_lr = args["lr"] or DEFAULT_LR[method]
     context = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or 2048)

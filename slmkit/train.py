@@ -106,7 +106,6 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if compile and dev == "cpu":
         require_cpp_compiler()
     dist.setup(dev)
-    autocast_dtype = pick_dtype(dtype, dev)
     ckpt_path = out / CHECKPOINT
     args = dict(data=[str(d) for d in data], preset=preset, tokenizer=tokenizer, vocab_size=vocab_size,
                 tokenizer_from=str(tokenizer_from) if tokenizer_from else None, block_size=block_size,
@@ -151,6 +150,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # built (and checked) before the tokenizer trains, so a bad --set fails fast; the vocabulary is set once it exists
     cfg = build_config(preset_name, 512, overrides, block_size=block)
     width = cfg["hidden_size"]
+    autocast_dtype = pick_dtype(dtype, dev, width)
     # Muon for Llama decoders: it beat AdamW on tiny Shakespeare at 200 steps and at 180 s (docs/benchmarks.md).
     # Encoders and GPT-Neo keep AdamW (not measured with Muon); runs saved before --optimizer existed used AdamW.
     llama = cfg.get("model_type", "llama") == "llama"

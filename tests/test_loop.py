@@ -66,6 +66,34 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
     assert loop.pick_dtype("auto", "cpu") is None
 
 
+def test_auto_dtype_is_bf16_on_a_cpu_with_amx_for_models_wide_enough(monkeypatch):
+    import torch
+
+    from slmkit import loop
+
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
+    assert loop.pick_dtype("auto", "cpu", loop.CPU_BF16_MIN_WIDTH) is torch.bfloat16
+    assert loop.pick_dtype("auto", "cpu", 128) is None  # tiny shapes measured slower in bf16
+    assert loop.pick_dtype("fp32", "cpu", 4096) is None  # an explicit choice stands
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: False)
+    assert loop.pick_dtype("auto", "cpu", 4096) is None  # AVX2 or AVX512-BF16 alone: fp32
+
+
+def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
+    import json
+
+    from slmkit import loop
+    from slmkit.train import main as train
+
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
+    common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
+                  device="cpu", progress=False)
+    train(out=tmp_path / "wide", set=["hidden_size=256", "intermediate_size=704"], **common)
+    train(out=tmp_path / "narrow", **common)
+    dtypes = [json.loads((tmp_path / m / "training_summary.json").read_text())["dtype"] for m in ("wide", "narrow")]
+    assert dtypes == ["bf16", "fp32"]
+
+
 def test_a_gpu_that_is_not_there_is_a_one_line_error(monkeypatch):
     import torch
 
