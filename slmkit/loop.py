@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmkit import recipe
-from slmkit.models import logits_of, unwrap
+from slmkit.models import cpu_has_bf16, logits_of, unwrap
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure helpers (unit-tested directly)
@@ -379,12 +379,4 @@ def cpu_has_amx() -> bool:
     try:
         return bool(probe and probe()) and cpu_has_bf16()
     except RuntimeError:
-        return False
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN finds native bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: assume none
         return False

@@ -10,6 +10,7 @@ with the same logits (`tests/test_models.py` checks it). Other architectures (GP
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -128,13 +129,19 @@ def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """SCALE * LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's or an Embedding's, or a
     tensor) takes torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or one bmm over a slab of rows
-    per thread where decode_layout marked the layer `split_rows` (below); other layers (int8) are called as is.
+    per thread where decode_layout marked the layer `split_rows` (below); a bf16 weight takes mv on CPUs with bf16
+    units (AVX512-BF16, AMX) and F.linear elsewhere; other layers (int8) are called as is.
     The scale and the residual ride on the product itself (addmv's/baddbmm's alpha and beta): each op saved is worth
     ~20 us per layer per token in a decode step, where small ops run on cold caches."""
     w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, (nn.Linear, nn.Embedding)) \
         else None
-    if w is None or w.dtype != torch.float32:  # mv has no fast bf16 kernel on CPUs without bf16 units
-        y = layer(x[None])[0] if w is None else F.linear(x[None], w)[0]
+    if w is None or w.dtype != torch.float32:
+        if w is None:
+            y = layer(x[None])[0]
+        elif w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.is_contiguous() and cpu_has_bf16():
+            y = torch.mv(w, x)  # with bf16 units mv streams bf16 weights ~1.4x faster than F.linear's product
+        else:  # without them mv has no fast bf16 kernel
+            y = F.linear(x[None], w)[0]
         y = y if scale == 1.0 else y * scale
         return y if residual is None else residual + y
     out, inp = w.shape
@@ -159,6 +166,15 @@ def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
         return torch.mv(w, x)
     return torch.addmv(_ZERO if residual is None else residual, w, x, beta=0.0 if residual is None else 1.0,
                        alpha=scale)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN finds native bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume none
+        return False
 
 
 _ZERO = torch.zeros(())  # matvec's ignored input to baddbmm/addmv when beta=0 (CPU fp32 only: scale != 1 there)

@@ -137,6 +137,30 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_matvec_on_bf16_weights(monkeypatch, bf16_units):
+    """bf16 weights take torch.mv on CPUs with bf16 units (faster there) and F.linear's product without them: the
+    same numbers either way, scale and residual included, and a bf16 decode step matches the full forward."""
+    import slmkit.models as models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: bf16_units)
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: (calls.append("mv"), real_mv(*a))[1])
+    lin = torch.nn.Linear(48, 64, bias=False).to(torch.bfloat16)
+    x, r = torch.randn(48, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    ref = (lin.weight.float() @ x.float())
+    torch.testing.assert_close(models.matvec(lin, x).float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(models.matvec(lin, x, 0.5, r).float(), r.float() + 0.5 * ref, rtol=2e-2, atol=2e-2)
+    assert calls == (["mv", "mv"] if bf16_units else [])
+    model = _model().eval().to(torch.bfloat16)
+    with torch.no_grad():
+        idx = torch.arange(11)[None]
+        cache = model.new_cache(1, 12)
+        model(idx[:, :10], cache=cache, pos=0)
+        torch.testing.assert_close(model.step(10, cache, 10).float(), model(idx)[0, -1].float(), rtol=0.05, atol=0.05)
+
+
 def test_saved_weights_load_back_into_a_live_model(tmp_path):
     """Early stopping restores the best weights from the folder into the training model: ours, GPT-Neo (tied head,
     stored once) and a BERT masked LM alike; a folder of another model is refused."""
