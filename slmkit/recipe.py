@@ -2,8 +2,9 @@
 
 The rule is compute-first. Small models trained briefly are limited by how many tokens they see, so the model is
 sized for the compute the budget buys: estimate the training FLOPs (6 x params x tokens) this device delivers in the
-budget, then take the largest preset that still sees about TOKENS_PER_PARAM tokens per parameter. The constants
-were calibrated on 2 CPU cores (docs/benchmarks.md: tinyshakespeare, 180 s) — re-check them when the loop changes.
+budget (on a CPU: measured, device_flops), then take the largest preset that still sees about TOKENS_PER_PARAM tokens
+per parameter. The constants were calibrated on 2 CPU cores (docs/benchmarks.md: tinyshakespeare, 180 s) — re-check
+them when the loop changes.
 """
 
 from __future__ import annotations
