@@ -24,7 +24,8 @@ CPU_FLOPS_PER_THREAD = 25e9
 # Our loop's training FLOP/s over the CPU's fp32 matmul peak (1024^3 products), 2 threads, slm-1m 3L at 16 x 256
 # tokens: 126 of 387 GFLOP/s on a Xeon with AVX-512 (0.33), ~50 of 111-166 on the AMD EPYC (AVX2) hosts that
 # calibrated the floor above. Without it the Xeon trained the 2-3x slower hosts' model: 2.203 bits/byte on the
-# 180 s benchmark, 2.134 with the model and weight decay its measured speed picks (docs/benchmarks.md).
+# 180 s benchmark, 2.146-2.155 with the model (slm-1m's 4 layers) and weight decay (~0.9-1.0) its measured speed
+# picks (docs/benchmarks.md).
 CPU_PEAK_SHARE = 0.33
 GPU_FLOPS = 60e12
 # Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
