@@ -129,6 +129,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         parse_duration,
         pick_device,
         pick_dtype,
+        precision_name,
     )
     from slmkit.merge import ADAPTER_RECORD, is_adapter_folder
     from slmkit.models import atomic_write_json, count_parameters, load_model, read_config, save_model
@@ -268,7 +269,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
 
     print(f"finetune ({task}, {method}): {Path(args['model_dir']).name} | {n_params:,} parameters, {n_train:,} "
           f"trainable | block {block} | batch {bsz}x{args['grad_accum']} | lr {peak_lr:g} | {dev} "
-          f"{'bf16' if autocast_dtype == torch.bfloat16 else 'fp16' if autocast_dtype == torch.float16 else 'fp32'} | "
+          f"{precision_name(autocast_dtype)} | "
           f"{data_note}")
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
     fit_cfg = FitConfig(

@@ -372,6 +372,11 @@ def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype
     raise SystemExit(f"error: unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
 
 
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """What pick_dtype chose, as the start lines and summaries print it: fp32, bf16 or fp16."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): bf16 products several times fp32's rate,
     where AVX512-BF16 alone gains far less. PyTorch exposes it privately, so a missing probe means no."""

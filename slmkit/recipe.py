@@ -10,11 +10,11 @@ them when the loop changes.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import torch
 
+from slmkit import distributed
 from slmkit.presets import DECODERS, llama_params
 
 # Sustained training FLOP/s of our loop at small shapes (measured: docs/benchmarks.md). Conservative on purpose:
@@ -73,7 +73,7 @@ def device_flops(device: str) -> float:
         return GPU_FLOPS
     threads = torch.get_num_threads()
     floor = CPU_FLOPS_PER_THREAD * threads
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.world_size() > 1:
         return floor
     return max(floor, CPU_PEAK_SHARE * cpu_matmul_peak(threads))
 

@@ -29,6 +29,7 @@ from slmkit.loop import (
     parse_duration,
     pick_device,
     pick_dtype,
+    precision_name,
 )
 from slmkit.models import (
     atomic_write_json,
@@ -260,7 +261,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if dist.is_main():
         print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
               f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | wd {args['weight_decay']:g} | {dev} "
-              f"{'bf16' if autocast_dtype == torch.bfloat16 else 'fp32'} | data {len(train_tokens):,} train / "
+              f"{precision_name(autocast_dtype)} | data {len(train_tokens):,} train / "
               f"{len(val_tokens):,} val tokens")
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
     fit_cfg = FitConfig(
@@ -323,7 +324,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
                 "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
                 "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"], "device": dev,
-                "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32"}
+                "dtype": precision_name(autocast_dtype)}
         atomic_write_json(out / "training_summary.json", card)
         write_model_card(out, card)
         if final:
