@@ -428,9 +428,9 @@ def add_args(p) -> None:
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--packing", action="store_true", help="sft: pack conversations end to end instead of padding")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPUs that support it and, for models 256+ dims wide, on CPUs "
-                        "with AMX; fp32 otherwise (bf16 on a CPU without bf16 units warns: it runs emulated, ~15x "
-                        "slower)")
+                   help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "
+                        "whose bf16 products measure 3x+ fp32's (AMX, Zen 5); fp32 otherwise (bf16 on a CPU "
+                        "without bf16 units warns: it runs emulated, ~15x slower)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     g.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     g = p.add_argument_group("data, evaluation and checkpoints")

@@ -347,15 +347,20 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
-# Narrowest model that --dtype auto trains in bf16 autocast on a CPU with AMX. Measured on a Xeon with AMX, 2 threads,
-# 16 x 256 tokens per step: 256 dims (slm-7m) 1.37x fp32's tokens/s, 512 (slm-30m) 1.47x, but 128 dims only 1.08x
-# and nanoGPT's 4L/128d at 12 x 64 tokens 0.83x: below this the casts cost what the faster products save.
-CPU_BF16_MIN_WIDTH = 256
+# Narrowest model that --dtype auto trains in bf16 autocast on a CPU with fast bf16 products (cpu_bf16_fast). Measured
+# at 2 threads, 16 x 256 tokens per step, bf16 over fp32 tokens/s: on an AMD EPYC with AVX512-BF16 (Zen 5), 64 dims
+# (slm-tiny) 1.0-1.24x, 128 (slm-1m) 1.3-1.4x, 256 (slm-7m) 1.6x; on a Xeon with AMX, 128 dims 1.08x, 256 1.37x, 512
+# 1.47x. Narrower, the casts cost about what the faster products save.
+CPU_BF16_MIN_WIDTH = 128
+# bf16 matrix products must run at least this many times fp32's rate for --dtype auto to use them: 3.7x on the Xeon
+# with AMX and 4.5x on the Zen 5 EPYC above; CPUs that only emulate bf16 run it ~100x slower than fp32.
+CPU_BF16_MIN_SPEEDUP = 3.0
 
 
 def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype | None:
     """None = plain fp32. 'auto' is bf16 autocast on GPUs that support it and, for models at least
-    CPU_BF16_MIN_WIDTH wide (WIDTH: hidden size), on CPUs with AMX; otherwise fp32, where tiny shapes lose."""
+    CPU_BF16_MIN_WIDTH wide (WIDTH: hidden size), on CPUs whose bf16 products are measured fast (cpu_bf16_fast);
+    otherwise fp32."""
     if dtype == "fp32":
         return None
     if dtype in ("bf16", "bfloat16"):
@@ -368,7 +373,7 @@ def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if (width or 0) >= CPU_BF16_MIN_WIDTH and cpu_has_amx() else None
+        return torch.bfloat16 if (width or 0) >= CPU_BF16_MIN_WIDTH and cpu_bf16_fast() else None
     raise SystemExit(f"error: unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
 
 
@@ -377,11 +382,11 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): bf16 products several times fp32's rate,
-    where AVX512-BF16 alone gains far less. PyTorch exposes it privately, so a missing probe means no."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe and probe()) and cpu_has_bf16()
-    except RuntimeError:
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices at least CPU_BF16_MIN_SPEEDUP times faster than fp32, measured once
+    (~0.1 s; recipe.cpu_matmul_peak). True on AMX (Intel Sapphire Rapids and later) and on AVX512-BF16 with full-width
+    units (AMD Zen 5); CPUs without bf16 units are not measured at all."""
+    if not cpu_has_bf16():
         return False
+    threads = torch.get_num_threads()
+    return recipe.cpu_matmul_peak(threads, torch.bfloat16) >= CPU_BF16_MIN_SPEEDUP * recipe.cpu_matmul_peak(threads)

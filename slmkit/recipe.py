@@ -19,14 +19,11 @@ from slmkit.presets import DECODERS, llama_params
 
 # Sustained training FLOP/s of our loop at small shapes (measured: docs/benchmarks.md). Conservative on purpose:
 # an overestimate picks a model too big to converge in the budget, which costs more than one a size too small.
-# On the CPU this is the floor: faster CPUs are measured (cpu_matmul_peak) and get CPU_PEAK_SHARE of their peak.
+# On the CPU this is the floor: a time budget is planned at our own training step's measured rate (cpu_train_flops)
+# where that is more. The CPUs we met span 2.5x at the same core count: ~50 GFLOP/s on AMD EPYC (AVX2) hosts, 96
+# (fp32) and 115 (bf16) on an AMD EPYC with AVX-512 (Zen 5), 126 on a Xeon with AMX; a fixed share of the matmul peak
+# missed the Zen 5 by 1.8x (0.33 of 193 GFLOP/s planned, 0.50 of it sustained), so the step itself is timed.
 CPU_FLOPS_PER_THREAD = 25e9
-# Our loop's training FLOP/s over the CPU's fp32 matmul peak (1024^3 products), 2 threads, slm-1m 3L at 16 x 256
-# tokens: 126 of 387 GFLOP/s on a Xeon with AVX-512 (0.33), ~50 of 111-166 on the AMD EPYC (AVX2) hosts that
-# calibrated the floor above. Without it the Xeon trained the 2-3x slower hosts' model: 2.203 bits/byte on the
-# 180 s benchmark, 2.146-2.155 with the model (slm-1m's 4 layers) and weight decay (~0.9-1.0) its measured speed
-# picks (docs/benchmarks.md).
-CPU_PEAK_SHARE = 0.33
 GPU_FLOPS = 60e12
 # Tokens per non-embedding parameter the budget must buy. Far below Chinchilla's 20: on minutes-long CPU budgets
 # the best held-out loss came from models that see only ~3 tokens per parameter (docs/benchmarks.md).
@@ -65,25 +62,59 @@ MAX_PASSES = 16
 MIN_SEQUENCES = 16
 
 
-def device_flops(device: str) -> float:
-    """Training FLOP/s a time budget is planned with: a constant on GPUs; on the CPU the calibrated floor, or
-    CPU_PEAK_SHARE of this CPU's measured matmul peak where that is more. Under torchrun the floor alone, so every
-    rank plans the same run."""
+def device_flops(device: str, dtype: str = "auto") -> float:
+    """Training FLOP/s a time budget is planned with: a constant on GPUs; on the CPU the calibrated floor, or our
+    training step's measured rate in the precision `--dtype DTYPE` trains in (cpu_train_flops) where that is more.
+    Under torchrun the floor alone, so every rank plans the same run."""
     if device.startswith("cuda"):
         return GPU_FLOPS
     threads = torch.get_num_threads()
     floor = CPU_FLOPS_PER_THREAD * threads
     if distributed.world_size() > 1:
         return floor
-    return max(floor, CPU_PEAK_SHARE * cpu_matmul_peak(threads))
+    return max(floor, cpu_train_flops(threads, dtype))
 
 
 @functools.cache
-def cpu_matmul_peak(threads: int) -> float:
-    """fp32 FLOP/s of 1024 x 1024 matrix products on THREADS threads (the current setting), best of 5 bursts:
-    a peak, not an average over whatever else the machine is doing. ~0.1 s on a fast CPU, ~0.4 s on a slow one."""
+def cpu_train_flops(threads: int, dtype: str = "auto") -> float:
+    """FLOP/s of our own training step on this CPU at the small end of AUTO_LADDER (slm-1m 3L, 16 x 256 tokens, vocab
+    1,024), where FLOP/s are lowest, so larger rungs are planned conservatively: forward, backward, clipping and
+    a Muon step (train's default optimizer), in the precision `--dtype DTYPE` gives a 128-dim model; the median of 4
+    steps after a warm-up. ~1-2 s; leaves the RNG as it was."""
+    from slmkit.loop import causal_lm_loss, cpu_bf16_fast
+    from slmkit.models import build_model
+    from slmkit.optim import make_optimizer
+    from slmkit.presets import build_config
+
+    vocab, block, batch = 1024, 256, MIN_SEQUENCES
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = build_config("slm-1m", vocab, {**AUTO_OVERRIDES, "num_hidden_layers": 3}, block_size=block)
+        model = build_model(cfg)
+        x, y = torch.randint(vocab, (2, batch, block))  # (B, T) each
+    opt = make_optimizer(model, 1e-3, 0.1, "cpu", "muon")
+    bf16 = dtype in ("bf16", "bfloat16") or (dtype == "auto" and cpu_bf16_fast())
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = causal_lm_loss(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times[1:])[1:3]  # the middle two of 4: step 0 warms the allocator and thread pool
+    return step_flops_per_token(cfg, vocab, block) * batch * block * 2 / sum(seconds)
+
+
+@functools.cache
+def cpu_matmul_peak(threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of 1024 x 1024 matrix products in DTYPE on THREADS threads (the current setting), best of 5 bursts:
+    a peak, not an average over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s on a slow
+    one; bf16 takes seconds on CPUs without bf16 units (emulated), so ask models.cpu_has_bf16() first."""
     n, reps = 1024, 4
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):  # warm up MKL's thread pool and the caches
         a @ b
     best = 0.0
@@ -122,8 +153,9 @@ def shape_for(cfg: dict, device: str, corpus_tokens: int | None = None) -> tuple
 
 
 def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, steps: int | None = None,
-                tokens: int | None = None, bytes_per_token: float = 3.0) -> dict:
-    """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget."""
+                tokens: int | None = None, bytes_per_token: float = 3.0, dtype: str = "auto") -> dict:
+    """Choose preset, block size, batch size, learning rate and warmup for this corpus and budget (DTYPE: the run's
+    --dtype, which sets how fast a time budget is planned to train)."""
     corpus_tokens = int(corpus_bytes / bytes_per_token)
     choice = AUTO_LADDER[0]
     for name, overrides in AUTO_LADDER:
@@ -131,7 +163,7 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
         block, batch_tokens = shape_for(cfg, device, corpus_tokens)
         vocab = auto_vocab_size(corpus_bytes, cfg["hidden_size"])
         budget_tokens = planned_tokens(cfg, vocab, block, batch_tokens, device, steps, tokens,
-                                       seconds if seconds or steps or tokens else DEFAULT_SECONDS)
+                                       seconds if seconds or steps or tokens else DEFAULT_SECONDS, dtype)
         # A model that needs more than ~10 passes over a small corpus to get its tokens only memorises it.
         enough_data = corpus_tokens * 10 >= TOKENS_PER_PARAM * non_embedding_params(cfg)
         if budget_tokens >= TOKENS_PER_PARAM * non_embedding_params(cfg) and (enough_data or choice[0] == name):
@@ -145,22 +177,23 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
 
 
 def weight_decay_for(cfg: dict, block: int, step_tokens: int, train_tokens: int, device: str,
-                     steps: int | None = None, tokens: int | None = None, seconds: float | None = None) -> float:
+                     steps: int | None = None, tokens: int | None = None, seconds: float | None = None,
+                     dtype: str = "auto") -> float:
     """Weight decay for training CFG on TRAIN_TOKENS tokens, STEP_TOKENS per step, until the first of the budgets
     runs out (a time budget's tokens estimated at device_flops): 0.1 up to one pass over the data, 0.1 per pass
     beyond that, at most WEIGHT_DECAY_MAX."""
-    passes = planned_tokens(cfg, cfg["vocab_size"], block, step_tokens, device, steps, tokens, seconds) / max(
+    passes = planned_tokens(cfg, cfg["vocab_size"], block, step_tokens, device, steps, tokens, seconds, dtype) / max(
         1, train_tokens)
     return round(min(WEIGHT_DECAY_MAX, max(WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_PER_PASS * passes)), 3)
 
 
 def planned_tokens(cfg: dict, vocab: int, block: int, step_tokens: int, device: str, steps: int | None = None,
-                   tokens: int | None = None, seconds: float | None = None) -> float:
+                   tokens: int | None = None, seconds: float | None = None, dtype: str = "auto") -> float:
     """Training tokens until the first of the budgets runs out (`slm train` stops at the first); a time budget's
     tokens estimated from device_flops. 0 when no budget is given."""
     planned = [t for t in (tokens, (steps or 0) * step_tokens) if t]
     if seconds:
-        planned.append(device_flops(device) * seconds / step_flops_per_token(cfg, vocab, block))
+        planned.append(device_flops(device, dtype) * seconds / step_flops_per_token(cfg, vocab, block))
     return min(planned, default=0)
 
 

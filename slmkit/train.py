@@ -137,7 +137,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     torch.manual_seed(args["seed"])
 
     # 1. the recipe: explicit flags win over --preset auto's choices
-    auto = recipe.auto_recipe(n_bytes, dev, budget.seconds, budget.steps, budget.tokens)
+    auto = recipe.auto_recipe(n_bytes, dev, budget.seconds, budget.steps, budget.tokens, dtype=dtype)
     preset_name = auto["preset"] if args["preset"] == "auto" else args["preset"]
     args["tokenizer"] = encoders.pick_tokenizer(args["tokenizer"], is_encoder(preset_name), args["tokenizer_from"])
     block = args["block_size"] or auto["block_size"]
@@ -199,7 +199,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     if args.get("weight_decay") is None:  # more decay the more often the budget repeats the data (measured on Llama
         # decoders; the rest keep the usual 0.1)
         args["weight_decay"] = 0.1 if not llama else recipe.weight_decay_for(
-            cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens, budget.seconds)
+            cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens, budget.seconds, dtype)
     model = build_model(cfg).to(dev)
     set_dropout(model, args.get("dropout", 0.0))
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
@@ -435,9 +435,9 @@ def add_args(p) -> None:
     g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (default: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPUs that support it and, for models 256+ dims wide, on CPUs "
-                        "with AMX; fp32 otherwise (bf16 on a CPU without bf16 units warns: it runs emulated, ~15x "
-                        "slower)")
+                   help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "
+                        "whose bf16 products measure 3x+ fp32's (AMX, Zen 5); fp32 otherwise (bf16 on a CPU "
+                        "without bf16 units warns: it runs emulated, ~15x slower)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     g.add_argument("--compile", action="store_true", help="torch.compile the model and its loss (compile time counts "
                    "as training: ~20-30 s on 2 CPU cores, seconds once inductor's cache holds the graph; on CPU it "

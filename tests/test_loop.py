@@ -66,17 +66,33 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
     assert loop.pick_dtype("auto", "cpu") is None
 
 
-def test_auto_dtype_is_bf16_on_a_cpu_with_amx_for_models_wide_enough(monkeypatch):
+def test_auto_dtype_is_bf16_on_a_cpu_with_fast_bf16_for_models_wide_enough(monkeypatch):
     import torch
 
     from slmkit import loop
 
-    monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: True)
     assert loop.pick_dtype("auto", "cpu", loop.CPU_BF16_MIN_WIDTH) is torch.bfloat16
-    assert loop.pick_dtype("auto", "cpu", 128) is None  # tiny shapes measured slower in bf16
+    assert loop.pick_dtype("auto", "cpu", 64) is None  # tiny shapes gain nothing in bf16
     assert loop.pick_dtype("fp32", "cpu", 4096) is None  # an explicit choice stands
-    monkeypatch.setattr(loop, "cpu_has_amx", lambda: False)
-    assert loop.pick_dtype("auto", "cpu", 4096) is None  # AVX2 or AVX512-BF16 alone: fp32
+    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: False)
+    assert loop.pick_dtype("auto", "cpu", 4096) is None  # no bf16 units, or bf16 products barely faster: fp32
+
+
+def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
+    import torch
+
+    from slmkit import loop, recipe
+
+    peaks = {torch.float32: 190e9, torch.bfloat16: 860e9}
+    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads, dtype=torch.float32: peaks[dtype])
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    assert loop.cpu_bf16_fast()  # 4.5x, as an AMD Zen 5 measured
+    peaks[torch.bfloat16] = 2 * peaks[torch.float32]
+    assert not loop.cpu_bf16_fast()  # bf16 units, but the casts would eat a 2x gain
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda *a: pytest.fail("emulated bf16 must not be measured"))
+    assert not loop.cpu_bf16_fast()
 
 
 def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
@@ -85,7 +101,7 @@ def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
     from slmkit import loop
     from slmkit.train import main as train
 
-    monkeypatch.setattr(loop, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: True)
     common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
                   device="cpu", progress=False)
     train(out=tmp_path / "wide", set=["hidden_size=256", "intermediate_size=704"], **common)

@@ -1,20 +1,30 @@
 """Optimizers (slmkit/optim.py): AdamW, and MuonAdamW (Muon on hidden matrices, AdamW on the rest)."""
 
+import pytest
 import torch
 from tiny_models import TINY
 
+from slmkit import optim
 from slmkit.models import Llama
 from slmkit.optim import MuonAdamW, make_optimizer, orthogonalize
 
+# Newton-Schulz runs in bf16 on CPUs with fast bf16 products and in fp32 on the rest: both paths, on any host
+both_precisions = pytest.mark.parametrize("bf16_fast", [False, True], ids=["fp32", "bf16"])
 
-def test_orthogonalize_gives_singular_values_near_one():
+
+@both_precisions
+def test_orthogonalize_gives_singular_values_near_one(monkeypatch, bf16_fast):
+    monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: bf16_fast)
     g = torch.randn(96, 32) @ torch.diag(torch.logspace(-1, 1, 32))  # badly conditioned, tall
     s = torch.linalg.svdvals(orthogonalize(g))
     # quintic Newton-Schulz stops short of exact orthogonality by design: singular values land in ~[0.5, 1.5]
-    assert orthogonalize(g).shape == g.shape and s.min() > 0.4 and s.max() < 1.6, s
+    assert orthogonalize(g).shape == g.shape and orthogonalize(g).dtype == g.dtype
+    assert s.min() > 0.4 and s.max() < 1.6, s
 
 
-def test_orthogonalize_a_stack_is_each_matrix_on_its_own():
+@both_precisions
+def test_orthogonalize_a_stack_is_each_matrix_on_its_own(monkeypatch, bf16_fast):
+    monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: bf16_fast)
     # MuonAdamW orthogonalises every same-shaped part of the model in one stack; that must not mix the matrices
     g = torch.randn(5, 24, 40)
     torch.testing.assert_close(orthogonalize(g), torch.stack([orthogonalize(m) for m in g]), rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from slmkit.recipe import (
     auto_recipe,
     batch_tokens_for,
     context_for,
-    cpu_matmul_peak,
+    cpu_train_flops,
     non_embedding_params,
     pass_cap,
     shape_for,
@@ -25,9 +25,9 @@ SHAKESPEARE = 1_003_854  # bytes of the time-to-quality benchmark's training fil
 
 @pytest.fixture(autouse=True)
 def calibration_host(monkeypatch):
-    """Plan as on the AMD EPYC (AVX2) hosts that calibrated the recipe: their fp32 matmul peak, so the picks below do
-    not depend on the machine running the tests."""
-    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 120e9)
+    """Plan as on the AMD EPYC (AVX2) hosts that calibrated the recipe: their training step's rate (the floor), so the
+    picks below do not depend on the machine running the tests."""
+    monkeypatch.setattr(recipe, "cpu_train_flops", lambda threads, dtype="auto": 45e9)
 
 
 def rung(r: dict) -> int:
@@ -113,26 +113,41 @@ def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):
 
 
 def test_a_faster_cpu_is_measured_and_buys_a_larger_model(monkeypatch):
-    """A CPU's time budget is planned at CPU_PEAK_SHARE of its measured matmul peak, never below the calibrated floor:
-    on a Xeon with AVX-512 (387 GFLOP/s) the 180 s benchmark gets slm-1m's 4 layers and more weight decay."""
+    """A CPU's time budget is planned at our training step's measured rate, never below the calibrated floor: on a
+    Xeon with AMX (126 GFLOP/s sustained) the 180 s benchmark gets slm-1m's 4 layers and more weight decay."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     slow = auto_recipe(SHAKESPEARE, "cpu", seconds=180)
-    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 387e9)
+    rates = {"auto": 126e9, "fp32": 96e9}
+    monkeypatch.setattr(recipe, "cpu_train_flops", lambda threads, dtype="auto": rates[dtype])
     fast = auto_recipe(SHAKESPEARE, "cpu", seconds=180)
     assert (fast["preset"], fast["overrides"]) == ("slm-1m", {"tie_word_embeddings": False})
     assert rung(fast) == rung(slow) + 1
     cfg = {**DECODERS["slm-1m"], "vocab_size": 1024}
     assert weight_decay_for(cfg, 256, 4096, 400_000, "cpu", seconds=180) > 0.9
-    assert recipe.device_flops("cpu") == pytest.approx(recipe.CPU_PEAK_SHARE * 387e9)
+    # the run's --dtype is the precision planned for (a CPU with fast bf16 trains faster in `auto` than in fp32)
+    assert weight_decay_for(cfg, 256, 4096, 400_000, "cpu", seconds=180, dtype="fp32") < weight_decay_for(
+        cfg, 256, 4096, 400_000, "cpu", seconds=180)
+    assert recipe.device_flops("cpu") == 126e9
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank plans with the floor, so all plan the same run
     assert recipe.device_flops("cpu") == 2 * recipe.CPU_FLOPS_PER_THREAD
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads: 10e9)  # a slow or busy CPU: the floor
+    rates["auto"] = 10e9  # a slow or busy CPU: the floor
     assert recipe.device_flops("cpu") == 2 * recipe.CPU_FLOPS_PER_THREAD
 
 
-def test_the_matmul_peak_is_measured_once_per_thread_count():
-    cpu_matmul_peak.cache_clear()  # the real one (the fixture patches the module's name)
+def test_the_training_step_is_measured_once_and_leaves_the_rng_alone():
+    cpu_train_flops.cache_clear()  # the real one (the fixture patches the module's name)
     threads = torch.get_num_threads()
-    peak = cpu_matmul_peak(threads)
-    assert 1e9 < peak < 1e14 and cpu_matmul_peak(threads) == peak
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    flops = cpu_train_flops(threads, "fp32")
+    assert torch.equal(torch.rand(3), expected)  # a run seeded before planning draws the same numbers
+    assert 1e9 < flops < 1e14 and cpu_train_flops(threads, "fp32") == flops
+
+
+def test_the_matmul_peak_is_measured_once_per_thread_count():
+    recipe.cpu_matmul_peak.cache_clear()
+    threads = torch.get_num_threads()
+    peak = recipe.cpu_matmul_peak(threads)
+    assert 1e9 < peak < 1e14 and recipe.cpu_matmul_peak(threads) == peak
