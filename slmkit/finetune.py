@@ -124,6 +124,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         FitState,
         budget_from,
         causal_lm_loss,
+        eval_dtype,
         fit,
         parse_count,
         parse_duration,
@@ -195,7 +196,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     files = expand_paths(args["data"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1)
     next_batch, evaluate_periodic, final_eval, data_note, epoch_batches = _prepare_data(
-        args, files, tok, block, bsz, sampler, dev, autocast_dtype, eval_tokens, replace_errors, skip_bad_lines)
+        args, files, tok, block, bsz, sampler, dev, eval_dtype(autocast_dtype, dev), eval_tokens, replace_errors,
+        skip_bad_lines)
 
     # 2. model: every weight (fast module for plain Llama) or LoRA adapters on transformers' module
     fingerprint = None
@@ -326,7 +328,7 @@ def _restore_best(model: torch.nn.Module, out: Path, lora: bool) -> None:
 
 
 def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.Generator, dev: str,
-                  autocast_dtype, eval_tokens: int, replace_errors: bool, skip_bad_lines: bool):
+                  eval_autocast, eval_tokens: int, replace_errors: bool, skip_bad_lines: bool):
     """-> (next_batch(), evaluate(model) periodic, final_eval(model) on the whole held-out split, a note, batches
     per pass over the training data)."""
     if args["task"] == "causal":
@@ -341,7 +343,7 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
 
         def evaluate_at_most(model, n_tokens: int) -> dict:
             return evaluate_tokens(model, val_tokens, block, token_bytes, max_windows=max(1, n_tokens // block),
-                                   device=dev, autocast_dtype=autocast_dtype)
+                                   device=dev, autocast_dtype=eval_autocast)
 
         held_out = len(val_tokens) > 0
         return (lambda: get_batch(train_tokens, bsz, block, sampler, dev),

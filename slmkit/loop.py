@@ -377,6 +377,13 @@ def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype
     raise SystemExit(f"error: unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
 
 
+def eval_dtype(autocast_dtype: torch.dtype | None, device: str) -> torch.dtype | None:
+    """The precision a run's held-out evaluations use: fp32 on the CPU, the precision `slm eval` scores the saved
+    folder in, so the loss a run reports and keeps its best weights by is the folder's own (bf16 autocast moved it by
+    ~3e-4); the training autocast on GPUs, where a 125M model's final evaluation in fp32 would take ~20 s."""
+    return autocast_dtype if device.startswith("cuda") else None
+
+
 def precision_name(autocast_dtype: torch.dtype | None) -> str:
     """What pick_dtype chose, as the start lines and summaries print it: fp32, bf16 or fp16."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")

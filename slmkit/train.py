@@ -24,6 +24,7 @@ from slmkit.loop import (
     FitState,
     budget_from,
     causal_lm_loss,
+    eval_dtype,
     fit,
     parse_count,
     parse_duration,
@@ -240,7 +241,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
 
     def evaluate(m) -> dict:
         r = eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
-                    autocast_dtype=autocast_dtype)
+                    autocast_dtype=eval_dtype(autocast_dtype, dev))
         if keep_best:
             improved, r["stop"] = early.update(r["loss"], state.step)
             if improved and dist.is_main():
@@ -297,7 +298,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         from slmkit.evaluate import fit_temperature
         from slmkit.models import scale_logits
 
-        temp, before, after = fit_temperature(model, val_tokens, block, dev, autocast_dtype)
+        temp, before, after = fit_temperature(model, val_tokens, block, dev, eval_dtype(autocast_dtype, dev))
         if after < before - 1e-4 and scale_logits(model, 1.0 / temp):
             temperature = temp
             save_model(model, out)  # the checkpoint keeps the uncalibrated weights a --resume continues from
@@ -306,7 +307,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                   "--no-calibrate to keep them as trained)")
     if dist.is_main():
         final = eval_fn(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
-                        autocast_dtype=autocast_dtype) if len(val_tokens) else {}
+                        autocast_dtype=eval_dtype(autocast_dtype, dev)) if len(val_tokens) else {}
         log({"kind": "final", **final, "step": state.step, "tokens": state.tokens,
              "eval_tokens": final.get("tokens", 0), "train_seconds": state.train_seconds})
         _write_folder_extras(out, tok, cfg)

@@ -98,16 +98,29 @@ def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
 def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
     import json
 
+    import torch
+
     from slmkit import loop
     from slmkit.train import main as train
 
     monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: True)
     common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
-                  device="cpu", progress=False)
+                  device="cpu", progress=False, val_fraction=0.1)
     train(out=tmp_path / "wide", set=["hidden_size=256", "intermediate_size=704"], **common)
     train(out=tmp_path / "narrow", **common)
-    dtypes = [json.loads((tmp_path / m / "training_summary.json").read_text())["dtype"] for m in ("wide", "narrow")]
-    assert dtypes == ["bf16", "fp32"]
+    summaries = [json.loads((tmp_path / m / "training_summary.json").read_text()) for m in ("wide", "narrow")]
+    assert [s["dtype"] for s in summaries] == ["bf16", "fp32"]
+    # trained under bf16 autocast, evaluated in fp32: the reported held-out loss is the saved folder's own
+    from slmkit.data import load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.evaluate import evaluate_tokens
+    from slmkit.models import load_model
+    from slmkit.tokenizer import load_tokenizer, token_byte_lengths
+
+    tok = load_tokenizer(tmp_path / "wide")
+    _, val = split_tokens(load_tokens(*tokenize_to_memmap([corpus], tok)), 0.1, 32)
+    r = evaluate_tokens(load_model(tmp_path / "wide"), val, 32, token_byte_lengths(tok), max_windows=4_000_000 // 32)
+    assert r["loss"] == pytest.approx(summaries[0]["final_eval"]["loss"], abs=1e-6)
+    assert loop.eval_dtype(torch.bfloat16, "cpu") is None and loop.eval_dtype(torch.bfloat16, "cuda") is torch.bfloat16
 
 
 def test_a_gpu_that_is_not_there_is_a_one_line_error(monkeypatch):
