@@ -271,8 +271,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
 
     print(f"finetune ({task}, {method}): {Path(args['model_dir']).name} | {n_params:,} parameters, {n_train:,} "
           f"trainable | block {block} | batch {bsz}x{args['grad_accum']} | lr {peak_lr:g} | {dev} "
-          f"{precision_name(autocast_dtype)} | "
-          f"{data_note}")
+          f"{precision_name(autocast_dtype)} | {data_note}")
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
     fit_cfg = FitConfig(
         lr=peak_lr, min_lr_ratio=args["min_lr_ratio"], warmup_steps=args["warmup"], grad_accum=args["grad_accum"],

@@ -153,6 +153,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     cfg = build_config(preset_name, 512, overrides, block_size=block)
     width = cfg["hidden_size"]
     autocast_dtype = pick_dtype(dtype, dev, width)
+    eval_autocast = eval_dtype(autocast_dtype, dev)  # held-out evaluations: fp32 on CPU, as `slm eval` scores
     # Muon for Llama decoders: it beat AdamW on tiny Shakespeare at 200 steps and at 180 s (docs/benchmarks.md).
     # Encoders and GPT-Neo keep AdamW (not measured with Muon); runs saved before --optimizer existed used AdamW.
     llama = cfg.get("model_type", "llama") == "llama"
@@ -241,7 +242,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
 
     def evaluate(m) -> dict:
         r = eval_fn(m, val_tokens, block, token_bytes, max_windows=max(1, eval_tokens // block), device=dev,
-                    autocast_dtype=eval_dtype(autocast_dtype, dev))
+                    autocast_dtype=eval_autocast)
         if keep_best:
             improved, r["stop"] = early.update(r["loss"], state.step)
             if improved and dist.is_main():
@@ -298,7 +299,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         from slmkit.evaluate import fit_temperature
         from slmkit.models import scale_logits
 
-        temp, before, after = fit_temperature(model, val_tokens, block, dev, eval_dtype(autocast_dtype, dev))
+        temp, before, after = fit_temperature(model, val_tokens, block, dev, eval_autocast)
         if after < before - 1e-4 and scale_logits(model, 1.0 / temp):
             temperature = temp
             save_model(model, out)  # the checkpoint keeps the uncalibrated weights a --resume continues from
@@ -307,7 +308,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                   "--no-calibrate to keep them as trained)")
     if dist.is_main():
         final = eval_fn(model, val_tokens, block, token_bytes, max_windows=4_000_000 // block, device=dev,
-                        autocast_dtype=eval_dtype(autocast_dtype, dev)) if len(val_tokens) else {}
+                        autocast_dtype=eval_autocast) if len(val_tokens) else {}
         log({"kind": "final", **final, "step": state.step, "tokens": state.tokens,
              "eval_tokens": final.get("tokens", 0), "train_seconds": state.train_seconds})
         _write_folder_extras(out, tok, cfg)
