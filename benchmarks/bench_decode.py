@@ -3,7 +3,7 @@
 Weights are random (speed does not depend on them); shapes are slmkit presets plus SmolLM2-135M's architecture.
 Greedy decoding of --new tokens after a 32-token prompt; EOS is disabled so both produce exactly --new tokens.
 
-    python benchmarks/bench_decode.py [--new 128] [--threads 2] [--json benchmarks/results/decode.json]
+    python benchmarks/bench_decode.py [--new 128] [--threads 2] [--compile] [--json benchmarks/results/decode.json]
     python benchmarks/bench_decode.py --device cuda        # the same comparison on a GPU
 """
 
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slmkit.decode import compile_step  # noqa: E402
 from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
 from slmkit.models import build_model, count_parameters, decode_layout, load_model, save_model  # noqa: E402
 from slmkit.presets import build_config  # noqa: E402
@@ -66,42 +67,51 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="models to time")
     ap.add_argument("--device", default="cpu", help="cpu (the issue's target) or cuda")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time `slm generate --compile` (decode.compile_step; compile seconds reported)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/decode.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     rows = {}
-    print(f"{'model':<22}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}"
-          f"{'slmkit bf16':>13}{'HF bf16':>13}{'speed-up':>10}")
+    print(f"{'model':<22}{'dtype':>6}{'params':>13}{'slmkit tok/s':>14}{'HF generate':>13}{'speed-up':>10}"
+          + (f"{'compiled':>10}{'speed-up':>10}{'compile s':>11}" if args.compile else ""))
     for name in args.shapes:
         preset, vocab, overrides = SHAPES[name]
         torch.manual_seed(0)
         model = build_model(build_config(preset, vocab, overrides))
-        with tempfile.TemporaryDirectory() as d:
-            save_model(model, Path(d))
-            ours = decode_layout(load_model(Path(d)).to(args.device))  # as slmkit.load() / `slm generate` do
-            ours_bf16 = load_model(Path(d), dtype=torch.bfloat16).to(args.device)  # decode_layout keeps bf16 as is
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval().to(args.device)
         prompt = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
-        time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
-        o, h = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine conditions
-            o.append(time_ours(ours, prompt, args.new))
-            h.append(time_hf(hf, prompt, args.new))
-        ours, hf = ours_bf16, hf.to(torch.bfloat16)
-        time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)
-        ob, hb = [], []
-        for _ in range(args.repeats):
-            ob.append(time_ours(ours, prompt, args.new))
-            hb.append(time_hf(hf, prompt, args.new))
-        r = {"params": count_parameters(ours), "slmkit_tok_s": statistics.median(o), "hf_tok_s": statistics.median(h),
-             "slmkit_bf16_tok_s": statistics.median(ob), "hf_bf16_tok_s": statistics.median(hb)}
-        r["speedup"] = r["slmkit_tok_s"] / r["hf_tok_s"]
-        r["speedup_bf16"] = r["slmkit_bf16_tok_s"] / r["hf_bf16_tok_s"]
-        rows[name] = r
-        print(f"{name:<22}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}{r['speedup']:>9.2f}x"
-              f"{r['slmkit_bf16_tok_s']:>13.1f}{r['hf_bf16_tok_s']:>13.1f}{r['speedup_bf16']:>9.2f}x")
+        for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            with tempfile.TemporaryDirectory() as d:
+                save_model(model, Path(d))
+                # As slmkit.load() / `slm generate [--compile]` prepare it (decode_layout keeps bf16 as is).
+                ours = decode_layout(load_model(Path(d), dtype=dtype).to(args.device))
+                compiled = load_model(Path(d), dtype=dtype).to(args.device) if args.compile else None
+                hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval().to(args.device)
+            r = {"params": count_parameters(ours)}
+            if compiled is not None:
+                t0 = time.perf_counter()
+                compiled.compiled_step = compile_step(compiled)
+                time_ours(compiled, prompt, 2)  # compiles on the first step
+                r["compile_s"] = time.perf_counter() - t0
+            time_ours(ours, prompt, 8), time_hf(hf, prompt, 8)  # warm-up
+            times: dict[str, list[float]] = {"slmkit": [], "hf": [], "compiled": []}
+            for _ in range(args.repeats):  # interleaved, so all see the same machine conditions
+                times["slmkit"].append(time_ours(ours, prompt, args.new))
+                times["hf"].append(time_hf(hf, prompt, args.new))
+                if compiled is not None:
+                    times["compiled"].append(time_ours(compiled, prompt, args.new))
+            r["slmkit_tok_s"], r["hf_tok_s"] = statistics.median(times["slmkit"]), statistics.median(times["hf"])
+            r["speedup"] = r["slmkit_tok_s"] / r["hf_tok_s"]
+            line = (f"{name:<22}{dtype_name:>6}{r['params']:>13,}{r['slmkit_tok_s']:>14.1f}{r['hf_tok_s']:>13.1f}"
+                    f"{r['speedup']:>9.2f}x")
+            if compiled is not None:
+                r["compiled_tok_s"] = statistics.median(times["compiled"])
+                r["compiled_speedup"] = r["compiled_tok_s"] / r["hf_tok_s"]
+                line += f"{r['compiled_tok_s']:>10.1f}{r['compiled_speedup']:>9.2f}x{r['compile_s']:>11.1f}"
+            rows[f"{name} {dtype_name}"] = r
+            print(line, flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": args.device, "threads": args.threads, "new_tokens": args.new, "results": rows}
     args.json.write_text(json.dumps(report, indent=2))

@@ -9,7 +9,9 @@ still ends on a fully decayed schedule. Checkpoints are atomic and hold optimize
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -355,6 +357,14 @@ CPU_BF16_MIN_WIDTH = 128
 # bf16 matrix products must run at least this many times fp32's rate for --dtype auto to use them: 3.7x on the Xeon
 # with AMX and 4.5x on the Zen 5 EPYC above; CPUs that only emulate bf16 run it ~100x slower than fp32.
 CPU_BF16_MIN_SPEEDUP = 3.0
+
+
+def require_cpp_compiler() -> None:
+    """torch.compile on CPU builds C++ kernels: fail at once, in one line, where no compiler is installed (otherwise
+    the first compiled call fails deep inside inductor, after the data was tokenized or the model loaded)."""
+    if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise SystemExit("error: --compile needs a C++ compiler on CPU (torch.compile builds C++ kernels); install "
+                         "one (e.g. apt-get install g++) or run without --compile")
 
 
 def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype | None:

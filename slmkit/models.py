@@ -212,6 +212,7 @@ class Llama(nn.Module):
         self.register_buffer("cos", emb.cos().unsqueeze(1), persistent=False)  # (max_T, 1, hd)
         self.register_buffer("sin", (emb.sin() * sign).unsqueeze(1), persistent=False)  # (max_T, 1, hd)
         self._rot_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # built by step() on first use
+        self.compiled_step = None  # decode.compile_step's function, which step() then runs instead
         self.apply(self._init)
         for block in self.layers:  # GPT-2's scaled init of residual projections keeps early activations bounded
             std = c.get("initializer_range", 0.02) / math.sqrt(2 * L)
@@ -239,6 +240,8 @@ class Llama(nn.Module):
     def step(self, token: int, cache: list, pos: int) -> torch.Tensor:
         """One decode step of one sequence: TOKEN at position POS -> logits (V,). The same maths as
         forward(tensor([[token]]), cache, pos)[0, -1] (tests/test_models.py checks it) in fewer, cheaper ops."""
+        if self.compiled_step is not None:
+            return self.compiled_step(token, cache, pos)
         x = self.embed(torch.tensor([token], device=self.cos.device))[0]  # (C,)
         # Rotary at POS as one (hd, hd) matrix for every layer: q @ rot = q * cos + rotate_half(q) * sin. The
         # roll that rope() uses is the permutation matrix `perm`; sin already carries rotate_half's signs.

@@ -10,8 +10,6 @@ trains data-parallel (DDP).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from slmkit.loop import (
     pick_device,
     pick_dtype,
     precision_name,
+    require_cpp_compiler,
 )
 from slmkit.models import (
     atomic_write_json,
@@ -69,14 +68,6 @@ def parse_overrides(items: list[str] | None) -> dict:
 # Held-out tokens below which the logits are not calibrated: one number fitted on a few hundred tokens is noise.
 MIN_CALIBRATION_TOKENS = 2048
 RUN_FILE = "train_args.json"
-
-
-def require_cpp_compiler() -> None:
-    """torch.compile on CPU builds C++ kernels: fail at once, in one line, where no compiler is installed (otherwise
-    the first training step fails deep inside inductor, after the data was tokenized)."""
-    if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
-        raise SystemExit("error: --compile needs a C++ compiler on CPU (torch.compile builds C++ kernels); install "
-                         "one (e.g. apt-get install g++) or train without --compile")
 
 
 def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,

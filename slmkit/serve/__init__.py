@@ -38,7 +38,7 @@ def parse_spec(spec: str) -> tuple[str, Path]:
 
 
 def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32",
-                device: str = "cpu") -> Served:
+                device: str = "cpu", compile: bool = False) -> Served:
     """Open MODEL_DIR as whatever kind it is, on DEVICE ("auto": a GPU when there is one); decoders get a (not yet
     started) batching engine."""
     from slmkit.classify import is_classifier, load_classifier
@@ -63,7 +63,7 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
     from slmkit.generate import load
     from slmkit.serve.batching import Engine
 
-    lm = load(Path(model_dir), dtype=dtype, device=device)
+    lm = load(Path(model_dir), dtype=dtype, device=device, compile=compile)  # compile: batch-1 steps only
     return Served(name, Path(model_dir), "decoder", lm.context, device, lm=lm,
                   engine=Engine(lm, max_batch=max_batch, max_queue=max_queue))
 
@@ -84,7 +84,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
-         device: str = "auto") -> None:
+         device: str = "auto", compile: bool = False) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
@@ -120,7 +120,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
             raise SystemExit(f"error: two models are named {name!r}; name them with NAME=DIR")
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
-        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device)
+        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile)
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
                         cors_origins=list(cors_origin or []))
@@ -153,3 +153,5 @@ def add_args(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="decoder weight precision")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1 …")
+    p.add_argument("--compile", action="store_true", help="decode single requests with torch.compile'd kernels (see "
+                   "slm generate --help; batched steps stay eager)")
