@@ -50,7 +50,7 @@ class Block(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
         v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, nkv, T, hd)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+            y = causal_attention(q, k, v)
         else:
             # Write this step's keys/values into the preallocated cache, then attend over everything so far.
             k_cache, v_cache = cache  # (B, nkv, max_T, hd)
@@ -108,6 +108,35 @@ class Block(nn.Module):
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
+
+# Longest sequence for which causal_attention spells attention out on CPU under bf16 autocast. Its (T, T) scores
+# grow with T squared (8 MB a layer at 16 x 4 heads x 256 in bf16, kept for the backward pass).
+EXPLICIT_ATTENTION_MAX_T = 512
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention: q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd).
+
+    On CPU under bf16 autocast, sequences up to EXPLICIT_ATTENTION_MAX_T take a written-out product, softmax,
+    product: PyTorch's CPU flash-attention kernel is slow in bf16, and forward + backward ran 1.8-2.3x slower than this
+    at T = 64-256 (AMD Zen 5, 2 cores; docs/benchmarks.md), ~40% of a training step. The softmax output is bf16, as
+    the probabilities a bf16 flash kernel multiplies V by. Elsewhere (fp32, GPUs, long sequences): SDPA."""
+    B, nh, T, hd = q.shape
+    if not (q.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_T and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
+    if k.shape[1] != nh:  # grouped-query attention: each key/value head serves nh / nkv query heads
+        k, v = (t.repeat_interleave(nh // k.shape[1], dim=1) for t in (k, v))
+    scores = torch.baddbmm(_causal_bias(T), q.reshape(B * nh, T, hd), k.reshape(B * nh, T, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)  # (B*nh, T, T); the bias is -inf above the diagonal
+    return torch.bmm(scores.softmax(-1), v.reshape(B * nh, T, hd)).view(B, nh, T, hd)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_bias(T: int) -> torch.Tensor:
+    """(1, T, T) bf16: 0 on and below the diagonal, -inf above (broadcast over the batch by baddbmm)."""
+    return torch.full((T, T), float("-inf")).triu(1).to(torch.bfloat16)[None]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -44,10 +44,16 @@ DEFAULT_SECONDS = 300.0  # when no budget is given at all
 AUTO_OVERRIDES = {"tie_word_embeddings": False}
 # Weight decay grows with the passes the budget makes over the data: WEIGHT_DECAY_PER_PASS x passes, between the
 # usual single-pass 0.1 and WEIGHT_DECAY_MAX. Repeated data overfits, and decay is the regulariser that paid here
-# (dropout did not): on tiny Shakespeare at ~4.5 passes every value from 0.3 to 1.0 beat 0.1 on two seeds (this
-# rule's 0.45: -0.011 bits/byte); on a 120 KB corpus (~50 passes budgeted, early stopping ends at ~15) 1.0 gave
-# -0.084 and 2.0 less (docs/benchmarks.md).
+# (dropout did not, at that many passes): on tiny Shakespeare at ~4.5 passes every value from 0.3 to 1.0 beat 0.1 on
+# two seeds (this rule's 0.45: -0.011 bits/byte); on a 120 KB corpus (~50 passes budgeted, early stopping ends at
+# ~15) 1.0 gave -0.084 and 2.0 less (docs/benchmarks.md).
 WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_MAX = 0.1, 1.0
+# Residual dropout joins weight decay once a budget repeats the data often enough that decay alone no longer holds
+# off overfitting. On tiny Shakespeare (slm-1m, 128 dims, 180 s) at ~9-10 passes, 0.1 gained 0.021-0.028 bits/byte
+# on a Xeon (two seeds) and 0.023 on an AMD Zen 5, and the runs no longer passed their best held-out loss before the
+# schedule's end; at ~4.5 passes (AVX2 hosts) it did not pay, and on a 120 KB corpus slm-tiny (64 dims, capacity
+# bound: 16 passes) lost 0.027-0.034 with it (docs/benchmarks.md).
+AUTO_DROPOUT, DROPOUT_MIN_PASSES, DROPOUT_MIN_WIDTH = 0.1, 8.0, 128
 # A GPU's larger batch only where the corpus has room for it: each pass over the data must still make this many
 # updates. On tiny Shakespeare (1 MB) the H100's 32k-token batch made 12 updates per pass; the run overfitted after
 # 216 updates, still near its peak learning rate, and scored worse than 2 CPU cores' 4k-token batches
@@ -114,7 +120,8 @@ def cpu_matmul_peak(threads: int, dtype: torch.dtype = torch.float32) -> float:
     a peak, not an average over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s on a slow
     one; bf16 takes seconds on CPUs without bf16 units (emulated), so ask models.cpu_has_bf16() first."""
     n, reps = 1024, 4
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # its own: a probe must not move a seeded run's random numbers
+    a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
     for _ in range(2):  # warm up MKL's thread pool and the caches
         a @ b
     best = 0.0
@@ -176,15 +183,24 @@ def auto_recipe(corpus_bytes: int, device: str, seconds: float | None = None, st
             "batch_size": max(1, batch_tokens // block), "lr": peak_lr(d), "warmup_steps": 50 if d <= 256 else 200}
 
 
-def weight_decay_for(cfg: dict, block: int, step_tokens: int, train_tokens: int, device: str,
-                     steps: int | None = None, tokens: int | None = None, seconds: float | None = None,
-                     dtype: str = "auto") -> float:
-    """Weight decay for training CFG on TRAIN_TOKENS tokens, STEP_TOKENS per step, until the first of the budgets
-    runs out (a time budget's tokens estimated at device_flops): 0.1 up to one pass over the data, 0.1 per pass
-    beyond that, at most WEIGHT_DECAY_MAX."""
-    passes = planned_tokens(cfg, cfg["vocab_size"], block, step_tokens, device, steps, tokens, seconds, dtype) / max(
+def planned_passes(cfg: dict, block: int, step_tokens: int, train_tokens: int, device: str, steps: int | None = None,
+                   tokens: int | None = None, seconds: float | None = None, dtype: str = "auto") -> float:
+    """Passes over TRAIN_TOKENS that training CFG, STEP_TOKENS per step, makes until the first of the budgets runs
+    out (a time budget's tokens estimated at device_flops)."""
+    return planned_tokens(cfg, cfg["vocab_size"], block, step_tokens, device, steps, tokens, seconds, dtype) / max(
         1, train_tokens)
+
+
+def weight_decay_for(passes: float) -> float:
+    """Weight decay for a run that makes PASSES passes over its data: 0.1 up to one pass, 0.1 per pass beyond
+    that, at most WEIGHT_DECAY_MAX."""
     return round(min(WEIGHT_DECAY_MAX, max(WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_PER_PASS * passes)), 3)
+
+
+def dropout_for(cfg: dict, passes: float) -> float:
+    """Residual dropout for a run of CFG that makes PASSES passes over its data: AUTO_DROPOUT from
+    DROPOUT_MIN_PASSES passes on, for models DROPOUT_MIN_WIDTH wide or more; 0 otherwise."""
+    return AUTO_DROPOUT if passes >= DROPOUT_MIN_PASSES and cfg["hidden_size"] >= DROPOUT_MIN_WIDTH else 0.0
 
 
 def planned_tokens(cfg: dict, vocab: int, block: int, step_tokens: int, device: str, steps: int | None = None,

@@ -73,8 +73,8 @@ RUN_FILE = "train_args.json"
 def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
-         weight_decay: float | None = None, dropout: float = 0.0, clip: float = 1.0, steps: int | str | None = None,
-         tokens: int | str | None = None, optimizer: str | None = None,
+         weight_decay: float | None = None, dropout: float | None = None, clip: float = 1.0,
+         steps: int | str | None = None, tokens: int | str | None = None, optimizer: str | None = None,
          time: str | float | None = None, val_fraction: float | None = None, eval_data: list[str] | None = None,
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
          device: str = "auto", compile: bool = False, seed: int = 1337, resume: bool = False, overwrite: bool = False,
@@ -189,12 +189,16 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                   "this small; set --tokens to train longer")
     if cfg.get("model_type", "llama") != "llama" and block > cfg.get("max_position_embeddings", block):
         raise SystemExit(f"error: --block-size {block} exceeds the preset's max_position_embeddings")
-    if args.get("weight_decay") is None:  # more decay the more often the budget repeats the data (measured on Llama
-        # decoders; the rest keep the usual 0.1)
-        args["weight_decay"] = 0.1 if not llama else recipe.weight_decay_for(
-            cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens, budget.seconds, dtype)
+    # More decay, then dropout too, the more often the budget repeats the data (measured on Llama decoders; the rest
+    # keep the usual 0.1 and no dropout)
+    passes = recipe.planned_passes(cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens,
+                                   budget.seconds, dtype) if llama else 0.0
+    if args.get("weight_decay") is None:
+        args["weight_decay"] = recipe.weight_decay_for(passes) if llama else 0.1
+    if args.get("dropout") is None:
+        args["dropout"] = recipe.dropout_for(cfg, passes) if llama else 0.0
     model = build_model(cfg).to(dev)
-    set_dropout(model, args.get("dropout", 0.0))
+    set_dropout(model, args["dropout"])
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
@@ -252,9 +256,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             save_model(model, out)
 
     if dist.is_main():
+        drop = f"dropout {args['dropout']:g} | " if args["dropout"] else ""
         print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
-              f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | wd {args['weight_decay']:g} | {dev} "
-              f"{precision_name(autocast_dtype)} | data {len(train_tokens):,} train / "
+              f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | wd {args['weight_decay']:g} | {drop}"
+              f"{dev} {precision_name(autocast_dtype)} | data {len(train_tokens):,} train / "
               f"{len(val_tokens):,} val tokens")
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
     fit_cfg = FitConfig(
@@ -425,7 +430,8 @@ def add_args(p) -> None:
                    "blocks' weight matrices, AdamW on embeddings and norms; adamw (default for encoders, GPT-Neo)")
     g.add_argument("--weight-decay", type=float, help="weight decay on matrices (default for Llama decoders: 0.1 x "
                    "the passes the budget makes over the data, between 0.1 and 1.0; others 0.1)")
-    g.add_argument("--dropout", type=float, default=0.0, help="residual dropout while training (default: 0)")
+    g.add_argument("--dropout", type=float, default=None, help="residual dropout while training (default: 0.1 for "
+                   "Llama decoders 128+ dims wide whose budget makes 8+ passes over the data, else 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "

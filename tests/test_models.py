@@ -218,3 +218,29 @@ def test_scale_logits_on_gpt_neo_and_refuses_an_unknown_architecture():
     bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64))
     assert not scale_logits(bert, 2.0)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])  # multi-head and grouped-query
+def test_causal_attention_written_out_under_bf16_autocast_matches_sdpa(n_kv, monkeypatch):
+    import torch.nn.functional as F
+
+    from slmkit import models
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 50, 16, requires_grad=True)
+    k, v = (torch.randn(3, n_kv, 50, 16, requires_grad=True) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != 4)  # fp32
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    calls, baddbmm = [], torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **kw: calls.append(1) or baddbmm(*a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = models.causal_attention(q, k, v)
+    assert calls and y.dtype == torch.bfloat16  # the written-out path ran, in bf16
+    grads = torch.autograd.grad(y.float().square().sum(), (q, k, v))
+    # bf16's rounding (the flash kernel under the same autocast is ~0.01 off too); causal: no future token leaks in
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.02)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - r).abs().max() < 0.02 * r.abs().max()
+    calls.clear()
+    assert torch.equal(models.causal_attention(q, k, v), ref)  # fp32: SDPA itself
+    assert not calls

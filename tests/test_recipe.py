@@ -14,8 +14,10 @@ from slmkit.recipe import (
     batch_tokens_for,
     context_for,
     cpu_train_flops,
+    dropout_for,
     non_embedding_params,
     pass_cap,
+    planned_passes,
     shape_for,
     weight_decay_for,
 )
@@ -102,7 +104,7 @@ def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):
     cfg = {**DECODERS["slm-1m"], "num_hidden_layers": 3, "vocab_size": 1024}
 
     def wd(**budget):  # 400k training tokens, 16 x 256 tokens per step
-        return weight_decay_for(cfg, 256, 4096, 400_000, "cpu", **budget)
+        return weight_decay_for(planned_passes(cfg, 256, 4096, 400_000, "cpu", **budget))
 
     assert wd(steps=50) == 0.1  # half a pass: the usual decay
     assert wd(steps=450) == round(0.1 * 450 * 4096 / 400_000, 3) == 0.461  # ~4.6 passes
@@ -110,6 +112,13 @@ def test_weight_decay_grows_with_the_passes_over_the_data(monkeypatch):
     assert wd(steps=450, tokens=400_000) == 0.1  # the first budget to run out is the one that counts
     assert 0.4 < wd(seconds=180) < 0.5  # the benchmark's 3 minutes on 2 threads: ~1.8M tokens, ~4.5 passes
     assert wd(seconds=180) < wd(seconds=360) < wd(seconds=3600) == 1.0
+
+
+def test_dropout_joins_once_the_data_repeats_often_on_a_wide_enough_model():
+    cfg = {**DECODERS["slm-1m"], "vocab_size": 1024}
+    assert dropout_for(cfg, 10.0) == recipe.AUTO_DROPOUT == 0.1  # tiny Shakespeare's 180 s on a fast CPU
+    assert dropout_for(cfg, 4.5) == 0.0  # the same on an AVX2 host: decay alone
+    assert dropout_for({**DECODERS["slm-tiny"], "vocab_size": 512}, 16.0) == 0.0  # capacity bound, not data bound
 
 
 def test_a_faster_cpu_is_measured_and_buys_a_larger_model(monkeypatch):
@@ -123,9 +132,9 @@ def test_a_faster_cpu_is_measured_and_buys_a_larger_model(monkeypatch):
     assert (fast["preset"], fast["overrides"]) == ("slm-1m", {"tie_word_embeddings": False})
     assert rung(fast) == rung(slow) + 1
     cfg = {**DECODERS["slm-1m"], "vocab_size": 1024}
-    assert weight_decay_for(cfg, 256, 4096, 400_000, "cpu", seconds=180) > 0.9
+    assert planned_passes(cfg, 256, 4096, 400_000, "cpu", seconds=180) > 9
     # the run's --dtype is the precision planned for (a CPU with fast bf16 trains faster in `auto` than in fp32)
-    assert weight_decay_for(cfg, 256, 4096, 400_000, "cpu", seconds=180, dtype="fp32") < weight_decay_for(
+    assert planned_passes(cfg, 256, 4096, 400_000, "cpu", seconds=180, dtype="fp32") < planned_passes(
         cfg, 256, 4096, 400_000, "cpu", seconds=180)
     assert recipe.device_flops("cpu") == 126e9
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank plans with the floor, so all plan the same run
@@ -143,6 +152,9 @@ def test_the_training_step_is_measured_once_and_leaves_the_rng_alone():
     torch.manual_seed(7)
     flops = cpu_train_flops(threads, "fp32")
     assert torch.equal(torch.rand(3), expected)  # a run seeded before planning draws the same numbers
+    torch.manual_seed(7)
+    recipe.cpu_matmul_peak(threads)  # also behind loop.cpu_bf16_fast, which Muon's first step asks on bf16 CPUs
+    assert torch.equal(torch.rand(3), expected)
     assert 1e9 < flops < 1e14 and cpu_train_flops(threads, "fp32") == flops
 
 
