@@ -128,7 +128,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
     if k.shape[1] != nh:  # grouped-query attention: each key/value head serves nh / nkv query heads
         k, v = (t.repeat_interleave(nh // k.shape[1], dim=1) for t in (k, v))
-    scores = torch.baddbmm(_causal_bias(T), q.reshape(B * nh, T, hd), k.reshape(B * nh, T, hd).transpose(1, 2),
+    bias = _causal_bias.__wrapped__(T) if torch.compiler.is_compiling() else _causal_bias(T)  # compile: a constant
+    scores = torch.baddbmm(bias, q.reshape(B * nh, T, hd), k.reshape(B * nh, T, hd).transpose(1, 2),
                            alpha=hd ** -0.5)  # (B*nh, T, T); the bias is -inf above the diagonal
     return torch.bmm(scores.softmax(-1), v.reshape(B * nh, T, hd)).view(B, nh, T, hd)
 

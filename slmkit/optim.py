@@ -65,13 +65,15 @@ def muon_groups(model: torch.nn.Module, params: list[tuple[str, torch.nn.Paramet
                      {"params": no_decay, "muon": False, "weight_decay": 0.0}]
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, bf16: bool | None = None) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to G (roughly U V^T of its SVD) by quintic Newton-Schulz iterations.
     G: (A, B) or a stack (N, A, B), each orthogonalised on its own. In bf16 as the reference does, on GPUs and on
     CPUs with fast bf16 products (loop.cpu_bf16_fast: 2.7-3.6x faster than fp32 on a Zen 5 at 128-256 dims, where
     Muon's fp32 step cost ~10% of a training step); fp32 on other CPUs, which emulate bf16 or gain little from it."""
     a, b, c = NS_COEFFICIENTS
-    x = g.float() if g.device.type == "cpu" and not cpu_bf16_fast() else g.bfloat16()
+    if bf16 is None:  # BF16: the caller's choice (MuonAdamW fixes it once per run)
+        bf16 = g.device.type != "cpu" or cpu_bf16_fast()
+    x = g.bfloat16() if bf16 else g.float()
     x = x.reshape(-1, *g.shape[-2:])  # (N, A, B)
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -91,8 +93,13 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  momentum: float = 0.95, ns_steps: int = 5, momentum_warmup: int = MOMENTUM_WARMUP):
+        # Newton-Schulz's precision is chosen once and kept in the param groups, so checkpoints carry it: a resumed run
+        # must not switch because cpu_bf16_fast's timing came out differently in the new process
+        params = [p for g in groups for p in g["params"]]
+        ns_bf16 = any(p.device.type != "cpu" for p in params) or cpu_bf16_fast()
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
-                                      momentum_warmup=momentum_warmup, weight_decay=0.0, muon=False, splits=None))
+                                      momentum_warmup=momentum_warmup, weight_decay=0.0, muon=False, splits=None,
+                                      ns_bf16=ns_bf16))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,7 +121,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p, update in zip(params, updates, strict=True):
                     for w, u in zip(p.split(group["splits"]), update.split(group["splits"]), strict=True):
                         tall = u.shape[0] > u.shape[1]
-                        key = (*sorted(u.shape), lr, group["ns_steps"])
+                        key = (*sorted(u.shape), lr, group["ns_steps"], group.get("ns_bf16"))
                         ortho.setdefault(key, []).append((w, u.T if tall else u, tall))
                 continue
             for p in params:
@@ -133,8 +140,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
         # Every same-shaped part (wide side up) is orthogonalised in one stack: a few batched matmuls per
         # Newton-Schulz step instead of a few per matrix, which at small widths is most of Muon's cost.
-        for (_, large, lr, ns_steps), parts in ortho.items():
-            o = orthogonalize(torch.stack([u for _, u, _ in parts]), ns_steps).unbind(0)  # N x (small, large)
+        for (_, large, lr, ns_steps, ns_bf16), parts in ortho.items():
+            o = orthogonalize(torch.stack([u for _, u, _ in parts]), ns_steps, bf16=ns_bf16).unbind(0)  # N x (s, l)
             o = [oi.T if tall else oi for oi, (_, _, tall) in zip(o, parts, strict=True)]
             # 0.2 * sqrt(max(A, B)): the orthogonal update's RMS matched to AdamW's, so one lr fits both
             torch._foreach_add_([w for w, _, _ in parts], o, alpha=-lr * 0.2 * math.sqrt(large))

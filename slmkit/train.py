@@ -143,7 +143,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # built (and checked) before the tokenizer trains, so a bad --set fails fast; the vocabulary is set once it exists
     cfg = build_config(preset_name, 512, overrides, block_size=block)
     width = cfg["hidden_size"]
-    autocast_dtype = pick_dtype(dtype, dev, width)
+    # A resumed run keeps the precision its start resolved: `auto` rests on a timing (cpu_bf16_fast) that can differ
+    # between two processes on a busy machine, and the trajectory must not
+    autocast_dtype = pick_dtype(args["precision"] if resume and args.get("precision") else dtype, dev, width)
+    args["precision"] = precision_name(autocast_dtype)
     eval_autocast = eval_dtype(autocast_dtype, dev)  # held-out evaluations: fp32 on CPU, as `slm eval` scores
     # Muon for Llama decoders: it beat AdamW on tiny Shakespeare at 200 steps and at 180 s (docs/benchmarks.md).
     # Encoders and GPT-Neo keep AdamW (not measured with Muon); runs saved before --optimizer existed used AdamW.
@@ -321,8 +324,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]), "corpus_bytes": meta["bytes"],
                 "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
                 "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
-                "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"], "device": dev,
-                "dtype": precision_name(autocast_dtype)}
+                "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"],
+                "dropout": args["dropout"], "device": dev, "dtype": precision_name(autocast_dtype)}
         atomic_write_json(out / "training_summary.json", card)
         write_model_card(out, card)
         if final:

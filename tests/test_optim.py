@@ -93,3 +93,23 @@ def test_a_checkpoint_from_before_the_momentum_ramp_still_resumes():
     w.grad = torch.ones(8, 8)
     opt.step()  # no KeyError; full momentum from the first step, as that run had
     torch.testing.assert_close(opt.state[w]["momentum_buffer"], torch.full((8, 8), 0.05))
+
+
+def test_a_resumed_muon_keeps_the_newton_schulz_precision_it_started_with(monkeypatch):
+    """The precision rests on a timing (cpu_bf16_fast) that a new process can measure differently: it is chosen
+    once, kept in the param groups and restored from a checkpoint, so a resumed run continues the same trajectory."""
+    torch.manual_seed(0)
+    model = Llama({**TINY, "vocab_size": 64})
+    monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: True)
+    first = make_optimizer(model, 1e-2, 0.1, "cpu", "muon")
+    assert any(g["muon"] and g["ns_bf16"] for g in first.param_groups)
+    monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: False)  # the resumed process measured otherwise
+    resumed = make_optimizer(model, 1e-2, 0.1, "cpu", "muon")
+    assert not any(g["ns_bf16"] for g in resumed.param_groups)
+    resumed.load_state_dict(first.state_dict())
+    assert all(g["ns_bf16"] for g in resumed.param_groups)
+    seen = []
+    monkeypatch.setattr(optim, "orthogonalize", lambda g, steps, bf16=None: seen.append(bf16) or g)
+    model(torch.randint(64, (2, 8))).sum().backward()
+    resumed.step()
+    assert seen and all(seen)  # Newton-Schulz ran in the run's bf16, not the new measurement's fp32

@@ -89,6 +89,21 @@ def test_preset_auto_run_resumes(corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
+def test_a_resumed_run_keeps_the_precision_it_started_with(corpus, tmp_path, monkeypatch):
+    """`--dtype auto` rests on a timing (loop.cpu_bf16_fast) that a new process can measure differently: the start's
+    pick is saved with the run and a --resume trains on in it."""
+    out = tmp_path / "m"
+    common = dict(data=[str(corpus)], out=out, preset="slm-1m", vocab_size=300, batch_size=2, block_size=32,
+                  progress=False, device="cpu", set=["num_hidden_layers=1"])
+    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: True)
+    train(**common, steps=2)
+    assert json.loads((out / RUN_FILE).read_text())["precision"] == "bf16"
+    assert json.loads((out / "training_summary.json").read_text())["dtype"] == "bf16"
+    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: False)  # the resuming process measured otherwise
+    assert train(**common, steps=3, resume=True)["step"] == 3
+    assert json.loads((out / "training_summary.json").read_text())["dtype"] == "bf16"
+
+
 @pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "other-optimizer", "existing"])
 def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     out = tmp_path / "m"
