@@ -71,4 +71,4 @@ def add_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels (see slm generate "
-                   "--help): a few seconds of compiling, then faster replies from ~30M parameters")
+                   "--help): a few seconds of compiling, then faster replies from ~7M parameters")

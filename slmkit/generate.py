@@ -239,7 +239,7 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", devic
     dtype "bf16" halves the bytes of weights read per token: decoding is memory-bound, so it is ~1.4x faster on
     larger models (see docs/benchmarks.md) at a small cost in precision.
 
-    compile=True decodes with torch.compile'd kernels (decode.compile_step): from ~30M parameters on, 1.2-1.3x the
+    compile=True decodes with torch.compile'd kernels (decode.compile_step): from ~7M parameters on, 1.2-1.4x the
     eager loop's tokens/s in fp32 and 2-3x in bf16 on CPU, after a few seconds of compiling on the first token.
     slmkit's Llama module with float weights only; other models decode eagerly (a note says so).
     """
@@ -343,5 +343,5 @@ def add_args(p) -> None:
                    "larger models, memory-bound decoding)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels: a few seconds of "
-                   "compiling, then ~1.3x the tokens/s in fp32 and 2-3x in bf16 on CPU from ~30M parameters (slmkit's "
+                   "compiling, then ~1.3x the tokens/s in fp32 and 2-3x in bf16 on CPU from ~7M parameters (slmkit's "
                    "Llama models; needs a C++ compiler on CPU)")

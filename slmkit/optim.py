@@ -95,8 +95,8 @@ class MuonAdamW(torch.optim.Optimizer):
                  momentum: float = 0.95, ns_steps: int = 5, momentum_warmup: int = MOMENTUM_WARMUP):
         # Newton-Schulz's precision is chosen once and kept in the param groups, so checkpoints carry it: a resumed run
         # must not switch because cpu_bf16_fast's timing came out differently in the new process
-        params = [p for g in groups for p in g["params"]]
-        ns_bf16 = any(p.device.type != "cpu" for p in params) or cpu_bf16_fast()
+        groups = [{**g, "params": list(g["params"])} for g in groups]  # iterables too: read here and by the base
+        ns_bf16 = any(p.device.type != "cpu" for g in groups for p in g["params"]) or cpu_bf16_fast()
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
                                       momentum_warmup=momentum_warmup, weight_decay=0.0, muon=False, splits=None,
                                       ns_bf16=ns_bf16))

@@ -88,6 +88,11 @@ def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
     monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads, dtype=torch.float32: peaks[dtype])
     monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
     assert loop.cpu_bf16_fast()  # 4.5x, as an AMD Zen 5 measured
+    from slmkit import distributed
+
+    with monkeypatch.context() as m:  # under torchrun another rank measured it slow: no rank trains in bf16
+        m.setattr(distributed, "any_rank", lambda flag: True)
+        assert not loop.cpu_bf16_fast()
     peaks[torch.bfloat16] = 2 * peaks[torch.float32]
     assert not loop.cpu_bf16_fast()  # bf16 units, but the casts would eat a 2x gain
     monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
