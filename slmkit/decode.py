@@ -38,8 +38,8 @@ def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
 
     if not isinstance(model, Llama):
         raise ValueError("--compile speeds up slmkit's Llama decoder only (a plain Llama config)")
-    linears = [b.wqkv for b in model.layers] + [b.wo for b in model.layers] + [b.w_gate_up for b in model.layers] \
-        + [b.w_down for b in model.layers] + [model.embed if model.lm_head is None else model.lm_head]
+    head_layer = model.embed if model.lm_head is None else model.lm_head  # tied or not
+    linears = [m for b in model.layers for m in (b.wqkv, b.wo, b.w_gate_up, b.w_down)] + [head_layer]
     if any(not isinstance(getattr(m, "weight", None), torch.Tensor) or not m.weight.is_floating_point()
            for m in linears):
         raise ValueError("--compile needs float weights (this model has quantized layers)")
@@ -68,7 +68,6 @@ def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
         return _matvec(w, _norm(x, gain, eps))  # (V,) logits in fp32
 
     attn_in, attn_out_mlp, head = (torch.compile(f, dynamic=False) for f in (attn_in, attn_out_mlp, head))
-    out_w = (model.embed if model.lm_head is None else model.lm_head).weight
 
     def step(token: int, cache: list, pos: int) -> torch.Tensor:
         x = model.embed.weight[token].float().clone()  # (C,): a fresh fp32 vector, like every later layer's input
@@ -81,6 +80,6 @@ def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
                                                enable_gqa=nkv != nh)  # (1, nh, 1, hd)
             x = attn_out_mlp(x, y.view(-1), block.wo.weight, block.mlp_norm, block.w_gate_up.weight,
                              block.w_down.weight)
-        return head(x, model.norm, out_w)
+        return head(x, model.norm, head_layer.weight)
 
     return step

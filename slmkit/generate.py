@@ -254,12 +254,13 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", devic
     if dtype not in ("fp32", "bf16"):
         raise SystemExit(f"error: unknown --dtype {dtype!r}; use fp32 or bf16")
     model = load_model(Path(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    model = model.to(pick_device(device))
+    dev = pick_device(device)
+    model = model.to(dev)
     compiled = None
     if compile:
         from slmkit.decode import compile_step
 
-        if next(model.parameters()).device.type == "cpu":
+        if dev == "cpu":
             require_cpp_compiler()
         try:
             compiled = compile_step(model)  # keeps weights contiguous: its kernels stream rows

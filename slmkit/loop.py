@@ -8,6 +8,7 @@ still ends on a fully decayed schedule. Checkpoints are atomic and hold optimize
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -399,6 +400,8 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")
 
 
+# Once per process: callers (Muon's Newton-Schulz) may ask every step, and under torchrun the answer is a collective
+@functools.cache
 def cpu_bf16_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices at least CPU_BF16_MIN_SPEEDUP times faster than fp32, measured once
     (~0.1 s; recipe.cpu_matmul_peak). True on AMX (Intel Sapphire Rapids and later) and on AVX512-BF16 with full-width
