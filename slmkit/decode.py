@@ -32,8 +32,9 @@ def _norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
 
 def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
     """A function (token, cache, pos) -> logits (V,) that computes MODEL.step(token, cache, pos) (our Llama: same
-    maths, float rounding aside) with compiled kernels. Weights must be float nn.Linear/Embedding ones (not int8);
-    they are made contiguous (out, in) in place, the layout a row reduction streams fastest."""
+    maths, float rounding aside) with compiled kernels, compiled before it returns. Weights must be float
+    nn.Linear/Embedding ones (not int8); they are made contiguous (out, in) in place, the layout a row reduction
+    streams fastest."""
     from slmkit.models import Llama
 
     if not isinstance(model, Llama):
@@ -82,4 +83,8 @@ def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
                              block.w_down.weight)
         return head(x, model.norm, head_layer.weight)
 
+    # Compile now, while loading, not during the first token: a reported decoding rate would otherwise include it.
+    # Under inference mode, as generate_ids and the server decode (another grad mode would compile again).
+    with torch.inference_mode():
+        step(0, model.new_cache(1, 1), 0)
     return step
