@@ -404,13 +404,12 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
 @functools.cache
 def cpu_bf16_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices at least CPU_BF16_MIN_SPEEDUP times faster than fp32, measured once
-    (~0.1 s; recipe.cpu_matmul_peak). True on AMX (Intel Sapphire Rapids and later) and on AVX512-BF16 with full-width
+    (~0.2 s; recipe.cpu_bf16_speedup). True on AMX (Intel Sapphire Rapids and later) and on AVX512-BF16 with full-width
     units (AMD Zen 5); CPUs without bf16 units are not measured at all. Under torchrun, true only where every rank
     measured it (ranks that picked different precisions would train different models), so every rank must ask
     first at the same point: train does, in pick_dtype or when it builds Muon."""
     from slmkit import distributed
 
     threads = torch.get_num_threads()
-    fast = cpu_has_bf16() and (recipe.cpu_matmul_peak(threads, torch.bfloat16)
-                               >= CPU_BF16_MIN_SPEEDUP * recipe.cpu_matmul_peak(threads))
+    fast = cpu_has_bf16() and recipe.cpu_bf16_speedup(threads) >= CPU_BF16_MIN_SPEEDUP
     return not distributed.any_rank(not fast)

@@ -25,12 +25,13 @@ MOMENTUM_START, MOMENTUM_WARMUP = 0.85, 150
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: str,
-                   name: str = "adamw") -> torch.optim.Optimizer:
+                   name: str = "adamw", ns_bf16: bool | None = None) -> torch.optim.Optimizer:
     """NAME 'adamw': AdamW, weight decay on matrices only, the fused kernel where PyTorch has one. NAME 'muon':
-    MuonAdamW — Muon on the hidden matrices of the transformer blocks, AdamW on the rest, one lr for both."""
+    MuonAdamW — Muon on the hidden matrices of the transformer blocks, AdamW on the rest, one lr for both; NS_BF16:
+    its Newton-Schulz precision (None: MuonAdamW's rule)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "muon":
-        return MuonAdamW(muon_groups(model, params, weight_decay), lr=lr)
+        return MuonAdamW(muon_groups(model, params, weight_decay), lr=lr, ns_bf16=ns_bf16)
     if name != "adamw":
         raise SystemExit(f"error: unknown --optimizer {name!r}; use adamw or muon")
     groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -92,11 +93,14 @@ class MuonAdamW(torch.optim.Optimizer):
     A plain torch Optimizer, so `fit` sets every group's lr, and checkpoints save and restore it like AdamW."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, ns_steps: int = 5, momentum_warmup: int = MOMENTUM_WARMUP):
-        # Newton-Schulz's precision is chosen once and kept in the param groups, so checkpoints carry it: a resumed run
-        # must not switch because cpu_bf16_fast's timing came out differently in the new process
+                 momentum: float = 0.95, ns_steps: int = 5, momentum_warmup: int = MOMENTUM_WARMUP,
+                 ns_bf16: bool | None = None):
+        # Newton-Schulz's precision (NS_BF16; None: bf16 on GPUs and on CPUs with fast bf16 products) is chosen once
+        # and kept in the param groups, so checkpoints carry it: a resumed run must not switch because
+        # cpu_bf16_fast's timing came out differently in the new process
         groups = [{**g, "params": list(g["params"])} for g in groups]  # iterables too: read here and by the base
-        ns_bf16 = any(p.device.type != "cpu" for g in groups for p in g["params"]) or cpu_bf16_fast()
+        if ns_bf16 is None:
+            ns_bf16 = any(p.device.type != "cpu" for g in groups for p in g["params"]) or cpu_bf16_fast()
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
                                       momentum_warmup=momentum_warmup, weight_decay=0.0, muon=False, splits=None,
                                       ns_bf16=ns_bf16))

@@ -98,8 +98,8 @@ def cpu_train_flops(threads: int, dtype: str = "auto") -> float:
         cfg = build_config("slm-1m", vocab, {**AUTO_OVERRIDES, "num_hidden_layers": 3}, block_size=block)
         model = build_model(cfg)
         x, y = torch.randint(vocab, (2, batch, block))  # (B, T) each
-    opt = make_optimizer(model, 1e-3, 0.1, "cpu", "muon")
     bf16 = dtype in ("bf16", "bfloat16") or (dtype == "auto" and cpu_bf16_fast())
+    opt = make_optimizer(model, 1e-3, 0.1, "cpu", "muon", ns_bf16=bf16)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -119,17 +119,34 @@ def cpu_matmul_peak(threads: int, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of 1024 x 1024 matrix products in DTYPE on THREADS threads (the current setting), best of 5 bursts:
     a peak, not an average over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s on a slow
     one; bf16 takes seconds on CPUs without bf16 units (emulated), so ask models.cpu_has_bf16() first."""
+    return matmul_rates(threads, (dtype,))[0]
+
+
+@functools.cache
+def cpu_bf16_speedup(threads: int) -> float:
+    """bf16 matrix products' peak FLOP/s over fp32's on THREADS threads, their bursts interleaved: measured one dtype
+    after the other, a load that came and went moved the ratio from 4.4x to 3.2-5.3x on a Zen 5 (another process
+    busy on one of the 2 cores); interleaved, both see the same machine. Ask models.cpu_has_bf16() first."""
+    bf16, fp32 = matmul_rates(threads, (torch.bfloat16, torch.float32))
+    return bf16 / fp32
+
+
+def matmul_rates(threads: int, dtypes: tuple[torch.dtype, ...], rounds: int = 5) -> list[float]:
+    """Best FLOP/s of 1024 x 1024 products per dtype in DTYPES over ROUNDS rounds of one burst each (THREADS: the
+    current setting, a cache key for the callers). Leaves the global RNG as it was."""
     n, reps = 1024, 4
     gen = torch.Generator().manual_seed(0)  # its own: a probe must not move a seeded run's random numbers
-    a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
-    for _ in range(2):  # warm up MKL's thread pool and the caches
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
+    pairs = [(torch.randn(n, n, generator=gen).to(d), torch.randn(n, n, generator=gen).to(d)) for d in dtypes]
+    for a, b in pairs:
+        for _ in range(2):  # warm up MKL's thread pool and the caches
             a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    best = [0.0] * len(dtypes)
+    for _ in range(rounds):
+        for i, (a, b) in enumerate(pairs):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best[i] = max(best[i], 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 

@@ -203,7 +203,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     model = build_model(cfg).to(dev)
     set_dropout(model, args["dropout"])
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
-    optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"])
+    # Muon's Newton-Schulz on a CPU in the run's precision: fp32 (--dtype fp32, or a model too narrow for bf16) must
+    # not rest on cpu_bf16_fast's timing, or two runs of one seed on a busy machine could train different weights
+    ns_bf16 = autocast_dtype == torch.bfloat16 if dev == "cpu" else None
+    optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"], ns_bf16=ns_bf16)
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
     state = FitState()
     # Early stopping: the folder holds the weights with the best held-out loss so far (written when it improves).

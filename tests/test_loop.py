@@ -85,7 +85,7 @@ def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
     from slmkit import loop, recipe
 
     peaks = {torch.float32: 190e9, torch.bfloat16: 860e9}
-    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda threads, dtype=torch.float32: peaks[dtype])
+    monkeypatch.setattr(recipe, "cpu_bf16_speedup", lambda threads: peaks[torch.bfloat16] / peaks[torch.float32])
     monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
 
     def fast() -> bool:  # measured afresh: the real answer is kept for the rest of a process
@@ -102,7 +102,7 @@ def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
     assert not fast()  # bf16 units, but the casts would eat a 2x gain
     assert not loop.cpu_bf16_fast()  # asked again: the process's answer, not a new measurement
     monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(recipe, "cpu_matmul_peak", lambda *a: pytest.fail("emulated bf16 must not be measured"))
+    monkeypatch.setattr(recipe, "cpu_bf16_speedup", lambda *a: pytest.fail("emulated bf16 must not be measured"))
     assert not fast()
     loop.cpu_bf16_fast.cache_clear()  # later tests measure this machine again
 

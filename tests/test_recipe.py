@@ -163,3 +163,13 @@ def test_the_matmul_peak_is_measured_once_per_thread_count():
     threads = torch.get_num_threads()
     peak = recipe.cpu_matmul_peak(threads)
     assert 1e9 < peak < 1e14 and recipe.cpu_matmul_peak(threads) == peak
+
+
+def test_matmul_rates_interleave_dtypes_and_leave_the_rng_alone():
+    """cpu_bf16_speedup times bf16 and fp32 bursts in turn; the same dtype twice must read about the same rate."""
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    a, b = recipe.matmul_rates(torch.get_num_threads(), (torch.float32, torch.float32), rounds=3)
+    assert torch.equal(torch.rand(3), expected)
+    assert 1e9 < a < 1e14 and 0.5 < a / b < 2, (a, b)

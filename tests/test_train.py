@@ -104,6 +104,24 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(corpus, tmp_path, mon
     assert json.loads((out / "training_summary.json").read_text())["dtype"] == "bf16"
 
 
+@pytest.mark.parametrize("preset,dtype,expected", [("slm-tiny", "auto", False), ("slm-1m", "fp32", False),
+                                                    ("slm-1m", "auto", True)])
+def test_muon_orthogonalizes_in_the_runs_precision(corpus, tmp_path, monkeypatch, preset, dtype, expected):
+    """Newton-Schulz follows the training precision on a CPU: an fp32 run (a model too narrow for bf16, or --dtype
+    fp32) must not do it in bf16 because the bf16 timing came out fast in this process: two runs of one seed on a
+    busy machine trained different weights (the resume test failed once in a full-suite run)."""
+    from slmkit import optim
+
+    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: True)
+    seen = []
+    real = optim.orthogonalize
+    monkeypatch.setattr(optim, "orthogonalize", lambda g, steps, bf16=None: seen.append(bf16) or real(g, steps, bf16))
+    train(data=[str(corpus)], out=tmp_path / "m", preset=preset, vocab_size=300, batch_size=2, block_size=32, steps=2,
+          dtype=dtype, progress=False, device="cpu", set=["num_hidden_layers=1"])
+    assert seen and all(flag is expected for flag in seen), seen
+
+
 @pytest.mark.parametrize("case", ["no-checkpoint", "other-arch", "other-optimizer", "existing"])
 def test_resume_and_output_folder_errors(corpus, tmp_path, case, tiny_model):
     out = tmp_path / "m"
