@@ -133,7 +133,9 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     preset_name = auto["preset"] if args["preset"] == "auto" else args["preset"]
     args["tokenizer"] = encoders.pick_tokenizer(args["tokenizer"], is_encoder(preset_name), args["tokenizer_from"])
     block = args["block_size"] or auto["block_size"]
-    bsz = args["batch_size"] or auto["batch_size"]
+    # the recipe's tokens per step hold when only the context is given: --block-size 1024 alone takes 4 rows of 1024,
+    # not 16 (4x the tokens per update, a quarter of the updates)
+    bsz = args["batch_size"] or max(1, auto["batch_size"] * auto["block_size"] // block)
     warmup_steps = args["warmup"] if args["warmup"] is not None else auto["warmup_steps"]
     # --preset auto's own config fields (the untied head, the 3-layer slm-1m) are saved with the run: a resumed run
     # rebuilds the model it checkpointed, whatever auto would pick now
@@ -426,8 +428,10 @@ def add_args(p) -> None:
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: sized for the corpus and model)")
     g.add_argument("--tokenizer-from", type=Path, help="reuse the tokenizer of this model folder")
     g = p.add_argument_group("optimisation (defaults come from --preset auto)")
-    g.add_argument("--block-size", type=int, help="context length in tokens")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    g.add_argument("--block-size", type=int, help="context length in tokens (default: the recipe's, 256 on a CPU up "
+                   "to 256 dims)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (default: the recipe's "
+                   "tokens per step, e.g. 4,096 for 128 dims, over the block size)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (default 0.1)")

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from slmkit import recipe
 from slmkit.train import RUN_FILE, parse_overrides
 from slmkit.train import main as train
 
@@ -310,3 +311,14 @@ def test_logits_are_calibrated_on_the_held_out_split_unless_told_not_to(corpus, 
     final = [r for r in rows(tmp_path / "raw") if r["kind"] == "final"][-1]
     assert final["loss"] == pytest.approx(cal[0]["loss_before"], rel=1e-4)
     assert json.loads((tmp_path / "raw" / "training_summary.json").read_text())["logit_temperature"] == 1.0
+
+
+def test_an_explicit_block_size_keeps_the_recipes_tokens_per_step(corpus, tmp_path):
+    """--block-size alone changes the context, not the update size: slm-tiny's 4,096 tokens per step become 64 rows
+    of 64 (the recipe's 16 rows of 256 would have quartered each update)."""
+    auto = recipe.auto_recipe(100_000, "cpu", steps=1)
+    assert auto["batch_size"] * auto["block_size"] == 4096
+    train(data=[str(corpus)], out=tmp_path / "m", preset="slm-tiny", tokenizer="byte", block_size=64, steps=1,
+          progress=False, device="cpu")
+    card = json.loads((tmp_path / "m" / "training_summary.json").read_text())
+    assert (card["block_size"], card["batch_size"]) == (64, 4096 // 64)
