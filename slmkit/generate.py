@@ -236,8 +236,9 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", devic
     """Load MODEL_DIR (ours or any local Hugging Face causal LM folder) for generation on DEVICE ("auto": a GPU
     when there is one).
 
-    dtype "bf16" halves the bytes of weights read per token: decoding is memory-bound, so it is ~1.4x faster on
-    larger models (see docs/benchmarks.md) at a small cost in precision.
+    dtype "bf16" halves the bytes of weights read per token at a small cost in precision. Decoding is memory-bound,
+    but whether it is faster rests on the CPU's bf16 matrix-vector kernels: eagerly 1.3-1.4x fp32 on a Xeon with AMX,
+    0.6-0.8x on an AMD Zen 5; with compile=True 1.2-1.6x fp32's compiled rate at 135M on the Zen 5 (docs/benchmarks.md).
 
     compile=True decodes with torch.compile'd kernels (decode.compile_step): from ~7M parameters on, 1.2-1.4x the
     eager loop's tokens/s in fp32 and 2-3x in bf16 on CPU, after a few seconds of compiling on the first token.
@@ -340,8 +341,8 @@ def add_args(p) -> None:
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="one JSON object per sample: prompt, text, tokens, seconds, first_token_seconds, tokens_per_s")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight precision (bf16: faster on "
-                   "larger models, memory-bound decoding)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight precision (bf16: half the memory; "
+                   "faster decoding with --compile, and eagerly on some CPUs only, e.g. Xeons with AMX)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels: a few seconds of "
                    "compiling, then ~1.3x the tokens/s in fp32 and 2-3x in bf16 on CPU from ~7M parameters (slmkit's "
