@@ -75,7 +75,8 @@ def slmkit_train_step(compile: bool = False, dtype: torch.dtype | None = None, o
     if ceiling:
         for block in model.layers:
             block.forward = types.MethodType(ceiling_forward, block)
-    opt = make_optimizer(model, 1e-3, 0.1, "cpu", optimizer)
+    # Muon's Newton-Schulz in the step's precision, as `slm train` runs it on a CPU
+    opt = make_optimizer(model, 1e-3, 0.1, "cpu", optimizer, ns_bf16=dtype == torch.bfloat16)
     loss_fn = torch.compile(causal_lm_loss) if compile else causal_lm_loss  # as `slm train --compile` does
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
