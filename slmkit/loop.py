@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it 
             "epochs": "passes over the data", "max_length": "tokens kept per text",
             "threads": "CPU threads; leave it out for all cores",
             "vocab_size": "leave it out for one sized to the corpus"}
-NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "patience")
+NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "dropout_start", "patience")
 
 
 def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negative: tuple[str, ...] = ()) -> None:
@@ -80,7 +81,7 @@ def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negati
     for key in (*NON_NEGATIVE, *non_negative):
         if args.get(key) is not None and not args[key] >= 0:
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be 0 or more")
-    for key in ("dropout", "lora_dropout"):
+    for key in ("dropout", "lora_dropout", "dropout_start"):
         if args.get(key) is not None and not args[key] < 1:
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be below 1")
     if args.get("min_lr_ratio") is not None and not 0 <= args["min_lr_ratio"] <= 1:
@@ -186,6 +187,7 @@ class FitConfig:
     autocast_dtype: torch.dtype | None = None
     device: str = "cpu"
     progress_bar: bool = True
+    on_progress: Callable[[float], None] | None = None  # called before each step with the schedule's progress (0-1)
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn, budget: Budget,
@@ -219,6 +221,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             if any_rank(progress >= 1.0 or stop["requested"] or bool(state.last_eval.get("stop"))):
                 break
             t0 = time.perf_counter()
+            if cfg.on_progress:
+                cfg.on_progress(progress)
             lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -54,6 +54,10 @@ WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_MAX = 0.1, 1.0
 # schedule's end; at ~4.5 passes (AVX2 hosts) it did not pay, and on a 120 KB corpus slm-tiny (64 dims, capacity
 # bound: 16 passes) lost 0.027-0.034 with it (docs/benchmarks.md).
 AUTO_DROPOUT, DROPOUT_MIN_PASSES, DROPOUT_MIN_WIDTH = 0.1, 8.0, 128
+# ... and it starts at this fraction of the budget ("late dropout", Liu et al., 2023: an overfitting model trains
+# without it until it starts to repeat its data). Same benchmark, Zen 5, `--dropout 0.1`, one run each: from the first
+# step 2.133 bits/byte; from 40% of the budget 2.104 and 2.101 (seed 7) (docs/benchmarks.md).
+LATE_DROPOUT_START = 0.4
 # A GPU's larger batch only where the corpus has room for it: each pass over the data must still make this many
 # updates. On tiny Shakespeare (1 MB) the H100's 32k-token batch made 12 updates per pass; the run overfitted after
 # 216 updates, still near its peak learning rate, and scored worse than 2 CPU cores' 4k-token batches

@@ -99,6 +99,8 @@ def write_model_card(out: Path, info: dict) -> None:
         f"{info.get('grad_accum')} |",
         f"| learning rate | {lr:.3g} (warmup + cosine) |",
         *([f"| weight decay | {info['weight_decay']:.3g} |"] if info.get("weight_decay") is not None else []),
+        *([f"| residual dropout | {info['dropout']:g} from {info.get('dropout_start') or 0:.0%} of the budget |"]
+          if info.get("dropout") else []),
         *([f"| logits | divided by {info['logit_temperature']:g} after training (fitted on the held-out split) |"]
           if info.get("logit_temperature", 1.0) != 1.0 else []),
         f"| device / dtype | {info.get('device')} / "

@@ -73,7 +73,8 @@ RUN_FILE = "train_args.json"
 def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None = None, vocab_size: int | None = None,
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
-         weight_decay: float | None = None, dropout: float | None = None, clip: float = 1.0,
+         weight_decay: float | None = None, dropout: float | None = None, dropout_start: float | None = None,
+         clip: float = 1.0,
          steps: int | str | None = None, tokens: int | str | None = None, optimizer: str | None = None,
          time: str | float | None = None, val_fraction: float | None = None, eval_data: list[str] | None = None,
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
@@ -103,7 +104,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     args = dict(data=[str(d) for d in data], preset=preset, tokenizer=tokenizer, vocab_size=vocab_size,
                 tokenizer_from=str(tokenizer_from) if tokenizer_from else None, block_size=block_size,
                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
-                weight_decay=weight_decay, dropout=dropout, clip=clip, steps=parse_count(steps),
+                weight_decay=weight_decay, dropout=dropout, dropout_start=dropout_start, clip=clip,
+                steps=parse_count(steps),
                 tokens=parse_count(tokens), optimizer=optimizer,
                 time=parse_duration(time), val_fraction=val_fraction,
                 eval_data=[str(d) for d in eval_data] if eval_data else None, seed=seed, set=list(set or []),
@@ -118,6 +120,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         _check_resume_compatible(saved, args)
         # Budgets may be extended on resume; everything that shapes the model comes from the saved run.
         args = {**saved, **{k: args[k] for k in ("steps", "tokens", "time") if args[k] is not None}}
+        args.setdefault("dropout_start", 0.0)  # runs saved before late dropout had it from the first step
     elif (out / "config.json").exists() or ckpt_path.exists():
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
@@ -202,6 +205,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         args["weight_decay"] = recipe.weight_decay_for(passes) if llama else 0.1
     if args.get("dropout") is None:
         args["dropout"] = recipe.dropout_for(cfg, passes) if llama else 0.0
+    if args.get("dropout_start") is None:
+        args["dropout_start"] = recipe.LATE_DROPOUT_START
     model = build_model(cfg).to(dev)
     set_dropout(model, args["dropout"])
     n_params = base_parameter_count(model)  # encoders: the published base count (no MLM head), like slm info
@@ -264,11 +269,21 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
             save_model(model, out)
 
     if dist.is_main():
-        drop = f"dropout {args['dropout']:g} | " if args["dropout"] else ""
+        drop = f"dropout {args['dropout']:g} from {args['dropout_start']:.0%} | " if args["dropout"] else ""
         print(f"model: {preset_name} | {n_params:,} parameters | vocab {vocab:,} | block {block} | "
               f"batch {bsz}x{dist.world_size()}x{grad_accum} | lr {peak_lr:g} | wd {args['weight_decay']:g} | {drop}"
               f"{dev} {precision_name(autocast_dtype)} | data {len(train_tokens):,} train / "
               f"{len(val_tokens):,} val tokens")
+    dropout_now = [args["dropout"]]
+
+    def late_dropout(progress: float) -> None:
+        # Late dropout (Liu et al., 2023): none while the model still underfits, --dropout from --dropout-start of the
+        # budget on, when the run starts repeating its data. Set when it changes: a compiled loss recompiles once.
+        p = args["dropout"] if progress >= args["dropout_start"] else 0.0
+        if p != dropout_now[0]:
+            set_dropout(model, p)
+            dropout_now[0] = p
+
     every_s = parse_duration(eval_every) if eval_every and not str(eval_every).isdigit() else None
     fit_cfg = FitConfig(
         lr=peak_lr, min_lr_ratio=args["min_lr_ratio"], warmup_steps=warmup_steps, grad_accum=grad_accum,
@@ -277,7 +292,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
         # at least once per pass over the data: a small corpus on a fast device starts to overfit within minutes
         eval_max_steps=max(1, len(train_tokens) // (bsz * block * dist.world_size() * grad_accum)) if keep_best
-        else None, checkpoint_every_s=parse_duration(checkpoint_every))
+        else None, checkpoint_every_s=parse_duration(checkpoint_every), on_progress=late_dropout)
     next_batch, loss_fn = (lambda: get_batch(train_tokens, bsz, block, sampler, dev)), causal_lm_loss
     if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
         next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
@@ -330,7 +345,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
                 "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
                 "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"],
-                "dropout": args["dropout"], "device": dev, "dtype": precision_name(autocast_dtype)}
+                "dropout": args["dropout"], "dropout_start": args["dropout_start"], "device": dev,
+                "dtype": precision_name(autocast_dtype)}
         atomic_write_json(out / "training_summary.json", card)
         write_model_card(out, card)
         if final:
@@ -440,8 +456,11 @@ def add_args(p) -> None:
                    "blocks' weight matrices, AdamW on embeddings and norms; adamw (default for encoders, GPT-Neo)")
     g.add_argument("--weight-decay", type=float, help="weight decay on matrices (default for Llama decoders: 0.1 x "
                    "the passes the budget makes over the data, between 0.1 and 1.0; others 0.1)")
-    g.add_argument("--dropout", type=float, default=None, help="residual dropout while training (default: 0.1 for "
-                   "Llama decoders 128+ dims wide whose budget makes 8+ passes over the data, else 0)")
+    g.add_argument("--dropout", type=float, default=None, help="residual dropout while training, from "
+                   "--dropout-start on (default: 0.1 for Llama decoders 128+ dims wide whose budget makes 8+ passes "
+                   "over the data, else 0)")
+    g.add_argument("--dropout-start", type=float, default=None, help="fraction of the budget (its schedule's "
+                   "progress) before which dropout stays off: late dropout (default: 0.4; 0: from the first step)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "

@@ -28,6 +28,8 @@ def test_the_progress_bar_follows_whichever_budget_ends_first():
     (["--lr", "-1"], "--lr -1.0 must be positive"), (["--grad-accum", "0"], "--grad-accum 0 must be positive"),
     (["--batch-size", "0"], "--batch-size 0 must be positive"), (["--warmup", "-5"], "--warmup -5 must be 0 or more"),
     (["--clip", "nan"], "--clip nan must be 0 or more"), (["--dropout", "1"], "--dropout 1.0 must be below 1"),
+    (["--dropout-start", "1"], "--dropout-start 1.0 must be below 1"),
+    (["--dropout-start", "-0.1"], "--dropout-start -0.1 must be 0 or more"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0 must be in"), (["--patience", "-1"], "--patience -1 must be 0"),
     (["--eval-tokens", "0"], "--eval-tokens 0 must be positive"), (["--eval-every", "0"], "--eval-every 0 must be"),
     (["--checkpoint-every", "0s"], "--checkpoint-every 0s must be positive"),
@@ -167,3 +169,19 @@ def test_fit_logs_the_first_and_the_last_step_however_short_the_run():
                 FitConfig(log_every_s=1e9, warmup_steps=1, progress_bar=False), FitState(), log=rows.append)
     assert state.step == 7
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 7]
+
+
+def test_fit_reports_the_schedules_progress_before_each_step():
+    """on_progress sees the schedule's progress (0 first, then step / steps) before each step: train's late dropout
+    switches on from it."""
+    import torch
+
+    from slmkit.loop import FitConfig, FitState, fit
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    seen = []
+    fit(model, opt, lambda: (x, y), lambda m, a, b: torch.nn.functional.mse_loss(m(a), b), Budget(steps=4),
+        FitConfig(warmup_steps=1, progress_bar=False, on_progress=seen.append), FitState())
+    assert seen == [0.0, 0.25, 0.5, 0.75]

@@ -322,3 +322,28 @@ def test_an_explicit_block_size_keeps_the_recipes_tokens_per_step(corpus, tmp_pa
           progress=False, device="cpu")
     card = json.loads((tmp_path / "m" / "training_summary.json").read_text())
     assert (card["block_size"], card["batch_size"]) == (64, 4096 // 64)
+
+
+def test_late_dropout_starts_at_its_fraction_of_the_budget(corpus, tmp_path, monkeypatch):
+    """--dropout from --dropout-start on (late dropout): none in the first half of this 4-step run, 0.1 after; the
+    value is saved with the run and shown in the summary; a run saved before the flag resumes with dropout from the
+    first step, as it trained."""
+    import slmkit.train as train_module
+
+    calls = []
+    real = train_module.set_dropout
+    monkeypatch.setattr(train_module, "set_dropout", lambda model, p: calls.append(p) or real(model, p))
+    out = tmp_path / "m"
+    common = dict(data=[str(corpus)], out=out, preset="slm-tiny", tokenizer="byte", block_size=32, batch_size=2,
+                  progress=False, device="cpu", dropout=0.1)
+    train(**common, steps=4, dropout_start=0.5)
+    assert calls == [0.1, 0.0, 0.1]  # built with it, off at progress 0, on again at step 2 of 4
+    assert json.loads((out / "training_summary.json").read_text())["dropout_start"] == 0.5
+    assert "| residual dropout | 0.1 from 50% of the budget |" in (out / "README.md").read_text()
+    saved = json.loads((out / RUN_FILE).read_text())
+    assert saved["dropout_start"] == 0.5
+    del saved["dropout_start"]  # as written before late dropout
+    (out / RUN_FILE).write_text(json.dumps(saved))
+    calls.clear()
+    train(**common, steps=6, resume=True)
+    assert calls == [0.1]  # on from the start, never switched off
