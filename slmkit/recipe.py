@@ -122,25 +122,19 @@ def cpu_train_flops(threads: int, dtype: str = "auto") -> float:
 
 
 @functools.cache
-def cpu_matmul_peak(threads: int, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of 1024 x 1024 matrix products in DTYPE on THREADS threads (the current setting), best of 5 bursts:
-    a peak, not an average over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s on a slow
-    one; bf16 takes seconds on CPUs without bf16 units (emulated), so ask models.cpu_has_bf16() first."""
-    return matmul_rates(threads, (dtype,))[0]
-
-
-@functools.cache
 def cpu_bf16_speedup(threads: int) -> float:
-    """bf16 matrix products' peak FLOP/s over fp32's on THREADS threads, their bursts interleaved: measured one dtype
-    after the other, a load that came and went moved the ratio from 4.4x to 3.2-5.3x on a Zen 5 (another process
-    busy on one of the 2 cores); interleaved, both see the same machine. Ask models.cpu_has_bf16() first."""
-    bf16, fp32 = matmul_rates(threads, (torch.bfloat16, torch.float32))
+    """bf16 matrix products' peak FLOP/s over fp32's on THREADS threads (the current setting; the cache key), their
+    bursts interleaved: measured one dtype after the other, a load that came and went moved the ratio from 4.4x to
+    3.2-5.3x on a Zen 5 (another process busy on one of the 2 cores); interleaved, both see the same machine. Ask
+    models.cpu_has_bf16() first."""
+    bf16, fp32 = matmul_rates((torch.bfloat16, torch.float32))
     return bf16 / fp32
 
 
-def matmul_rates(threads: int, dtypes: tuple[torch.dtype, ...], rounds: int = 5) -> list[float]:
-    """Best FLOP/s of 1024 x 1024 products per dtype in DTYPES over ROUNDS rounds of one burst each (THREADS: the
-    current setting, a cache key for the callers). Leaves the global RNG as it was."""
+def matmul_rates(dtypes: tuple[torch.dtype, ...], rounds: int = 5) -> list[float]:
+    """Best FLOP/s of 1024 x 1024 products per dtype in DTYPES over ROUNDS rounds of one burst each, on the current
+    thread setting: peaks, not averages over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s
+    on a slow one; bf16 takes seconds on CPUs without bf16 units (emulated). Leaves the global RNG as it was."""
     n, reps = 1024, 4
     gen = torch.Generator().manual_seed(0)  # its own: a probe must not move a seeded run's random numbers
     pairs = [(torch.randn(n, n, generator=gen).to(d), torch.randn(n, n, generator=gen).to(d)) for d in dtypes]

@@ -153,16 +153,18 @@ def test_the_training_step_is_measured_once_and_leaves_the_rng_alone():
     flops = cpu_train_flops(threads, "fp32")
     assert torch.equal(torch.rand(3), expected)  # a run seeded before planning draws the same numbers
     torch.manual_seed(7)
-    recipe.cpu_matmul_peak(threads)  # also behind loop.cpu_bf16_fast, which Muon's first step asks on bf16 CPUs
+    recipe.matmul_rates((torch.float32,), rounds=1)  # behind loop.cpu_bf16_fast, which Muon may ask on bf16 CPUs
     assert torch.equal(torch.rand(3), expected)
     assert 1e9 < flops < 1e14 and cpu_train_flops(threads, "fp32") == flops
 
 
-def test_the_matmul_peak_is_measured_once_per_thread_count():
-    recipe.cpu_matmul_peak.cache_clear()
-    threads = torch.get_num_threads()
-    peak = recipe.cpu_matmul_peak(threads)
-    assert 1e9 < peak < 1e14 and recipe.cpu_matmul_peak(threads) == peak
+def test_the_bf16_speedup_is_measured_once_per_thread_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(recipe, "matmul_rates", lambda dtypes, rounds=5: calls.append(dtypes) or [800e9, 200e9])
+    recipe.cpu_bf16_speedup.cache_clear()
+    assert recipe.cpu_bf16_speedup(2) == 4.0 and recipe.cpu_bf16_speedup(2) == 4.0
+    assert calls == [(torch.bfloat16, torch.float32)]  # both dtypes in one interleaved measurement, once
+    recipe.cpu_bf16_speedup.cache_clear()  # later tests measure this machine
 
 
 def test_matmul_rates_interleave_dtypes_and_leave_the_rng_alone():
@@ -170,6 +172,6 @@ def test_matmul_rates_interleave_dtypes_and_leave_the_rng_alone():
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    a, b = recipe.matmul_rates(torch.get_num_threads(), (torch.float32, torch.float32), rounds=3)
+    a, b = recipe.matmul_rates((torch.float32, torch.float32), rounds=3)
     assert torch.equal(torch.rand(3), expected)
     assert 1e9 < a < 1e14 and 0.5 < a / b < 2, (a, b)
