@@ -241,7 +241,7 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", devic
     0.6-0.8x on an AMD Zen 5; with compile=True 1.2-1.6x fp32's compiled rate at 135M on the Zen 5 (docs/benchmarks.md).
 
     compile=True decodes with torch.compile'd kernels (decode.compile_step): from ~7M parameters on, 1.2-1.4x the
-    eager loop's tokens/s in fp32 and 2-3x in bf16 on CPU, after a few seconds of compiling on the first token.
+    eager loop's tokens/s in fp32 and 2-3x in bf16 on CPU, after a few seconds of compiling while loading.
     slmkit's Llama module with float weights only; other models decode eagerly (a note says so).
     """
     from slmkit.loop import pick_device, require_cpp_compiler
