@@ -55,8 +55,9 @@ WEIGHT_DECAY_PER_PASS, WEIGHT_DECAY_MAX = 0.1, 1.0
 # bound: 16 passes) lost 0.027-0.034 with it (docs/benchmarks.md).
 AUTO_DROPOUT, DROPOUT_MIN_PASSES, DROPOUT_MIN_WIDTH = 0.1, 8.0, 128
 # ... and it starts at this fraction of the budget ("late dropout", Liu et al., 2023: an overfitting model trains
-# without it until it starts to repeat its data). Same benchmark, Zen 5, `--dropout 0.1`, one run each: from the first
-# step 2.133 bits/byte; from 40% of the budget 2.104 and 2.101 (seed 7) (docs/benchmarks.md).
+# without it until it starts to repeat its data). Same benchmark, Zen 5, `--dropout 0.1`, four runs each: from the
+# first step a mean of 2.132 bits/byte, from 40% of the budget 2.112 (best 2.101); 20% and 60% did worse
+# (docs/benchmarks.md).
 LATE_DROPOUT_START = 0.4
 # A GPU's larger batch only where the corpus has room for it: each pass over the data must still make this many
 # updates. On tiny Shakespeare (1 MB) the H100's 32k-token batch made 12 updates per pass; the run overfitted after
