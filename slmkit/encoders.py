@@ -86,9 +86,13 @@ def windows_with_cls(tokens: np.ndarray, starts, block_size: int, cls_id: int) -
 
 
 def get_mlm_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, info: MaskInfo,
-                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows, masked afresh: (inputs, labels), both (B, T). One generator draws windows and masks."""
-    ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=gen).tolist()
+                  device: str = "cpu", starts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows masked afresh: (inputs, labels), both (B, T). STARTS(batch_size) gives the windows' offsets (e.g.
+    data.EpochSampler.take); without it the generator draws them at random. The generator draws the masks."""
+    if starts:
+        ix = starts(batch_size)
+    else:
+        ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=gen).tolist()
     x, y = mask_tokens(windows_with_cls(tokens, ix, block_size, info.cls_id), info, gen)
     if device != "cpu":
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -142,11 +146,11 @@ def masked_lm_evaluator(model_dir, tokenizer):
 
 
 def mlm_task(tokenizer, train_tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,
-             device: str = "cpu"):
+             device: str = "cpu", starts=None):
     """What `slm train` plugs into `fit` for an encoder: (next_batch, loss_fn, evaluate_fn)."""
     info = mask_info(tokenizer)
     if len(train_tokens) <= block_size:
         raise SystemExit(f"error: the corpus has {len(train_tokens):,} training tokens, too few for --block-size "
                          f"{block_size}; add data or lower --block-size")
-    return (lambda: get_mlm_batch(train_tokens, batch_size, block_size, gen, info, device), mlm_loss,
+    return (lambda: get_mlm_batch(train_tokens, batch_size, block_size, gen, info, device, starts), mlm_loss,
             partial(evaluate_mlm, info=info))

@@ -57,6 +57,10 @@ def plot_loss(metrics: list[dict], out_png: Path, title: str = "") -> Path | Non
     return out_png
 
 
+_ORDER = {"epoch": "shuffled passes: every window once a pass, at a moving phase",
+          "random": "independent random windows"}
+
+
 def write_model_card(out: Path, info: dict) -> None:
     """README.md with the Hugging Face YAML header and the run's figures."""
     final = info.get("final_eval") or {}
@@ -98,6 +102,7 @@ def write_model_card(out: Path, info: dict) -> None:
         f"| batch × block × accumulation | {info.get('batch_size')} × {info.get('block_size')} × "
         f"{info.get('grad_accum')} |",
         f"| learning rate | {lr:.3g} (warmup + cosine) |",
+        *([f"| data order | {_ORDER.get(info['sampling'], info['sampling'])} |"] if info.get("sampling") else []),
         *([f"| weight decay | {info['weight_decay']:.3g} |"] if info.get("weight_decay") is not None else []),
         *([f"| residual dropout | {info['dropout']:g} from {info.get('dropout_start') or 0:.0%} of the budget |"]
           if info.get("dropout") else []),

@@ -74,7 +74,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
          tokenizer_from: Path | None = None, block_size: int | None = None, batch_size: int | None = None,
          grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int | None = None,
          weight_decay: float | None = None, dropout: float | None = None, dropout_start: float | None = None,
-         clip: float = 1.0, steps: int | str | None = None, tokens: int | str | None = None,
+         sampling: str | None = None, clip: float = 1.0, steps: int | str | None = None,
+         tokens: int | str | None = None,
          optimizer: str | None = None, time: str | float | None = None, val_fraction: float | None = None,
          eval_data: list[str] | None = None,
          eval_every: str | None = None, eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto",
@@ -90,7 +91,16 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, best_step, out).
     """
     from slmkit import distributed as dist
-    from slmkit.data import corpus_bytes, expand_paths, get_batch, load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.data import (
+        EpochSampler,
+        batch_at,
+        corpus_bytes,
+        expand_paths,
+        get_batch,
+        load_tokens,
+        split_tokens,
+        tokenize_to_memmap,
+    )
     from slmkit.evaluate import evaluate_tokens as eval_fn  # encoders swap in masked-LM evaluation (step 4)
     from slmkit.report import plot_loss, read_metrics, write_model_card
     from slmkit.tokenizer import token_byte_lengths
@@ -104,7 +114,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     args = dict(data=[str(d) for d in data], preset=preset, tokenizer=tokenizer, vocab_size=vocab_size,
                 tokenizer_from=str(tokenizer_from) if tokenizer_from else None, block_size=block_size,
                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
-                weight_decay=weight_decay, dropout=dropout, dropout_start=dropout_start, clip=clip,
+                weight_decay=weight_decay, dropout=dropout, dropout_start=dropout_start, sampling=sampling, clip=clip,
                 steps=parse_count(steps), tokens=parse_count(tokens), optimizer=optimizer,
                 time=parse_duration(time), val_fraction=val_fraction,
                 eval_data=[str(d) for d in eval_data] if eval_data else None, seed=seed, set=list(set or []),
@@ -120,6 +130,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         # Budgets may be extended on resume; everything that shapes the model comes from the saved run.
         args = {**saved, **{k: args[k] for k in ("steps", "tokens", "time") if args[k] is not None}}
         args.setdefault("dropout_start", 0.0)  # runs saved before late dropout had it from the first step
+        args.setdefault("sampling", "random")  # and before shuffled passes, random windows
     elif (out / "config.json").exists() or ckpt_path.exists():
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
@@ -213,7 +224,11 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # not rest on cpu_bf16_fast's timing, or two runs of one seed on a busy machine could train different weights
     ns_bf16 = autocast_dtype == torch.bfloat16 if dev == "cpu" else None
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"], ns_bf16=ns_bf16)
-    sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())
+    sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())  # random windows; encoders' masks
+    args["sampling"] = args["sampling"] or "epoch"
+    # shuffled passes: one seed on every rank, each takes its slice of the global batch
+    windows = EpochSampler(len(train_tokens), block, args["seed"], dist.rank(), dist.world_size()) \
+        if args["sampling"] == "epoch" else None
     state = FitState()
     # Early stopping: the folder holds the weights with the best held-out loss so far (written when it improves).
     keep_best = patience > 0 and len(val_tokens) > 0
@@ -227,6 +242,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if dist.world_size() > 1 and "sampler_states" in st:
             sampler.set_state(torch.tensor(st["sampler_states"][dist.rank()], dtype=torch.uint8))
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
+        if windows:
+            windows.drawn = st.get("windows_drawn", 0)
         early.load(st)
         if budget.progress(state.step, state.tokens, state.train_seconds) >= 1 and dist.is_main():
             print(f"--resume: {out} already reached this budget (step {state.step:,}, {state.tokens:,} tokens, "
@@ -263,7 +280,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         extra = {"sampler_states": [s.tolist() for s in states]} if len(states) > 1 else {}
         save_checkpoint(ckpt_path, model, optimizer, {"sampler": sampler},
                         {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
-                         "best_val": st.best_val, "config": _comparable(cfg), **early.as_dict(), **extra})
+                         "best_val": st.best_val, "config": _comparable(cfg), **early.as_dict(), **extra,
+                         "windows_drawn": windows.drawn if windows else 0})
         if not keep_best:  # otherwise evaluate() writes the folder when the held-out loss improves
             save_model(model, out)
 
@@ -292,9 +310,14 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         # at least once per pass over the data: a small corpus on a fast device starts to overfit within minutes
         eval_max_steps=max(1, len(train_tokens) // (bsz * block * dist.world_size() * grad_accum)) if keep_best
         else None, checkpoint_every_s=parse_duration(checkpoint_every), on_progress=late_dropout)
-    next_batch, loss_fn = (lambda: get_batch(train_tokens, bsz, block, sampler, dev)), causal_lm_loss
+    if windows:
+        next_batch = lambda: batch_at(train_tokens, windows.take(bsz), block, dev)  # noqa: E731
+    else:
+        next_batch = lambda: get_batch(train_tokens, bsz, block, sampler, dev)  # noqa: E731
+    loss_fn = causal_lm_loss
     if is_encoder(cfg):  # masked-LM pretraining: same loop, other batches, loss and evaluation
-        next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev)
+        next_batch, loss_fn, eval_fn = encoders.mlm_task(tok, train_tokens, bsz, block, sampler, dev,
+                                                         windows.take if windows else None)
     if compile:
         # The loss, not just the model: the final norm, LM head and cross-entropy then fuse with the rest (2 CPU
         # cores, 180 s benchmark shape, interleaved A/B: 1.27x eager per step vs 1.18x compiling the model alone;
@@ -344,7 +367,8 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
                 "val_fraction": len(val_tokens) / len(all_tokens) if not args.get("eval_data") else 0.0,
                 "eval_data": args.get("eval_data"), "batch_size": bsz * dist.world_size(),
                 "grad_accum": grad_accum, "lr": peak_lr, "weight_decay": args["weight_decay"],
-                "dropout": args["dropout"], "dropout_start": args["dropout_start"], "device": dev,
+                "dropout": args["dropout"], "dropout_start": args["dropout_start"], "sampling": args["sampling"],
+                "device": dev,
                 "dtype": precision_name(autocast_dtype)}
         atomic_write_json(out / "training_summary.json", card)
         write_model_card(out, card)
@@ -460,6 +484,9 @@ def add_args(p) -> None:
                    "over the data, else 0)")
     g.add_argument("--dropout-start", type=float, default=None, help="fraction of the budget (its schedule's "
                    "progress) before which dropout stays off: late dropout (default: 0.4; 0: from the first step)")
+    g.add_argument("--sampling", choices=["epoch", "random"], default=None, help="epoch (default): shuffled passes "
+                   "over the data, every window once a pass at a moving phase; random: independent random windows, "
+                   "nanoGPT's way (runs saved before epoch sampling resume with it)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "

@@ -2,8 +2,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from slmkit.data import expand_paths, get_batch, iter_text_chunks, split_tokens, tokenize_to_memmap
+from slmkit.data import (
+    EpochSampler,
+    batch_at,
+    epoch_windows,
+    expand_paths,
+    get_batch,
+    iter_text_chunks,
+    split_tokens,
+    tokenize_to_memmap,
+)
 from slmkit.tokenizer import byte_tokenizer
 
 
@@ -57,6 +67,44 @@ def test_batches_are_shifted_windows_and_split_takes_the_end():
     assert len(val) == 100 and val[0] == 900
     x, y = get_batch(train, 4, 16, torch.Generator().manual_seed(0))
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < 900
+
+
+@pytest.mark.parametrize("n_tokens,block", [(1000, 16), (1001, 16), (50, 16), (18, 16)])
+def test_an_epoch_is_every_window_once_at_a_moving_phase(n_tokens, block):
+    """One window fewer than fits, each once, all in range (a window is BLOCK + 1 tokens), in a shuffled order; the
+    phase and order change from epoch to epoch and depend on (seed, epoch) alone."""
+    passes = [epoch_windows(n_tokens, block, seed=3, epoch=e) for e in range(8)]
+    n = max(1, (n_tokens - 1) // block - 1)
+    for starts in passes:
+        assert len(starts) == n and len(set(starts.tolist())) == n
+        assert starts.min() >= 0 and starts.max() + block + 1 <= n_tokens
+        assert len(set((starts % block).tolist())) == 1  # one phase: windows tile the pass without overlapping
+    assert np.array_equal(passes[0], epoch_windows(n_tokens, block, seed=3, epoch=0))
+    if n > 1:
+        assert not np.array_equal(passes[0], epoch_windows(n_tokens, block, seed=4, epoch=0))
+        assert len({int(p[0] % block) for p in passes}) > 1  # the phase moves
+        assert len({tuple(np.argsort(p).tolist()) for p in passes}) > 1  # and the order changes
+
+
+def test_epoch_sampler_splits_ranks_and_resumes_from_its_count():
+    """A pass visits every window once, across epoch boundaries too; two ranks take disjoint halves of what one
+    process would take; a sampler rebuilt from DRAWN continues exactly."""
+    n_tokens, block = 1000, 16
+    per_epoch = len(epoch_windows(n_tokens, block, 0, 0))  # 61
+    one = EpochSampler(n_tokens, block, seed=0)
+    taken = [one.take(5) for _ in range(30)]  # 150 windows: two passes and a bit
+    flat = [i for batch in taken for i in batch]
+    assert sorted(flat[:per_epoch]) == sorted(epoch_windows(n_tokens, block, 0, 0).tolist())
+    assert sorted(flat[per_epoch:2 * per_epoch]) == sorted(epoch_windows(n_tokens, block, 0, 1).tolist())
+    assert one.drawn == 150
+    ranks = [EpochSampler(n_tokens, block, seed=0, rank=r, world=2) for r in range(2)]
+    both = [[i for _ in range(15) for i in s.take(5)] for s in ranks]
+    assert not set(both[0][:per_epoch // 2]) & set(both[1][:per_epoch // 2])
+    assert both[0][:5] + both[1][:5] == flat[:10] and ranks[0].drawn == ranks[1].drawn == 150
+    again = EpochSampler(n_tokens, block, seed=0, drawn=70)
+    assert again.take(5) == flat[70:75]
+    x, y = batch_at(np.arange(n_tokens, dtype=np.uint16), flat[:3], block)
+    assert x.shape == (3, block) and x[:, 0].tolist() == flat[:3] and torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_default_split_is_one_percent_with_a_floor_of_eight_blocks():

@@ -327,7 +327,7 @@ def test_an_explicit_block_size_keeps_the_recipes_tokens_per_step(corpus, tmp_pa
 def test_late_dropout_starts_at_its_fraction_of_the_budget(corpus, tmp_path, monkeypatch):
     """--dropout from --dropout-start on (late dropout): none in the first half of this 4-step run, 0.1 after; the
     value is saved with the run and shown in the summary; a run saved before the flag resumes with dropout from the
-    first step, as it trained."""
+    first step and random windows, as it trained."""
     import slmkit.train as train_module
 
     calls = []
@@ -339,11 +339,15 @@ def test_late_dropout_starts_at_its_fraction_of_the_budget(corpus, tmp_path, mon
     train(**common, steps=4, dropout_start=0.5)
     assert calls == [0.1, 0.0, 0.1]  # built with it, off at progress 0, on again at step 2 of 4
     assert json.loads((out / "training_summary.json").read_text())["dropout_start"] == 0.5
-    assert "| residual dropout | 0.1 from 50% of the budget |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| residual dropout | 0.1 from 50% of the budget |" in card
+    assert "| data order | shuffled passes: every window once a pass, at a moving phase |" in card
     saved = json.loads((out / RUN_FILE).read_text())
     assert saved["dropout_start"] == 0.5
-    del saved["dropout_start"]  # as written before late dropout
+    assert saved["sampling"] == "epoch"
+    del saved["dropout_start"], saved["sampling"]  # as written before late dropout and shuffled passes
     (out / RUN_FILE).write_text(json.dumps(saved))
     calls.clear()
     train(**common, steps=6, resume=True)
     assert calls == [0.1]  # on from the start, never switched off
+    assert json.loads((out / "training_summary.json").read_text())["sampling"] == "random"  # as it trained
