@@ -480,7 +480,7 @@ def add_args(p) -> None:
     g.add_argument("--weight-decay", type=float, help="weight decay on matrices (default for Llama decoders: 0.1 x "
                    "the passes the budget makes over the data, between 0.1 and 1.0; others 0.1)")
     g.add_argument("--dropout", type=float, default=None, help="residual dropout while training, from "
-                   "--dropout-start on (default: 0.1 for Llama decoders 128+ dims wide whose budget makes 8+ passes "
+                   "--dropout-start on (default: 0.1 for Llama decoders 128+ dims wide whose budget makes 6+ passes "
                    "over the data, else 0)")
     g.add_argument("--dropout-start", type=float, default=None, help="fraction of the budget (its schedule's "
                    "progress) before which dropout stays off: late dropout (default: 0.4; 0: from the first step)")

@@ -118,6 +118,7 @@ def test_dropout_joins_once_the_data_repeats_often_on_a_wide_enough_model():
     cfg = {**DECODERS["slm-1m"], "vocab_size": 1024}
     assert dropout_for(cfg, 10.0) == recipe.AUTO_DROPOUT == 0.1  # tiny Shakespeare's 180 s on a fast CPU
     assert dropout_for(cfg, 4.5) == 0.0  # the same on an AVX2 host: decay alone
+    assert dropout_for(cfg, 6.4) == 0.1  # a plan that reads the machine slow
     assert dropout_for({**DECODERS["slm-tiny"], "vocab_size": 512}, 16.0) == 0.0  # capacity bound, not data bound
 
 
