@@ -107,7 +107,24 @@ class Block(nn.Module):
         return x + self._drop(self.w_down(F.silu(gate) * up))
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+        if not (self.dropout and self.training):
+            return x
+        return residual_dropout(x, self.dropout) if x.device.type == "cpu" else F.dropout(x, self.dropout, True)
+
+
+def residual_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(x, p) for the CPU at half its cost. PyTorch's CPU dropout draws one Bernoulli sample per element:
+    4.2 ms forward + backward for a (16, 256, 128) bf16 activation on 2 Zen 5 cores, with 8 of them a step at slm-1m
+    (~15% of the step once dropout is on). Here 64-bit random words are split into four 16-bit lanes, each element
+    kept when its lane is at least p of the way up its range, and the kept values scaled by 1 / (1 - p): 2.0 ms.
+    p is thus rounded to 1/65,536. The torch RNG draws the words, so a seed (and a checkpoint's saved RNG state)
+    gives the same masks."""
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)  # all 64 bits
+    lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+    cut = round(p * 65536)
+    mask = (lanes >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))  # kept: 1 / (1 - p); dropped: 0
+    return x * mask
 
 
 # Longest sequence for which causal_attention spells attention out on CPU under bf16 autocast. Its (T, T) scores

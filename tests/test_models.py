@@ -244,3 +244,40 @@ def test_causal_attention_written_out_under_bf16_autocast_matches_sdpa(n_kv, mon
     calls.clear()
     assert torch.equal(models.causal_attention(q, k, v), ref)  # fp32: SDPA itself
     assert not calls
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_residual_dropout_drops_p_and_keeps_the_mean(p):
+    """The CPU's cheaper dropout: a share p of elements zeroed, the rest scaled by 1 / (1 - p) (so the mean holds),
+    the gradient through the same mask, and the masks set by the seed."""
+    from slmkit.models import residual_dropout
+
+    x = torch.ones(1000, 1001, requires_grad=True)  # an odd count: the last 64-bit word is partly used
+    torch.manual_seed(0)
+    y = residual_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.003 and abs(y.mean().item() - 1) < 0.006
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask, and here y = mask
+    torch.manual_seed(0)
+    assert torch.equal(residual_dropout(x, p), y)
+    assert not torch.equal(residual_dropout(x, p), y)  # the next draw differs
+
+
+def test_blocks_use_dropout_only_while_training():
+    from slmkit.models import set_dropout
+
+    torch.manual_seed(0)
+    model = build_model(build_config("slm-tiny", 64, block_size=16))
+    x = torch.randint(64, (2, 16))
+    set_dropout(model, 0.2)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        model.train()
+        a, b = model(x), model(x)
+    assert not torch.allclose(a, ref) and not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
