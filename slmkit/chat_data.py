@@ -194,11 +194,12 @@ def pack(examples: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def packed_batch(stream: tuple[np.ndarray, np.ndarray], batch_size: int, block_size: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random block-aligned windows of the packed stream: x (B, T), y (B, T)."""
+                 gen: torch.Generator, starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of the packed stream at STARTS (default: random block-aligned ones): x (B, T), y (B, T)."""
     ids, labels = stream
-    n_windows = max(1, (len(ids) - 1) // block_size)
-    starts = (torch.randint(n_windows, (batch_size,), generator=gen) * block_size).tolist()
+    if starts is None:
+        n_windows = max(1, (len(ids) - 1) // block_size)
+        starts = (torch.randint(n_windows, (batch_size,), generator=gen) * block_size).tolist()
     T = min(block_size, len(ids) - 1)
     x = torch.from_numpy(np.stack([ids[s:s + T] for s in starts]))  # (B, T)
     y = torch.from_numpy(np.stack([labels[s + 1:s + T + 1] for s in starts]))  # (B, T)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,8 +103,9 @@ def _classify(options: dict):
 
 def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora: bool = False, lora_r: int = 8,
          lora_alpha: float = 16.0, lora_dropout: float = 0.05, lora_targets: str | list[str] | None = None,
-         packing: bool = False, block_size: int | None = None, batch_size: int = 8, grad_accum: int = 1,
-         lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int = 10, weight_decay: float = 0.0,
+         packing: bool = False, sampling: str | None = None, block_size: int | None = None, batch_size: int = 8,
+         grad_accum: int = 1, lr: float | None = None, min_lr_ratio: float = 0.1, warmup: int = 10,
+         weight_decay: float = 0.0,
          clip: float = 1.0, steps: int | str | None = None, tokens: int | str | None = None,
          time: str | float | None = None, val_fraction: float = 0.1, eval_every: str | None = None,
          eval_tokens: int = 65536, checkpoint_every: str = "2m", dtype: str = "auto", device: str = "auto",
@@ -160,7 +162,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     ckpt_path = out / CHECKPOINT
     args = dict(model_dir=str(model_dir.resolve()), data=[str(d) for d in data], task=task, lora=lora,
                 lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-                packing=packing, block_size=block_size, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                packing=packing, sampling=sampling, block_size=block_size, batch_size=batch_size,
+                grad_accum=grad_accum, lr=lr,
                 min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
                 steps=parse_count(steps), tokens=parse_count(tokens), time=parse_duration(time),
                 val_fraction=val_fraction, seed=seed, text_col=text_col, dtype=dtype)
@@ -174,10 +177,14 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                                  f"{saved.get(key)!r}; resume with the original settings or start a new --out")
         # Everything that shapes the run comes from the saved one; budgets may be extended.
         args = {**saved, **{k: args[k] for k in ("steps", "tokens", "time") if args[k] is not None}}
+        args.setdefault("sampling", "random")  # runs saved before shuffled passes drew at random
     elif out.exists() and any((out / n).exists() for n in ("config.json", "adapter_config.json", CHECKPOINT)):
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
+    args["sampling"] = args["sampling"] or "epoch"
+    if args["sampling"] not in ("epoch", "random"):
+        raise SystemExit(f"error: --sampling {args['sampling']!r}: use epoch (shuffled passes) or random")
     budget = budget_from(args, loop_args=dict(
         patience=patience, eval_tokens=eval_tokens, eval_every=eval_every, checkpoint_every=checkpoint_every))
     dev = pick_device(device)
@@ -195,7 +202,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     tok = load_tokenizer(model_dir)
     files = expand_paths(args["data"])
     sampler = torch.Generator().manual_seed(args["seed"] + 1)
-    next_batch, evaluate_periodic, final_eval, data_note, epoch_batches = _prepare_data(
+    next_batch, evaluate_periodic, final_eval, data_note, epoch_batches, windows = _prepare_data(
         args, files, tok, block, bsz, sampler, dev, eval_dtype(autocast_dtype, dev), eval_tokens, replace_errors,
         skip_bad_lines)
 
@@ -223,6 +230,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                              "was trained; restore it or start a new --out")
         st = load_checkpoint(ckpt_path, ckpt_target, optimizer, {"sampler": sampler})
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
+        if windows:
+            windows.drawn = st.get("windows_drawn", 0)
         early.load(st)
 
     # 3. the output folder (the first write of this run)
@@ -257,7 +266,8 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     def checkpoint(st: FitState) -> None:
         save_checkpoint(ckpt_path, ckpt_target, optimizer, {"sampler": sampler},
                         {"step": st.step, "tokens": st.tokens, "train_seconds": st.train_seconds,
-                         "best_val": st.best_val, "base_fingerprint": fingerprint, **early.as_dict()})
+                         "best_val": st.best_val, "base_fingerprint": fingerprint, **early.as_dict(),
+                         "windows_drawn": windows.drawn if windows else 0})
         if not keep_best:  # otherwise evaluate() writes the weights when the held-out loss improves
             write_weights()
 
@@ -301,7 +311,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
                "tokens_seen": state.tokens, "train_seconds": state.train_seconds,
                "tokens_per_s": state.tokens / max(1e-9, state.train_seconds), "final_eval": final,
                "interrupted": state.last_eval.get("interrupted", False), "lr": peak_lr, "block_size": block,
-               "best_step": early.best_step, "stopped_early": stopped_early}
+               "best_step": early.best_step, "stopped_early": stopped_early, "sampling": args["sampling"]}
     atomic_write_json(out / "training_summary.json", summary)
     if final:
         print(f"held-out{' assistant' if task == 'sft' else ''} loss {final['loss']:.4f} | perplexity "
@@ -329,9 +339,13 @@ def _restore_best(model: torch.nn.Module, out: Path, lora: bool) -> None:
 def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.Generator, dev: str,
                   eval_autocast, eval_tokens: int, replace_errors: bool, skip_bad_lines: bool):
     """-> (next_batch(), evaluate(model) periodic, final_eval(model) on the whole held-out split, a note, batches
-    per pass over the training data)."""
+    per pass over the training data, the EpochSampler of shuffled passes or None for random draws)."""
+    from slmkit.data import EpochSampler, epoch_rows, epoch_windows
+
+    shuffled = args["sampling"] == "epoch"
+    seed = args["seed"] + 1  # as SAMPLER's
     if args["task"] == "causal":
-        from slmkit.data import get_batch, load_tokens, split_tokens, tokenize_to_memmap
+        from slmkit.data import batch_at, get_batch, load_tokens, split_tokens, tokenize_to_memmap
         from slmkit.evaluate import evaluate_tokens
         from slmkit.tokenizer import token_byte_lengths
 
@@ -345,11 +359,13 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
                                    device=dev, autocast_dtype=eval_autocast)
 
         held_out = len(val_tokens) > 0
-        return (lambda: get_batch(train_tokens, bsz, block, sampler, dev),
+        windows = EpochSampler(partial(epoch_windows, len(train_tokens), block, seed)) if shuffled else None
+        return ((lambda: batch_at(train_tokens, windows.take(bsz), block, dev)) if windows
+                else (lambda: get_batch(train_tokens, bsz, block, sampler, dev)),
                 (lambda m: evaluate_at_most(m, eval_tokens)) if held_out else None,
                 lambda m: evaluate_at_most(m, 4_000_000) if held_out else {},
                 f"data {len(train_tokens):,} train / {len(val_tokens):,} val tokens",
-                len(train_tokens) // (bsz * block))
+                len(train_tokens) // (bsz * block), windows)
 
     from slmkit.chat_data import (
         build_examples,
@@ -377,10 +393,16 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
     if args["packing"]:
         stream = pack(train_ex)
         epoch_batches = len(stream[0]) // (bsz * block)
-        next_batch = lambda: tuple(t.to(dev) for t in packed_batch(stream, bsz, block, sampler))  # noqa: E731
-    else:
+        windows = EpochSampler(partial(epoch_windows, len(stream[0]), block, seed)) if shuffled else None
+
         def next_batch():
-            rows = torch.randint(len(train_ex), (bsz,), generator=sampler).tolist()
+            starts = windows.take(bsz) if windows else None
+            return tuple(t.to(dev) for t in packed_batch(stream, bsz, block, sampler, starts))
+    else:
+        windows = EpochSampler(partial(epoch_rows, len(train_ex), seed)) if shuffled else None
+
+        def next_batch():
+            rows = windows.take(bsz) if windows else torch.randint(len(train_ex), (bsz,), generator=sampler).tolist()
             return tuple(t.to(dev) for t in padded_batch(train_ex, rows, pad))
 
     def evaluate_at_most(model, n_tokens: int) -> dict:
@@ -394,7 +416,7 @@ def _prepare_data(args: dict, files, tok, block: int, bsz: int, sampler: torch.G
 
     return (next_batch, (lambda m: evaluate_at_most(m, eval_tokens)) if val_ex else None,
             lambda m: evaluate_at_most(m, 1 << 62) if val_ex else {},
-            f"data {len(train_ex):,} train / {len(val_ex):,} val conversations", epoch_batches)
+            f"data {len(train_ex):,} train / {len(val_ex):,} val conversations", epoch_batches, windows)
 
 
 def add_args(p) -> None:
@@ -428,6 +450,9 @@ def add_args(p) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default: 1.0)")
     g.add_argument("--packing", action="store_true", help="sft: pack conversations end to end instead of padding")
+    g.add_argument("--sampling", choices=["epoch", "random"], default=None, help="epoch (default): shuffled passes, "
+                   "every window (sft: every conversation) once a pass; random: independent random draws (runs "
+                   "saved before shuffled passes resume with it)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPUs that support it and, for models 128+ dims wide, on CPUs "
                         "whose bf16 products measure 3x+ fp32's (AMX, Zen 5); fp32 otherwise (bf16 on a CPU "

@@ -10,6 +10,7 @@ trains data-parallel (DDP).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         EpochSampler,
         batch_at,
         corpus_bytes,
+        epoch_windows,
         expand_paths,
         get_batch,
         load_tokens,
@@ -135,6 +137,9 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
+    args["sampling"] = args["sampling"] or "epoch"
+    if args["sampling"] not in ("epoch", "random"):
+        raise SystemExit(f"error: --sampling {args['sampling']!r}: use epoch (shuffled passes) or random")
     budget = budget_from(args, announce=dist.is_main(), loop_args=dict(
         patience=patience, eval_tokens=eval_tokens, eval_every=eval_every, checkpoint_every=checkpoint_every))
     files = expand_paths(args["data"])
@@ -225,10 +230,9 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     ns_bf16 = autocast_dtype == torch.bfloat16 if dev == "cpu" else None
     optimizer = make_optimizer(model, peak_lr, args["weight_decay"], dev, args["optimizer"], ns_bf16=ns_bf16)
     sampler = torch.Generator().manual_seed(args["seed"] + 1000 * dist.rank())  # random windows; encoders' masks
-    args["sampling"] = args["sampling"] or "epoch"
     # shuffled passes: one seed on every rank, each takes its slice of the global batch
-    windows = EpochSampler(len(train_tokens), block, args["seed"], dist.rank(), dist.world_size()) \
-        if args["sampling"] == "epoch" else None
+    windows = EpochSampler(partial(epoch_windows, len(train_tokens), block, args["seed"]), dist.rank(),
+                           dist.world_size()) if args["sampling"] == "epoch" else None
     state = FitState()
     # Early stopping: the folder holds the weights with the best held-out loss so far (written when it improves).
     keep_best = patience > 0 and len(val_tokens) > 0

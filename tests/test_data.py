@@ -1,4 +1,5 @@
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from slmkit.data import (
     EpochSampler,
     batch_at,
+    epoch_rows,
     epoch_windows,
     expand_paths,
     get_batch,
@@ -91,20 +93,29 @@ def test_epoch_sampler_splits_ranks_and_resumes_from_its_count():
     process would take; a sampler rebuilt from DRAWN continues exactly."""
     n_tokens, block = 1000, 16
     per_epoch = len(epoch_windows(n_tokens, block, 0, 0))  # 61
-    one = EpochSampler(n_tokens, block, seed=0)
+    one = EpochSampler(partial(epoch_windows, n_tokens, block, 0))
     taken = [one.take(5) for _ in range(30)]  # 150 windows: two passes and a bit
     flat = [i for batch in taken for i in batch]
     assert sorted(flat[:per_epoch]) == sorted(epoch_windows(n_tokens, block, 0, 0).tolist())
     assert sorted(flat[per_epoch:2 * per_epoch]) == sorted(epoch_windows(n_tokens, block, 0, 1).tolist())
     assert one.drawn == 150
-    ranks = [EpochSampler(n_tokens, block, seed=0, rank=r, world=2) for r in range(2)]
+    ranks = [EpochSampler(partial(epoch_windows, n_tokens, block, 0), rank=r, world=2) for r in range(2)]
     both = [[i for _ in range(15) for i in s.take(5)] for s in ranks]
     assert not set(both[0][:per_epoch // 2]) & set(both[1][:per_epoch // 2])
     assert both[0][:5] + both[1][:5] == flat[:10] and ranks[0].drawn == ranks[1].drawn == 150
-    again = EpochSampler(n_tokens, block, seed=0, drawn=70)
+    again = EpochSampler(partial(epoch_windows, n_tokens, block, 0), drawn=70)
     assert again.take(5) == flat[70:75]
     x, y = batch_at(np.arange(n_tokens, dtype=np.uint16), flat[:3], block)
     assert x.shape == (3, block) and x[:, 0].tolist() == flat[:3] and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_rows_pass_once_each_and_a_short_stream_gives_one_window():
+    """Chat examples (finetune --task sft): every row once a pass, a new order each pass. A packed stream shorter
+    than one window still yields its one window, at 0."""
+    rows = EpochSampler(partial(epoch_rows, 10, 5))
+    taken = [i for _ in range(5) for i in rows.take(4)]  # 20 rows: two passes
+    assert sorted(taken[:10]) == sorted(taken[10:]) == list(range(10)) and taken[:10] != taken[10:]
+    assert epoch_windows(20, 64, seed=0, epoch=3).tolist() == [0]
 
 
 def test_default_split_is_one_percent_with_a_floor_of_eight_blocks():

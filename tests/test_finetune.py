@@ -153,6 +153,31 @@ def test_packing_and_causal_continued_pretraining(base, chats, tmp_path):
         finetune(base, [str(text)], tmp_path / "o", task="sft", steps=1, **FAST)
 
 
+def test_sft_takes_every_conversation_once_a_pass(base, chats, tmp_path, monkeypatch):
+    """--sampling epoch (the default) draws conversations without replacement: the first pass holds each training
+    conversation once; --sampling random repeats some (same seed, so this never flips)."""
+    import slmkit.chat_data as cd
+
+    real, drawn = cd.padded_batch, []
+    monkeypatch.setattr(cd, "padded_batch", lambda ex, rows, pad: drawn.append((len(ex), rows)) or real(ex, rows, pad))
+
+    def training_rows() -> tuple[list[int], int]:  # evaluation batches come from the (smaller) held-out list
+        n = max(size for size, _ in drawn)
+        return [r for size, rows in drawn if size == n for r in rows], n
+
+    summary = finetune(base, [str(chats)], tmp_path / "epoch", task="sft", steps=12, **FAST)
+    rows, n = training_rows()
+    assert summary["sampling"] == "epoch" and len(rows) >= n
+    assert sorted(rows[:n]) == list(range(n))
+    drawn.clear()
+    finetune(base, [str(chats)], tmp_path / "random", task="sft", steps=12, sampling="random", **FAST)
+    rows, n = training_rows()
+    assert len(set(rows[:n])) < n
+    with pytest.raises(SystemExit, match="--sampling 'sometimes'"):
+        finetune(base, [str(chats)], tmp_path / "bad", task="sft", steps=1, sampling="sometimes", **FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lora_resume_continues_the_same_loss_curve(base, chats, tmp_path):
     """6 steps + --resume to 12 ends where 12 straight steps end (constant lr: the schedule is fit's own test)."""
     from safetensors.torch import load_file
