@@ -31,24 +31,10 @@ from slmkit.loop import causal_lm_loss  # noqa: E402
 from slmkit.models import build_model, count_parameters, cpu_has_bf16  # noqa: E402
 from slmkit.optim import make_optimizer  # noqa: E402
 from slmkit.presets import build_config  # noqa: E402
-from slmkit.recipe import step_flops_per_token  # noqa: E402
+from slmkit.recipe import matmul_rates, step_flops_per_token  # noqa: E402
 
 VOCAB, LAYERS, HEADS, DIM, BLOCK, BATCH = 65, 4, 4, 128, 64, 12
 Step = Callable[[torch.Tensor, torch.Tensor], float]
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
-    """FLOP/s of large square matmuls: the machine's practical peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(5):  # best of 5: a peak, not an average over whatever else the machine was doing
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
 
 
 def ceiling_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
@@ -114,7 +100,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, reps=2)
+    # the practical peak: best of 5 bursts of large square products (bf16 in short ones: emulated on AVX2 hosts)
+    (peak32,), (peak16,) = matmul_rates((torch.float32,), reps=20), matmul_rates((torch.bfloat16,), reps=2)
     makers = {"nanoGPT": lambda: nanogpt_train_step(VOCAB),
               "transformers Llama": lambda: hf_llama_train_step(VOCAB),
               "slmkit": slmkit_train_step,

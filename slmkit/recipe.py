@@ -134,11 +134,12 @@ def cpu_bf16_speedup(threads: int) -> float:
     return bf16 / fp32
 
 
-def matmul_rates(dtypes: tuple[torch.dtype, ...], rounds: int = 5) -> list[float]:
-    """Best FLOP/s of 1024 x 1024 products per dtype in DTYPES over ROUNDS rounds of one burst each, on the current
-    thread setting: peaks, not averages over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU, ~0.4 s
-    on a slow one; bf16 takes seconds on CPUs without bf16 units (emulated). Leaves the global RNG as it was."""
-    n, reps = 1024, 4
+def matmul_rates(dtypes: tuple[torch.dtype, ...], rounds: int = 5, reps: int = 4) -> list[float]:
+    """Best FLOP/s of 1024 x 1024 products per dtype in DTYPES over ROUNDS rounds of one burst of REPS each, on the
+    current thread setting: peaks, not averages over whatever else the machine is doing. fp32: ~0.1 s on a fast CPU,
+    ~0.4 s on a slow one; bf16 takes seconds on CPUs without bf16 units (emulated). Leaves the global RNG as it was.
+    benchmarks/bench_throughput.py takes its MFU denominator from here too, in longer bursts."""
+    n = 1024
     gen = torch.Generator().manual_seed(0)  # its own: a probe must not move a seeded run's random numbers
     pairs = [(torch.randn(n, n, generator=gen).to(d), torch.randn(n, n, generator=gen).to(d)) for d in dtypes]
     for a, b in pairs:
