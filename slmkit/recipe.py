@@ -71,6 +71,11 @@ MIN_UPDATES_PER_PASS = 64
 # 120 KB corpus on 2 CPU cores (~90 passes in the budget), two seeds each: no cap 3.305 / 3.314 bits/byte in 30 s,
 # 16 passes 3.288 / 3.307 in 25 s, 10 passes 3.318 / 3.328 in 16 s (docs/benchmarks.md).
 MAX_PASSES = 16
+# A time budget's weight decay and dropout are chosen again at this fraction of the budget, from the passes the run
+# will really make at the speed it has shown so far (train.py). The plan rests on a 1-3 s timing of our step
+# (cpu_train_flops) that read 81-147 GFLOP/s in four processes on one idle Zen 5; one run planned 6.4 passes and made
+# 8.9. By 10% of the budget the run has timed ~100 of its own steps.
+REPLAN_AT = 0.1
 # Sequences per optimizer step at least (shape_for): the context shortens before the batch gets fewer rows.
 MIN_SEQUENCES = 16
 

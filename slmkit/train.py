@@ -10,6 +10,7 @@ trains data-parallel (DDP).
 from __future__ import annotations
 
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         args = {**saved, **{k: args[k] for k in ("steps", "tokens", "time") if args[k] is not None}}
         args.setdefault("dropout_start", 0.0)  # runs saved before late dropout had it from the first step
         args.setdefault("sampling", "random")  # and before shuffled passes, random windows
+        args.setdefault("replan", [])  # and before re-planning, what they were planned with
     elif (out / "config.json").exists() or ckpt_path.exists():
         if not overwrite:
             raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
@@ -216,6 +218,10 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # keep the usual 0.1 and no dropout)
     passes = recipe.planned_passes(cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens,
                                    budget.seconds, dtype) if llama else 0.0
+    if args.get("replan") is None:  # what the recipe chose for a time budget is chosen again at recipe.REPLAN_AT
+        # (one process: under torchrun every rank plans from the same floor, and ranks must not decide apart)
+        args["replan"] = [k for k in ("weight_decay", "dropout") if args.get(k) is None] \
+            if llama and budget.seconds and dist.world_size() == 1 else []
     if args.get("weight_decay") is None:
         args["weight_decay"] = recipe.weight_decay_for(passes) if llama else 0.1
     if args.get("dropout") is None:
@@ -248,15 +254,19 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         state = FitState(st["step"], st["tokens"], st["train_seconds"], st.get("best_val"), {})
         if windows:
             windows.drawn = st.get("windows_drawn", 0)
+        set_weight_decay(optimizer, args["weight_decay"])  # the run file's: a re-plan may postdate this checkpoint
         early.load(st)
         if budget.progress(state.step, state.tokens, state.train_seconds) >= 1 and dist.is_main():
             print(f"--resume: {out} already reached this budget (step {state.step:,}, {state.tokens:,} tokens, "
                   f"{state.train_seconds:.0f} s of training); to train further raise "
                   + (f"--tokens (a --time budget ends after {recipe.MAX_PASSES} passes here)" if cap else
                      "--time, --steps or --tokens"))
-    if dist.is_main():
-        atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
-                                           "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})
+    def save_args() -> None:  # what --resume rebuilds the run from
+        if dist.is_main():
+            atomic_write_json(out / RUN_FILE, {**args, "preset": preset_name, "block_size": block, "batch_size": bsz,
+                                               "lr": peak_lr, "warmup": warmup_steps, "vocab_size": vocab})
+
+    save_args()
     train_model = dist.wrap(model, dev)
 
     metrics_path = out / "metrics.jsonl"
@@ -297,7 +307,24 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
               f"{len(val_tokens):,} val tokens")
     dropout_now = [args["dropout"]]
 
-    def late_dropout(progress: float) -> None:
+    def replan(progress: float) -> None:
+        # The passes this run will make at the speed it has shown (tokens so far over the budget's progress: a
+        # --tokens cap included), and what the recipe picks for them; flags the user set are not in args["replan"].
+        made = state.tokens / progress / len(train_tokens)
+        before = {k: args[k] for k in args["replan"]}
+        args.update({k: recipe.weight_decay_for(made) if k == "weight_decay" else recipe.dropout_for(cfg, made)
+                     for k in args["replan"]})
+        args["replan"] = []
+        set_weight_decay(optimizer, args["weight_decay"])
+        save_args()
+        changed = [f"{k.replace('_', ' ')} {v:g} -> {args[k]:g}" for k, v in before.items() if args[k] != v]
+        if changed:
+            print(f"\nre-planned at {progress:.0%} of the budget from this run's speed: {made:.1f} passes over the "
+                  f"data, not the {passes:.1f} planned: {', '.join(changed)}", file=sys.stderr)
+
+    def on_progress(progress: float) -> None:
+        if args["replan"] and progress >= recipe.REPLAN_AT:
+            replan(progress)
         # Late dropout (Liu et al., 2023): none while the model still underfits, --dropout from --dropout-start of the
         # budget on, when the run starts repeating its data. Set when it changes: a compiled loss recompiles once.
         p = args["dropout"] if progress >= args["dropout_start"] else 0.0
@@ -313,7 +340,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         eval_every_s=every_s or max(10.0, (budget.seconds or 300.0) / 8),
         # at least once per pass over the data: a small corpus on a fast device starts to overfit within minutes
         eval_max_steps=max(1, len(train_tokens) // (bsz * block * dist.world_size() * grad_accum)) if keep_best
-        else None, checkpoint_every_s=parse_duration(checkpoint_every), on_progress=late_dropout)
+        else None, checkpoint_every_s=parse_duration(checkpoint_every), on_progress=on_progress)
     if windows:
         next_batch = lambda: batch_at(train_tokens, windows.take(bsz), block, dev)  # noqa: E731
     else:
@@ -449,6 +476,13 @@ def _write_folder_extras(out: Path, tok, cfg: dict) -> None:
     atomic_write_json(out / "generation_config.json", gen)
 
 
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """WEIGHT_DECAY for every parameter group that decays (norms, biases and the like keep 0)."""
+    for group in optimizer.param_groups:
+        if group["weight_decay"]:
+            group["weight_decay"] = weight_decay
+
+
 def add_args(p) -> None:
     p.add_argument("--data", nargs="+", required=True, help="training text: .txt/.md files, directories, globs, "
                    "JSONL (text field), CSV/Parquet (text column)")
@@ -482,10 +516,11 @@ def add_args(p) -> None:
     g.add_argument("--optimizer", choices=["adamw", "muon"], help="muon (default for Llama decoders): Muon on the "
                    "blocks' weight matrices, AdamW on embeddings and norms; adamw (default for encoders, GPT-Neo)")
     g.add_argument("--weight-decay", type=float, help="weight decay on matrices (default for Llama decoders: 0.1 x "
-                   "the passes the budget makes over the data, between 0.1 and 1.0; others 0.1)")
+                   "the passes the budget makes over the data, between 0.1 and 1.0, chosen again at 10%% of a time "
+                   "budget from the run's speed; others 0.1)")
     g.add_argument("--dropout", type=float, default=None, help="residual dropout while training, from "
                    "--dropout-start on (default: 0.1 for Llama decoders 128+ dims wide whose budget makes 6+ passes "
-                   "over the data, else 0)")
+                   "over the data, else 0; re-planned with the weight decay)")
     g.add_argument("--dropout-start", type=float, default=None, help="fraction of the budget (its schedule's "
                    "progress) before which dropout stays off: late dropout (default: 0.4; 0: from the first step)")
     g.add_argument("--sampling", choices=["epoch", "random"], default=None, help="epoch (default): shuffled passes "

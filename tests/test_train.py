@@ -351,3 +351,40 @@ def test_late_dropout_starts_at_its_fraction_of_the_budget(corpus, tmp_path, mon
     train(**common, steps=6, resume=True)
     assert calls == [0.1]  # on from the start, never switched off
     assert json.loads((out / "training_summary.json").read_text())["sampling"] == "random"  # as it trained
+
+
+def test_a_time_budget_replans_decay_and_dropout_from_the_runs_own_speed(corpus, tmp_path, monkeypatch, capsys):
+    """The plan's timing is a 1-3 s probe; at REPLAN_AT of a --time budget the run's own speed decides again. Here the
+    plan is told 1 pass (0.1 decay, no dropout) while the run makes MAX_PASSES: from 10% on it trains with what
+    MAX_PASSES passes get, the optimizer's decaying groups included, and the run file saves it for --resume. A flag
+    the user set stays; a --steps budget is planned exactly and not re-planned."""
+    import slmkit.train as train_module
+
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:2000])
+    monkeypatch.setattr(recipe, "planned_passes", lambda *a, **k: 1.0)
+    optimizers = []
+    real = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer",
+                        lambda *a, **k: optimizers.append(real(*a, **k)) or optimizers[-1])
+    common = dict(data=[str(small)], preset="slm-1m", tokenizer="byte", block_size=32, batch_size=4,
+                  val_fraction=0.0, progress=False, device="cpu", dtype="fp32")
+    train(out=tmp_path / "a", time="10m", **common)
+    expected = {"weight_decay": recipe.weight_decay_for(recipe.MAX_PASSES), "dropout": recipe.AUTO_DROPOUT}
+    assert expected == {"weight_decay": 1.0, "dropout": 0.1}
+    summary = json.loads((tmp_path / "a" / "training_summary.json").read_text())
+    assert {k: summary[k] for k in expected} == expected
+    saved = json.loads((tmp_path / "a" / RUN_FILE).read_text())
+    assert {k: saved[k] for k in expected} == expected and saved["replan"] == []
+    assert {g["weight_decay"] for g in optimizers[-1].param_groups} == {0.0, 1.0}
+    err = capsys.readouterr().err
+    assert "re-planned at 10% of the budget from this run's speed: 16.0 passes over the data, not the 1.0 planned: " \
+           "weight decay 0.1 -> 1, dropout 0 -> 0.1" in err
+    train(out=tmp_path / "b", time="10m", weight_decay=0.3, **common)  # the user's value stays
+    summary = json.loads((tmp_path / "b" / "training_summary.json").read_text())
+    assert (summary["weight_decay"], summary["dropout"]) == (0.3, 0.1)
+    assert "planned: dropout 0 -> 0.1" in capsys.readouterr().err
+    train(out=tmp_path / "c", steps=20, **common)
+    saved = json.loads((tmp_path / "c" / RUN_FILE).read_text())
+    assert (saved["weight_decay"], saved["dropout"], saved["replan"]) == (0.1, 0.0, [])
+    assert "re-planned" not in capsys.readouterr().err
