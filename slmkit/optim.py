@@ -42,6 +42,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """WEIGHT_DECAY for every parameter group that decays (make_optimizer's norms, biases and the like keep 0)."""
+    for group in optimizer.param_groups:
+        if group["weight_decay"]:
+            group["weight_decay"] = weight_decay
+
+
 def muon_groups(model: torch.nn.Module, params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list:
     """Param groups for MuonAdamW. Hidden matrices (2-D, not embeddings or the head) go to Muon; a fused projection
     (our Llama's wqkv and w_gate_up) is orthogonalised per part, as if the parts were separate layers."""

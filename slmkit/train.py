@@ -42,7 +42,7 @@ from slmkit.models import (
     set_dropout,
     unwrap,
 )
-from slmkit.optim import make_optimizer
+from slmkit.optim import make_optimizer, set_weight_decay
 from slmkit.presets import build_config, is_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,14 +218,15 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
     # keep the usual 0.1 and no dropout)
     passes = recipe.planned_passes(cfg, block, step_tokens, len(train_tokens), dev, budget.steps, budget.tokens,
                                    budget.seconds, dtype) if llama else 0.0
+    pick = {"weight_decay": recipe.weight_decay_for, "dropout": partial(recipe.dropout_for, cfg)}  # by passes
     if args.get("replan") is None:  # what the recipe chose for a time budget is chosen again at recipe.REPLAN_AT
         # (one process: under torchrun every rank plans from the same floor, and ranks must not decide apart)
-        args["replan"] = [k for k in ("weight_decay", "dropout") if args.get(k) is None] \
+        args["replan"] = [k for k in pick if args.get(k) is None] \
             if llama and budget.seconds and dist.world_size() == 1 else []
     if args.get("weight_decay") is None:
-        args["weight_decay"] = recipe.weight_decay_for(passes) if llama else 0.1
+        args["weight_decay"] = pick["weight_decay"](passes) if llama else 0.1
     if args.get("dropout") is None:
-        args["dropout"] = recipe.dropout_for(cfg, passes) if llama else 0.0
+        args["dropout"] = pick["dropout"](passes) if llama else 0.0
     if args.get("dropout_start") is None:
         args["dropout_start"] = recipe.LATE_DROPOUT_START
     model = build_model(cfg).to(dev)
@@ -312,8 +313,7 @@ def main(data: list[str], out: Path, preset: str = "auto", tokenizer: str | None
         # --tokens cap included), and what the recipe picks for them; flags the user set are not in args["replan"].
         made = state.tokens / progress / len(train_tokens)
         before = {k: args[k] for k in args["replan"]}
-        args.update({k: recipe.weight_decay_for(made) if k == "weight_decay" else recipe.dropout_for(cfg, made)
-                     for k in args["replan"]})
+        args.update({k: pick[k](made) for k in args["replan"]})
         args["replan"] = []
         set_weight_decay(optimizer, args["weight_decay"])
         save_args()
@@ -474,13 +474,6 @@ def _write_folder_extras(out: Path, tok, cfg: dict) -> None:
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
            "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
     atomic_write_json(out / "generation_config.json", gen)
-
-
-def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
-    """WEIGHT_DECAY for every parameter group that decays (norms, biases and the like keep 0)."""
-    for group in optimizer.param_groups:
-        if group["weight_decay"]:
-            group["weight_decay"] = weight_decay
 
 
 def add_args(p) -> None:
