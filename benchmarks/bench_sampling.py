@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmkit.generate import SamplingParams, sample_next  # noqa: E402
+from slmkit.infer.generate import SamplingParams, sample_next  # noqa: E402
 
 CASES = {  # name: (temperature, top_k, top_p); top_k 0 = off
     "default (T 0.8, top-k 50)": (0.8, 50, 1.0),

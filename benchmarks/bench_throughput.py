@@ -27,11 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.peers.hf_llama import hf_llama_train_step  # noqa: E402
 from benchmarks.peers.nanogpt import nanogpt_train_step  # noqa: E402
-from slmkit.loop import causal_lm_loss  # noqa: E402
-from slmkit.models import build_model, count_parameters, cpu_has_bf16  # noqa: E402
-from slmkit.optim import make_optimizer  # noqa: E402
-from slmkit.presets import build_config  # noqa: E402
-from slmkit.recipe import matmul_rates, step_flops_per_token  # noqa: E402
+from slmkit.hardware import (
+    cpu_has_bf16,  # noqa: E402
+    matmul_rates,  # noqa: E402
+)
+from slmkit.model.folder import build_model, count_parameters  # noqa: E402
+from slmkit.model.presets import build_config  # noqa: E402
+from slmkit.training.losses import causal_lm_loss  # noqa: E402
+from slmkit.training.optim import make_optimizer  # noqa: E402
+from slmkit.training.recipe import step_flops_per_token  # noqa: E402
 
 VOCAB, LAYERS, HEADS, DIM, BLOCK, BATCH = 65, 4, 4, 128, 64, 12
 Step = Callable[[torch.Tensor, torch.Tensor], float]

@@ -15,21 +15,21 @@ __version__ = "0.1.0"
 
 def train(data, out, **options):
     """Train a tokenizer and a model from scratch; see `slm train --help` for every option."""
-    from slmkit.train import main
+    from slmkit.training.train import main
 
     return main(data=[str(d) for d in (data if isinstance(data, (list, tuple)) else [data])], out=out, **options)
 
 
 def load(model_dir, **options):
-    """Load a model folder for generation: returns a `slmkit.generate.LoadedModel`."""
-    from slmkit.generate import load
+    """Load a model folder for generation: returns a `slmkit.infer.generate.LoadedModel`."""
+    from slmkit.infer.generate import load
 
     return load(model_dir, **options)
 
 
 def evaluate(model_dir, data, **options):
     """Loss, perplexity, bits per byte of a model on DATA (a path or list of paths)."""
-    from slmkit.evaluate import main
+    from slmkit.infer.evaluate import main
 
     return main(model_dir, [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])], **options)
 

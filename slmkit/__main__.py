@@ -8,21 +8,23 @@ import sys
 
 # verb -> (module, one-line summary). Each module has add_args(parser) and main(**options).
 VERBS: dict[str, tuple[str, str]] = {
-    "quickstart": ("slmkit.quickstart", "train a small model on the embedded corpus, evaluate it, show samples"),
-    "train": ("slmkit.train", "train a tokenizer and a model from scratch on your text"),
-    "generate": ("slmkit.generate", "generate text from a prompt"),
-    "chat": ("slmkit.chat", "chat with a model interactively"),
-    "eval": ("slmkit.evaluate", "loss, perplexity and bits per byte on held-out text"),
-    "info": ("slmkit.info", "architecture and exact parameter count of a model folder or preset"),
-    "classify": ("slmkit.predict", "top-k labels with probabilities from a classifier folder"),
-    "embed": ("slmkit.embed", "sentence embeddings (mean-pooled, L2-normalized) from an encoder folder"),
-    "import": ("slmkit.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
-    "finetune": ("slmkit.finetune", "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
-    "merge": ("slmkit.merge", "fold a LoRA adapter into its base model"),
+    "quickstart": ("slmkit.training.quickstart",
+                   "train a small model on the embedded corpus, evaluate it, show samples"),
+    "train": ("slmkit.training.train", "train a tokenizer and a model from scratch on your text"),
+    "generate": ("slmkit.infer.generate", "generate text from a prompt"),
+    "chat": ("slmkit.infer.chat", "chat with a model interactively"),
+    "eval": ("slmkit.infer.evaluate", "loss, perplexity and bits per byte on held-out text"),
+    "info": ("slmkit.infer.info", "architecture and exact parameter count of a model folder or preset"),
+    "classify": ("slmkit.infer.classify", "top-k labels with probabilities from a classifier folder"),
+    "embed": ("slmkit.infer.embed", "sentence embeddings (mean-pooled, L2-normalized) from an encoder folder"),
+    "import": ("slmkit.edge.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
+    "finetune": ("slmkit.training.finetune",
+                 "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
+    "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
-    "export": ("slmkit.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
-    "quantize": ("slmkit.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),
-    "bench": ("slmkit.bench", "edge profile: size, load time, peak RSS, tokens/s, latency per backend"),
+    "export": ("slmkit.edge.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
+    "quantize": ("slmkit.edge.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),
+    "bench": ("slmkit.edge.bench", "edge profile: size, load time, peak RSS, tokens/s, latency per backend"),
 }
 
 

@@ -36,7 +36,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, corpus) -> Path:
     """slm-tiny trained for a few steps with a 320-token BPE: the model folder other tests load."""
-    from slmkit.train import main as train
+    from slmkit.training.train import main as train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     train(data=[str(corpus)], out=out, preset="slm-tiny", vocab_size=320, steps=30, block_size=64, batch_size=8,

@@ -7,8 +7,8 @@ import json
 import pytest
 from tiny_models import tiny_llama_folder
 
-from slmkit.bench import backend_of, markdown, parse_size
-from slmkit.bench import main as bench
+from slmkit.edge.bench import backend_of, markdown, parse_size
+from slmkit.edge.bench import main as bench
 
 
 def test_parse_size():
@@ -20,8 +20,8 @@ def test_parse_size():
 
 
 def test_bench_profiles_each_backend_and_writes_a_report(tmp_path, corpus, capsys):
-    from slmkit.export import main as export
-    from slmkit.quantize import main as quantize
+    from slmkit.edge.export import main as export
+    from slmkit.edge.quantize import main as quantize
 
     src = tiny_llama_folder(tmp_path / "fp32", seed=4)
     targets = [src, quantize(src, tmp_path / "int8")]  # every process costs seconds: one per kind of backend

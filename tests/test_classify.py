@@ -1,4 +1,4 @@
-"""Sequence classification: `slm finetune --task classify` (slmkit.classify), `slm eval` and `slm classify`."""
+"""Sequence classification: `slm finetune --task classify` (slmkit.training.classify), `slm eval` and `slm classify`."""
 
 import json
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 from tiny_encoders import tiny_mlm_folder, toy_rows, wordpiece, write_csv, write_jsonl
 
-from slmkit.classify import classification_metrics, finetune, stratified_split
+from slmkit.data.labelled import stratified_split
+from slmkit.infer.classify import classification_metrics
+from slmkit.training.classify import finetune
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,8 @@ def test_stratified_split_holds_out_every_label():
 
 
 def test_fit_stops_when_the_evaluation_asks_it_to():
-    from slmkit.loop import Budget, FitConfig, FitState, fit
-    from slmkit.optim import make_optimizer
+    from slmkit.training.fit import Budget, FitConfig, FitState, fit
+    from slmkit.training.optim import make_optimizer
 
     model = torch.nn.Linear(4, 2)
     evals = []
@@ -77,7 +79,7 @@ def test_a_tiny_classifier_learns_a_separable_task(classifier):
 def test_id2label_survives_save_and_transformers_reproduces_the_logits(toy, classifier, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from slmkit.models import save_model
+    from slmkit.model.folder import save_model
 
     out, _ = classifier
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
@@ -95,7 +97,7 @@ def test_id2label_survives_save_and_transformers_reproduces_the_logits(toy, clas
 
 
 def test_eval_on_a_classifier_reports_accuracy_and_macro_f1(toy, classifier, capsys):
-    from slmkit.evaluate import main as evaluate
+    from slmkit.infer.evaluate import main as evaluate
 
     out, summary = classifier
     result = evaluate(out, [str(toy["eval"])], as_json=True)
@@ -105,7 +107,7 @@ def test_eval_on_a_classifier_reports_accuracy_and_macro_f1(toy, classifier, cap
 
 
 def test_classify_verb_prints_top_k_labels_with_probabilities(toy, classifier, capsys, tmp_path):
-    from slmkit.predict import main as classify
+    from slmkit.infer.classify import main as classify
 
     out, _ = classifier
     (r,) = classify(out, text="what a wonderful and lovely day", top_k=2, as_json=True)
@@ -167,7 +169,7 @@ def test_bad_classification_data_are_one_line_errors(toy, tmp_path):
 
 
 def test_classifying_with_a_folder_that_is_not_a_classifier_is_a_one_line_error(toy):
-    from slmkit.predict import main as classify
+    from slmkit.infer.classify import main as classify
 
     with pytest.raises(SystemExit, match="is not a classifier .*BertForMaskedLM.*slm finetune"):
         classify(toy["base"], text="hello")
@@ -175,7 +177,7 @@ def test_classifying_with_a_folder_that_is_not_a_classifier_is_a_one_line_error(
 
 @pytest.mark.parametrize("setting", [dict(top_k=0), dict(batch_size=0), dict(max_length=0)])
 def test_slm_classify_names_a_size_below_one(setting, tmp_path):
-    from slmkit.predict import main as classify
+    from slmkit.infer.classify import main as classify
 
     flag, value = next(iter(setting.items()))
     with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} {value} must be positive"):
@@ -185,9 +187,9 @@ def test_slm_classify_names_a_size_below_one(setting, tmp_path):
 def test_fine_tuning_a_collapsed_encoder_warns_that_it_is_undertrained(toy, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from slmkit.classify import representation_spread
-    from slmkit.models import save_model
-    from slmkit.tokenizer import load_tokenizer
+    from slmkit.infer.classify import representation_spread
+    from slmkit.model.folder import save_model
+    from slmkit.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(toy["base"])
     seqs = tok([t for t, _ in toy_rows(16)])["input_ids"]

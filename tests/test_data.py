@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit.data import (
+from slmkit.data.corpus import (
     EpochSampler,
     batch_at,
     epoch_rows,
@@ -16,7 +16,7 @@ from slmkit.data import (
     split_tokens,
     tokenize_to_memmap,
 )
-from slmkit.tokenizer import byte_tokenizer
+from slmkit.model.tokenizer import byte_tokenizer
 
 
 def test_reads_txt_jsonl_csv_parquet_dirs_and_globs(tmp_path):
@@ -50,7 +50,7 @@ def test_tokens_are_cached_by_content(tmp_path):
 
 
 def test_large_text_streams_in_chunks_without_splitting_lines(tmp_path, monkeypatch):
-    import slmkit.data as data
+    import slmkit.data.corpus as data
 
     monkeypatch.setattr(data, "CHUNK_BYTES", 64)
     f = tmp_path / "big.txt"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from slmkit.generate import load
-from slmkit.generate import main as generate
+from slmkit.infer.generate import load
+from slmkit.infer.generate import main as generate
 
 
 def _step_logits(lm, text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tiny_encoders import tiny_base_folder, tiny_mlm_folder, wordpiece
 
-from slmkit.embed import embed, main
+from slmkit.infer.embed import embed, main
 
 SENTENCES = ["the cat sat on the mat", "the cat sat on a mat", "stock markets fell sharply this morning"]
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from slmkit.encoders import MASK_PROB, MaskInfo, mask_tokens
-from slmkit.models import base_parameter_count, build_model
-from slmkit.presets import ENCODERS, PRESETS, build_config
+from slmkit.data.mlm import MASK_PROB, MaskInfo, mask_tokens
+from slmkit.model.folder import base_parameter_count, build_model
+from slmkit.model.presets import ENCODERS, PRESETS, build_config
 
 PUBLISHED = {"bert-tiny": 4_385_920, "bert-mini": 11_170_560, "bert-small": 28_763_648, "bert-medium": 41_373_184,
              "bert-base": 109_482_240, "distilbert": 66_362_880, "mobilebert": 24_844_544}
@@ -25,7 +25,7 @@ def test_encoder_preset_has_the_published_base_parameter_count(name):
 
 
 def test_info_reports_the_base_count_for_encoder_presets():
-    from slmkit.info import describe
+    from slmkit.infer.info import describe
 
     info = describe(preset="bert-mini")
     assert info["parameters"] == 11_170_560 and info["layers"] == 4 and info["hidden_size"] == 256
@@ -36,7 +36,7 @@ def test_info_reports_the_base_count_for_encoder_presets():
 def test_wordpiece_round_trip_opens_in_autotokenizer(tmp_path, lowercase):
     from transformers import AutoTokenizer
 
-    from slmkit.tokenizer import BERT_SPECIALS, train_wordpiece
+    from slmkit.model.tokenizer import BERT_SPECIALS, train_wordpiece
 
     texts = ["The Quick brown fox jumps over the lazy dog.", "Foxes and dogs are friends, mostly."] * 40
     train_wordpiece(texts, 120, lowercase=lowercase).save_pretrained(tmp_path)
@@ -87,9 +87,9 @@ def test_mask_tokens_always_predicts_at_least_one_token():
 def test_masked_lm_training_loss_falls_and_writes_an_encoder_folder(corpus, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from slmkit.evaluate import main as evaluate
-    from slmkit.info import describe
-    from slmkit.train import main as train
+    from slmkit.infer.evaluate import main as evaluate
+    from slmkit.infer.info import describe
+    from slmkit.training.train import main as train
 
     out = tmp_path / "bert"
     narrow = ["hidden_size=64", "intermediate_size=128"]  # bert-tiny's depth at half its width: seconds on a CPU
@@ -119,7 +119,7 @@ def test_masked_lm_training_loss_falls_and_writes_an_encoder_folder(corpus, tmp_
 
 
 def test_encoder_preset_with_a_tokenizer_without_mask_is_a_one_line_error(corpus, tmp_path):
-    from slmkit.train import main as train
+    from slmkit.training.train import main as train
 
     with pytest.raises(SystemExit, match="no \\[MASK\\] token"):
         train(data=[str(corpus)], out=tmp_path / "m", preset="bert-tiny", tokenizer="byte", steps=1, block_size=32,
@@ -128,7 +128,7 @@ def test_encoder_preset_with_a_tokenizer_without_mask_is_a_one_line_error(corpus
 
 
 def test_a_reused_tokenizer_that_pads_and_truncates_does_not_cut_the_corpus():
-    from slmkit.tokenizer import encode_plain, train_wordpiece
+    from slmkit.model.tokenizer import encode_plain, train_wordpiece
 
     tok = train_wordpiece(["the cat sat on the mat and the dog sat on the log"] * 20, 60, lowercase=True)
     tok.backend_tokenizer.enable_truncation(4)  # as sentence-encoder folders (all-MiniLM-L6-v2) are saved

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from slmkit.evaluate import bits_per_byte
-from slmkit.evaluate import main as evaluate
+from slmkit.infer.evaluate import bits_per_byte
+from slmkit.infer.evaluate import main as evaluate
 
 
 def test_bits_per_byte_formula():
@@ -28,9 +28,9 @@ def test_fit_temperature_recovers_an_overconfident_models_temperature():
     undoes the sharpening and lowers the loss."""
     import torch
 
-    from slmkit.evaluate import fit_temperature
-    from slmkit.models import build_model, scale_logits
-    from slmkit.presets import build_config
+    from slmkit.infer.evaluate import fit_temperature
+    from slmkit.model.folder import build_model, scale_logits
+    from slmkit.model.presets import build_config
 
     torch.manual_seed(0)
     model = build_model(build_config("slm-tiny", 64, {}, block_size=64)).eval()

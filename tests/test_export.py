@@ -10,7 +10,7 @@ import torch
 from tiny_encoders import tiny_base_folder, wordpiece
 from tiny_models import TINY, bpe_tokenizer, tiny_llama_folder
 
-from slmkit.export import main as export
+from slmkit.edge.export import main as export
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def bpe_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory) -> Path:
-    from slmkit.tokenizer import byte_tokenizer
+    from slmkit.model.tokenizer import byte_tokenizer
 
     return tiny_llama_folder(tmp_path_factory.mktemp("byte") / "model", seed=2, tokenizer=byte_tokenizer())
 
@@ -36,7 +36,7 @@ def _field(reader, key: str):
 def test_gguf_round_trip_names_shapes_and_metadata(bpe_model, tmp_path):
     from gguf import GGUFReader
 
-    from slmkit.tokenizer import load_tokenizer
+    from slmkit.model.tokenizer import load_tokenizer
 
     out = tmp_path / "m.gguf"
     export(bpe_model, out, format="gguf", quant="f32", verify=False)
@@ -61,7 +61,7 @@ def test_q_and_k_are_permuted_for_llama_cpp(bpe_model, tmp_path):
     from gguf import GGUFReader
     from safetensors.torch import load_file
 
-    from slmkit.export_gguf import _permute
+    from slmkit.edge.export_gguf import _permute
 
     out = tmp_path / "m.gguf"
     export(bpe_model, out, format="gguf", quant="f32", verify=False)
@@ -73,11 +73,12 @@ def test_q_and_k_are_permuted_for_llama_cpp(bpe_model, tmp_path):
 def test_rows_that_do_not_fit_a_block_fall_back_to_f16_with_a_message(tmp_path, capsys):
     from gguf import GGUFReader
 
-    from slmkit.export_gguf import tensor_type
+    from slmkit.edge.export_gguf import tensor_type
 
     assert tensor_type("blk.0.ffn_down.weight", (32, 40), "q4_0")[0] == "f16"
     assert tensor_type("blk.0.attn_norm.weight", (32,), "q8_0") == ("f32", None)
-    from slmkit.models import Llama, save_model
+    from slmkit.model.folder import save_model
+    from slmkit.model.llama import Llama
 
     tok = bpe_tokenizer()
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_rows_that_do_not_fit_a_block_fall_back_to_f16_with_a_message(tmp_path, 
 
 
 def _greedy_llama_cpp(path: Path, prompt_ids: list[int], n: int) -> list[int]:
-    from slmkit.export_gguf import open_llama_cpp
+    from slmkit.edge.export_gguf import open_llama_cpp
 
     llm = open_llama_cpp(path, 256, threads=1)
     llm.reset()
@@ -106,7 +107,7 @@ def _greedy_llama_cpp(path: Path, prompt_ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("which", ["bpe_model", "byte_model"])
 def test_gguf_greedy_matches_llama_cpp(which, request, tmp_path):
     pytest.importorskip("llama_cpp")
-    from slmkit.generate import SamplingParams, generate_ids, load
+    from slmkit.infer.generate import SamplingParams, generate_ids, load
 
     model_dir = request.getfixturevalue(which)
     out = tmp_path / "m.gguf"
@@ -129,7 +130,7 @@ def test_quantized_gguf_loads_and_stays_within_its_perplexity_bound(quant, bound
 
 def test_a_gguf_that_fails_parity_is_an_error_naming_the_position(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
-    import slmkit.export_gguf as eg
+    import slmkit.edge.export_gguf as eg
 
     monkeypatch.setattr(eg, "_permute", lambda w, n_head: w)  # what a naive exporter writes: no q/k permutation
     with pytest.raises(SystemExit, match=r"first diverging position \d+.*logit error"):
@@ -139,8 +140,9 @@ def test_a_gguf_that_fails_parity_is_an_error_naming_the_position(tiny_model, tm
 
 def test_onnx_decoder_with_past_matches_torch_within_1e_4(bpe_model, tmp_path):
     pytest.importorskip("onnxruntime")
-    from slmkit.export_onnx import _session, empty_past
-    from slmkit.models import load_model, logits_of, read_config
+    from slmkit.edge.export_onnx import _session, empty_past
+    from slmkit.infer.load import load_model, read_config
+    from slmkit.model.folder import logits_of
 
     out = tmp_path / "onnx"
     result = export(bpe_model, out, format="onnx")

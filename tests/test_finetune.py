@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny_models import CHATS, bpe_tokenizer, one_thread, tiny_llama_folder, write_chats  # noqa: F401 (fixture)
 
-from slmkit.chat_data import IGNORE, encode_conversation, mask_non_assistant, row_to_messages
-from slmkit.finetune import main as finetune
-from slmkit.tokenizer import CHATML_TEMPLATE, byte_tokenizer
+from slmkit.data.chat import IGNORE, encode_conversation, mask_non_assistant, row_to_messages
+from slmkit.model.tokenizer import CHATML_TEMPLATE, byte_tokenizer
+from slmkit.training.finetune import main as finetune
 
 FAST = dict(batch_size=4, block_size=64, progress=False, eval_every="1000", lr=3e-3, warmup=0)
 
@@ -61,9 +61,9 @@ def test_sft_labels_with_a_template_that_adds_a_system_turn():
 
 def test_chat_template_round_trip(tmp_path):
     """A tokenizer without a template gets ChatML; saved and reloaded it renders the same prompt `slm chat` uses."""
-    from slmkit.chat import render_prompt
-    from slmkit.chat_data import chat_template_of
-    from slmkit.tokenizer import load_tokenizer
+    from slmkit.data.chat import chat_template_of
+    from slmkit.infer.chat import render_prompt
+    from slmkit.model.tokenizer import load_tokenizer
 
     tok = bpe_tokenizer(chat_template=False)
     assert chat_template_of(tok) == CHATML_TEMPLATE
@@ -117,8 +117,8 @@ def test_adapter_and_loop_numbers_that_cannot_train_are_named(base, chats, tmp_p
 
 
 def test_full_sft_learns_the_replies_and_the_folder_chats(base, chats, tmp_path):
-    from slmkit.evaluate import main as evaluate
-    from slmkit.generate import load
+    from slmkit.infer.evaluate import main as evaluate
+    from slmkit.infer.generate import load
 
     before = evaluate(base, [str(chats)])
     summary = finetune(base, [str(chats)], tmp_path / "sft", task="sft", steps=40, **FAST)
@@ -131,7 +131,7 @@ def test_full_sft_learns_the_replies_and_the_folder_chats(base, chats, tmp_path)
         assert (out / name).is_file(), name
     lm = load(out)
     assert lm.tokenizer.chat_template
-    from slmkit.chat import render_prompt
+    from slmkit.infer.chat import render_prompt
 
     reply = lm.generate(render_prompt(lm.tokenizer, [{"role": "user", "content": "Say yes"}]), max_new_tokens=8,
                         temperature=0)
@@ -156,7 +156,7 @@ def test_packing_and_causal_continued_pretraining(base, chats, tmp_path):
 def test_sft_takes_every_conversation_once_a_pass(base, chats, tmp_path, monkeypatch):
     """--sampling epoch (the default) draws conversations without replacement: the first pass holds each training
     conversation once; --sampling random repeats some (same seed, so this never flips)."""
-    import slmkit.chat_data as cd
+    import slmkit.data.chat as cd
 
     real, drawn = cd.padded_batch, []
     monkeypatch.setattr(cd, "padded_batch", lambda ex, rows, pad: drawn.append((len(ex), rows)) or real(ex, rows, pad))
@@ -203,14 +203,14 @@ def test_classify_is_handed_to_slmkit_classify(base, chats, tmp_path, monkeypatc
     import sys
     import types
 
-    import slmkit
+    import slmkit.training
 
     seen = {}
-    fake = types.ModuleType("slmkit.classify")
+    fake = types.ModuleType("slmkit.training.classify")
     fake.main = lambda model_dir, data, out, lora=False, time=None, batch_size=16: seen.update(
         model_dir=model_dir, lora=lora, batch_size=batch_size) or 7
-    monkeypatch.setitem(sys.modules, "slmkit.classify", fake)
-    monkeypatch.setattr(slmkit, "classify", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "slmkit.training.classify", fake)
+    monkeypatch.setattr(slmkit.training, "classify", fake, raising=False)
     assert finetune(base, [str(chats)], tmp_path / "c", task="classify", lora=True, steps=3) == 7
     assert seen == {"model_dir": base, "lora": True, "batch_size": 16}  # options left at our defaults: its own
 
@@ -219,14 +219,14 @@ def test_classify_options_pass_through_and_are_refused_elsewhere(base, chats, tm
     import sys
     import types
 
-    import slmkit
+    import slmkit.training
 
     seen = {}
-    fake = types.ModuleType("slmkit.classify")
+    fake = types.ModuleType("slmkit.training.classify")
     fake.main = lambda model_dir, data, out, eval_data=None, epochs=3.0, patience=3, max_length=128: seen.update(
         eval_data=eval_data, epochs=epochs, patience=patience, max_length=max_length) or 1
-    monkeypatch.setitem(sys.modules, "slmkit.classify", fake)
-    monkeypatch.setattr(slmkit, "classify", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "slmkit.training.classify", fake)
+    monkeypatch.setattr(slmkit.training, "classify", fake, raising=False)
     finetune(base, [str(chats)], tmp_path / "c", task="classify", eval_data=tmp_path / "dev.csv", epochs=1.5,
              patience=2, max_length=64)
     assert seen == {"eval_data": tmp_path / "dev.csv", "epochs": 1.5, "patience": 2, "max_length": 64}
@@ -256,7 +256,7 @@ def test_early_stopping_keeps_the_best_weights(base, tmp_path):
 
 def test_best_adapter_is_restored_from_the_adapter_folder(base, tmp_path):
     """With --lora, the best weights are the adapter's: written with save_pretrained, read back with peft."""
-    from slmkit.finetune import _restore_best, lora_model
+    from slmkit.training.finetune import _restore_best, lora_model
 
     model, _ = lora_model(base, 4, 8, 0.0, None, 0)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slmkit.generate import NonFiniteLogits, SamplingParams, draw, generate_ids, load, sample_next, stream_text
+from slmkit.infer.generate import NonFiniteLogits, SamplingParams, draw, generate_ids, load, sample_next, stream_text
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_model):
@@ -53,7 +53,7 @@ def test_nan_scores_are_refused_on_every_sampling_path(params):
     (dict(max_new_tokens=-1), "--max-new-tokens -1 must be")])
 def test_settings_that_cannot_sample_are_named_before_loading(setting, message, tmp_path):
     """top_k < 0 crashed inside topk; a zero penalty or a NaN temperature made NaN scores, taken for NaN weights."""
-    from slmkit.generate import main as generate
+    from slmkit.infer.generate import main as generate
 
     with pytest.raises(ValueError, match=message):
         SamplingParams(**setting)
@@ -66,7 +66,7 @@ def test_generate_names_a_diverged_model_in_one_line(tiny_model, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from slmkit.generate import main as generate
+    from slmkit.infer.generate import main as generate
 
     broken = tmp_path / "diverged"
     shutil.copytree(tiny_model, broken)
@@ -128,8 +128,8 @@ def test_generation_stops_at_the_context_end(tiny_model):
     ("generate", dict(num_samples=0), "--num-samples 0 must be positive"),
     ("chat", dict(threads=-2), "--threads -2 must be positive")])
 def test_cli_numbers_are_named_before_loading(verb, setting, message, tmp_path):
-    from slmkit.chat import main as chat
-    from slmkit.generate import main as generate
+    from slmkit.infer.chat import main as chat
+    from slmkit.infer.generate import main as generate
 
     with pytest.raises(SystemExit, match="^error: " + message):  # the folder does not exist: checked first
         (generate if verb == "generate" else chat)(tmp_path / "no-model", **setting)
@@ -140,8 +140,8 @@ def test_json_output_separates_the_first_token_from_the_decoding_rate(tiny_model
     GPU's 455 tokens/s print as 92."""
     import json
 
-    from slmkit.generate import SamplingParams, generate_ids, load
-    from slmkit.generate import main as generate
+    from slmkit.infer.generate import SamplingParams, generate_ids, load
+    from slmkit.infer.generate import main as generate
 
     generate(tiny_model, prompt="To be", max_new_tokens=100, temperature=0, as_json=True, device="cpu")
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

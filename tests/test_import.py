@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny_models import TINY, bpe_tokenizer, one_thread, tiny_llama_folder, write_llama_gguf  # noqa: F401 (fixture)
 
-from slmkit.import_model import auto_class_for
-from slmkit.import_model import main as import_model
-from slmkit.tokenizer import CHATML_TEMPLATE
+from slmkit.edge.import_model import auto_class_for
+from slmkit.edge.import_model import main as import_model
+from slmkit.model.tokenizer import CHATML_TEMPLATE
 
 pytest.importorskip("gguf")
 
@@ -32,9 +32,11 @@ def test_auto_class_dispatch_on_config():
 def test_gguf_import_matches_the_original_weights_and_tokenizer(tmp_path):
     """A float32 GGUF written as llama.cpp writes it (q/k permuted, BPE vocab + merges + chat template in the
     metadata) imports as a model folder with the original logits, tokenizer and template."""
-    from slmkit.generate import load
-    from slmkit.models import Llama, load_model, logits_of
-    from slmkit.tokenizer import load_tokenizer
+    from slmkit.infer.generate import load
+    from slmkit.infer.load import load_model
+    from slmkit.model.folder import logits_of
+    from slmkit.model.llama import Llama
+    from slmkit.model.tokenizer import load_tokenizer
 
     tok = bpe_tokenizer()
     model = _hf_llama(tok)
@@ -60,7 +62,7 @@ def test_gguf_import_matches_the_original_weights_and_tokenizer(tmp_path):
 def test_hf_folder_import_adds_chatml_when_the_tokenizer_has_no_template(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from slmkit.generate import load
+    from slmkit.infer.generate import load
 
     tok = bpe_tokenizer(chat_template=False)
     src = tmp_path / "gpt2"

@@ -1,8 +1,10 @@
-"""The training loop's pure parts (slmkit/loop.py); `fit` itself runs in every training test."""
+"""The training loop's pure parts (slmkit/training/fit.py) and the device and precision policy (slmkit/hardware.py);
+`fit` itself runs in every training test."""
 
 import pytest
 
-from slmkit.loop import Budget, FitState, _bar_position, get_lr, parse_count, parse_duration
+from slmkit.options import parse_count, parse_duration
+from slmkit.training.fit import Budget, FitState, _bar_position, get_lr
 
 
 def test_parse_budgets():
@@ -57,42 +59,42 @@ def test_lr_warms_up_then_decays_to_the_floor():
 def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, capsys):
     import torch
 
-    from slmkit import loop
+    from slmkit import hardware
 
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
-    assert loop.pick_dtype("bf16", "cpu") is torch.bfloat16  # the user's choice stands, with a warning
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    assert hardware.pick_dtype("bf16", "cpu") is torch.bfloat16  # the user's choice stands, with a warning
     assert "no bf16 units" in capsys.readouterr().err
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
-    loop.pick_dtype("bf16", "cpu")
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    hardware.pick_dtype("bf16", "cpu")
     assert capsys.readouterr().err == ""
-    assert loop.pick_dtype("auto", "cpu") is None
+    assert hardware.pick_dtype("auto", "cpu") is None
 
 
 def test_auto_dtype_is_bf16_on_a_cpu_with_fast_bf16_for_models_wide_enough(monkeypatch):
     import torch
 
-    from slmkit import loop
+    from slmkit import hardware
 
-    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: True)
-    assert loop.pick_dtype("auto", "cpu", loop.CPU_BF16_MIN_WIDTH) is torch.bfloat16
-    assert loop.pick_dtype("auto", "cpu", 64) is None  # tiny shapes gain nothing in bf16
-    assert loop.pick_dtype("fp32", "cpu", 4096) is None  # an explicit choice stands
-    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: False)
-    assert loop.pick_dtype("auto", "cpu", 4096) is None  # no bf16 units, or bf16 products barely faster: fp32
+    monkeypatch.setattr(hardware, "cpu_bf16_fast", lambda: True)
+    assert hardware.pick_dtype("auto", "cpu", hardware.CPU_BF16_MIN_WIDTH) is torch.bfloat16
+    assert hardware.pick_dtype("auto", "cpu", 64) is None  # tiny shapes gain nothing in bf16
+    assert hardware.pick_dtype("fp32", "cpu", 4096) is None  # an explicit choice stands
+    monkeypatch.setattr(hardware, "cpu_bf16_fast", lambda: False)
+    assert hardware.pick_dtype("auto", "cpu", 4096) is None  # no bf16 units, or bf16 products barely faster: fp32
 
 
 def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
     import torch
 
-    from slmkit import loop, recipe
+    from slmkit import hardware
 
     peaks = {torch.float32: 190e9, torch.bfloat16: 860e9}
-    monkeypatch.setattr(recipe, "cpu_bf16_speedup", lambda threads: peaks[torch.bfloat16] / peaks[torch.float32])
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda threads: peaks[torch.bfloat16] / peaks[torch.float32])
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
 
     def fast() -> bool:  # measured afresh: the real answer is kept for the rest of a process
-        loop.cpu_bf16_fast.cache_clear()
-        return loop.cpu_bf16_fast()
+        hardware.cpu_bf16_fast.cache_clear()
+        return hardware.cpu_bf16_fast()
 
     assert fast()  # 4.5x, as an AMD Zen 5 measured
     from slmkit import distributed
@@ -102,11 +104,11 @@ def test_cpu_bf16_fast_compares_measured_bf16_and_fp32_peaks(monkeypatch):
         assert not fast()
     peaks[torch.bfloat16] = 2 * peaks[torch.float32]
     assert not fast()  # bf16 units, but the casts would eat a 2x gain
-    assert not loop.cpu_bf16_fast()  # asked again: the process's answer, not a new measurement
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(recipe, "cpu_bf16_speedup", lambda *a: pytest.fail("emulated bf16 must not be measured"))
+    assert not hardware.cpu_bf16_fast()  # asked again: the process's answer, not a new measurement
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda *a: pytest.fail("emulated bf16 must not be measured"))
     assert not fast()
-    loop.cpu_bf16_fast.cache_clear()  # later tests measure this machine again
+    hardware.cpu_bf16_fast.cache_clear()  # later tests measure this machine again
 
 
 def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
@@ -114,10 +116,10 @@ def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
 
     import torch
 
-    from slmkit import loop
-    from slmkit.train import main as train
+    from slmkit import hardware
+    from slmkit.training.train import main as train
 
-    monkeypatch.setattr(loop, "cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_bf16_fast", lambda: True)
     common = dict(data=[str(corpus)], preset="slm-tiny", tokenizer="byte", steps=2, block_size=32, batch_size=2,
                   device="cpu", progress=False, val_fraction=0.1)
     train(out=tmp_path / "wide", set=["hidden_size=256", "intermediate_size=704"], **common)
@@ -125,22 +127,23 @@ def test_train_reports_the_dtype_auto_picked(monkeypatch, corpus, tmp_path):
     summaries = [json.loads((tmp_path / m / "training_summary.json").read_text()) for m in ("wide", "narrow")]
     assert [s["dtype"] for s in summaries] == ["bf16", "fp32"]
     # trained under bf16 autocast, evaluated in fp32: the reported held-out loss is the saved folder's own
-    from slmkit.data import load_tokens, split_tokens, tokenize_to_memmap
-    from slmkit.evaluate import evaluate_tokens
-    from slmkit.models import load_model
-    from slmkit.tokenizer import load_tokenizer, token_byte_lengths
+    from slmkit.data.corpus import load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.infer.evaluate import evaluate_tokens
+    from slmkit.infer.load import load_model
+    from slmkit.model.tokenizer import load_tokenizer, token_byte_lengths
 
     tok = load_tokenizer(tmp_path / "wide")
     _, val = split_tokens(load_tokens(*tokenize_to_memmap([corpus], tok)), 0.1, 32)
     r = evaluate_tokens(load_model(tmp_path / "wide"), val, 32, token_byte_lengths(tok), max_windows=4_000_000 // 32)
     assert r["loss"] == pytest.approx(summaries[0]["final_eval"]["loss"], abs=1e-6)
-    assert loop.eval_dtype(torch.bfloat16, "cpu") is None and loop.eval_dtype(torch.bfloat16, "cuda") is torch.bfloat16
+    assert hardware.eval_dtype(torch.bfloat16, "cpu") is None
+    assert hardware.eval_dtype(torch.bfloat16, "cuda") is torch.bfloat16
 
 
 def test_a_gpu_that_is_not_there_is_a_one_line_error(monkeypatch):
     import torch
 
-    from slmkit.loop import pick_device
+    from slmkit.hardware import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
@@ -158,7 +161,7 @@ def test_fit_logs_the_first_and_the_last_step_however_short_the_run():
     progress bar, metrics.jsonl and the loss plot end where training ended."""
     import torch
 
-    from slmkit.loop import FitConfig, FitState, fit
+    from slmkit.training.fit import FitConfig, FitState, fit
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -176,7 +179,7 @@ def test_fit_reports_the_schedules_progress_before_each_step():
     switches on from it."""
     import torch
 
-    from slmkit.loop import FitConfig, FitState, fit
+    from slmkit.training.fit import FitConfig, FitState, fit
 
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_models import one_thread, tiny_llama_folder, write_chats  # noqa: F401 (fixture)
 
-from slmkit.finetune import main as finetune
-from slmkit.merge import main as merge
+from slmkit.training.finetune import main as finetune
+from slmkit.training.merge import main as merge
 
 pytest.importorskip("peft")
 
@@ -24,7 +24,8 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slmkit.models import load_model, logits_of
+    from slmkit.infer.load import load_model
+    from slmkit.model.folder import logits_of
 
     base, adapter = trained_adapter
     record = json.loads((adapter / "slmkit_adapter.json").read_text())
@@ -44,8 +45,8 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter, tmp_path):
 
 
 def test_adapter_folder_generates_and_evaluates(trained_adapter):
-    from slmkit.evaluate import main as evaluate
-    from slmkit.generate import load
+    from slmkit.infer.evaluate import main as evaluate
+    from slmkit.infer.generate import load
 
     base, adapter = trained_adapter
     assert isinstance(load(adapter).generate("the cat", max_new_tokens=4, temperature=0), str)

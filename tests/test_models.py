@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from slmkit.models import build_model, decode_layout, load_model, load_saved_weights, save_model
-from slmkit.presets import build_config
+from slmkit.infer.load import load_model
+from slmkit.model.folder import build_model, load_saved_weights, save_model
+from slmkit.model.llama import decode_layout
+from slmkit.model.presets import build_config
 
 
 def _model(vocab=300, **overrides):
@@ -89,7 +91,7 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
     # With several threads, a weight decode_layout marked `split_rows` is read as slabs of rows through one bmm,
     # one per thread: the same numbers as mv, with and without the residual; step() gives the same logits either
     # way. decode_layout marks weights by size, with a lower floor once the model no longer fits in cache.
-    import slmkit.models as models
+    from slmkit.model import llama as models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -141,7 +143,7 @@ def test_matvec_reads_a_large_weight_in_one_block_per_thread(monkeypatch):
 def test_matvec_on_bf16_weights(monkeypatch, bf16_units):
     """bf16 weights take torch.mv on CPUs with bf16 units (faster there) and F.linear's product without them: the
     same numbers either way, scale and residual included, and a bf16 decode step matches the full forward."""
-    import slmkit.models as models
+    from slmkit.model import llama as models
 
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: bf16_units)
     calls = []
@@ -188,7 +190,7 @@ def test_scale_logits_scales_every_logit_exactly(tied, tmp_path):
     """Folded into the final norm, so the folder (and transformers) computes the scaled logits too."""
     from transformers import AutoModelForCausalLM
 
-    from slmkit.models import scale_logits
+    from slmkit.model.folder import scale_logits
 
     model = _model(tie_word_embeddings=tied).eval()
     x = torch.randint(0, 300, (2, 20))
@@ -205,7 +207,7 @@ def test_scale_logits_scales_every_logit_exactly(tied, tmp_path):
 def test_scale_logits_on_gpt_neo_and_refuses_an_unknown_architecture():
     from transformers import BertConfig, BertForMaskedLM, GPTNeoConfig, GPTNeoForCausalLM
 
-    from slmkit.models import scale_logits
+    from slmkit.model.folder import scale_logits
 
     torch.manual_seed(0)
     neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
@@ -224,7 +226,7 @@ def test_scale_logits_on_gpt_neo_and_refuses_an_unknown_architecture():
 def test_causal_attention_written_out_under_bf16_autocast_matches_sdpa(n_kv, monkeypatch):
     import torch.nn.functional as F
 
-    from slmkit import models
+    from slmkit.model import llama as models
 
     torch.manual_seed(0)
     q = torch.randn(3, 4, 50, 16, requires_grad=True)
@@ -250,7 +252,7 @@ def test_causal_attention_written_out_under_bf16_autocast_matches_sdpa(n_kv, mon
 def test_residual_dropout_drops_p_and_keeps_the_mean(p):
     """The CPU's cheaper dropout: a share p of elements zeroed, the rest scaled by 1 / (1 - p) (so the mean holds),
     the gradient through the same mask, and the masks set by the seed."""
-    from slmkit.models import residual_dropout
+    from slmkit.model.llama import residual_dropout
 
     x = torch.ones(1000, 1001, requires_grad=True)  # an odd count: the last 64-bit word is partly used
     torch.manual_seed(0)
@@ -266,7 +268,7 @@ def test_residual_dropout_drops_p_and_keeps_the_mean(p):
 
 
 def test_blocks_use_dropout_only_while_training():
-    from slmkit.models import set_dropout
+    from slmkit.model.llama import set_dropout
 
     torch.manual_seed(0)
     model = build_model(build_config("slm-tiny", 64, block_size=16))

@@ -1,12 +1,12 @@
-"""Optimizers (slmkit/optim.py): AdamW, and MuonAdamW (Muon on hidden matrices, AdamW on the rest)."""
+"""Optimizers (slmkit/training/optim.py): AdamW, and MuonAdamW (Muon on hidden matrices, AdamW on the rest)."""
 
 import pytest
 import torch
 from tiny_models import TINY
 
-from slmkit import optim
-from slmkit.models import Llama
-from slmkit.optim import MuonAdamW, make_optimizer, orthogonalize
+from slmkit.model.llama import Llama
+from slmkit.training import optim
+from slmkit.training.optim import MuonAdamW, make_optimizer, orthogonalize
 
 # Newton-Schulz runs in bf16 on CPUs with fast bf16 products and in fp32 on the rest: both paths, on any host
 both_precisions = pytest.mark.parametrize("bf16_fast", [False, True], ids=["fp32", "bf16"])

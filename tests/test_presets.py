@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from slmkit.models import base_parameter_count, build_model, count_parameters
-from slmkit.presets import DECODERS, PRESETS, build_config, llama_params
+from slmkit.model.folder import base_parameter_count, build_model, count_parameters
+from slmkit.model.presets import DECODERS, PRESETS, build_config, llama_params
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

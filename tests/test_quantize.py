@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama_folder
 
-from slmkit.quantize import Int8Linear, quantize_rows
-from slmkit.quantize import main as quantize
+from slmkit.edge.quantize import main as quantize
+from slmkit.model.int8 import Int8Linear, quantize_rows
 
 
 def test_quantize_rows_round_trips_within_half_a_step():
@@ -18,8 +18,9 @@ def test_quantize_rows_round_trips_within_half_a_step():
 
 
 def test_int8_model_runs_through_slmkit_load_and_is_smaller(tmp_path):
-    from slmkit.generate import load
-    from slmkit.models import load_model, logits_of
+    from slmkit.infer.generate import load
+    from slmkit.infer.load import load_model
+    from slmkit.model.folder import logits_of
 
     src = tiny_llama_folder(tmp_path / "fp32", seed=3)
     out = quantize(src, tmp_path / "int8")
@@ -49,7 +50,7 @@ def test_int8_model_decodes_in_the_servers_batching_engine(tmp_path):
     # the engine feeds Llama modules per-row positions (a LongTensor pos); the int8 module must take them too
     from tiny_server import decode_concurrently
 
-    from slmkit.generate import SamplingParams, generate_ids, load
+    from slmkit.infer.generate import SamplingParams, generate_ids, load
     from slmkit.serve.batching import Engine
 
     lm = load(quantize(tiny_llama_folder(tmp_path / "fp32", seed=3), tmp_path / "int8"))

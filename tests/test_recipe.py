@@ -1,11 +1,12 @@
-"""`--preset auto` (slmkit/recipe.py): the size, context and batch it picks for a corpus and a budget."""
+"""`--preset auto` (slmkit/training/recipe.py): the size, context and batch it picks for a corpus and a budget."""
 
 import pytest
 import torch
 
-from slmkit import recipe
-from slmkit.presets import DECODERS
-from slmkit.recipe import (
+from slmkit import hardware
+from slmkit.model.presets import DECODERS
+from slmkit.training import recipe
+from slmkit.training.recipe import (
     AUTO_LADDER,
     MAX_PASSES,
     MIN_SEQUENCES,
@@ -154,18 +155,18 @@ def test_the_training_step_is_measured_once_and_leaves_the_rng_alone():
     flops = cpu_train_flops(threads, "fp32")
     assert torch.equal(torch.rand(3), expected)  # a run seeded before planning draws the same numbers
     torch.manual_seed(7)
-    recipe.matmul_rates((torch.float32,), rounds=1)  # behind loop.cpu_bf16_fast, which Muon may ask on bf16 CPUs
+    hardware.matmul_rates((torch.float32,), rounds=1)  # behind hardware.cpu_bf16_fast, which Muon may ask on bf16 CPUs
     assert torch.equal(torch.rand(3), expected)
     assert 1e9 < flops < 1e14 and cpu_train_flops(threads, "fp32") == flops
 
 
 def test_the_bf16_speedup_is_measured_once_per_thread_count(monkeypatch):
     calls = []
-    monkeypatch.setattr(recipe, "matmul_rates", lambda dtypes, rounds=5: calls.append(dtypes) or [800e9, 200e9])
-    recipe.cpu_bf16_speedup.cache_clear()
-    assert recipe.cpu_bf16_speedup(2) == 4.0 and recipe.cpu_bf16_speedup(2) == 4.0
+    monkeypatch.setattr(hardware, "matmul_rates", lambda dtypes, rounds=5: calls.append(dtypes) or [800e9, 200e9])
+    hardware.cpu_bf16_speedup.cache_clear()
+    assert hardware.cpu_bf16_speedup(2) == 4.0 and hardware.cpu_bf16_speedup(2) == 4.0
     assert calls == [(torch.bfloat16, torch.float32)]  # both dtypes in one interleaved measurement, once
-    recipe.cpu_bf16_speedup.cache_clear()  # later tests measure this machine
+    hardware.cpu_bf16_speedup.cache_clear()  # later tests measure this machine
 
 
 def test_matmul_rates_interleave_dtypes_and_leave_the_rng_alone():
@@ -173,6 +174,6 @@ def test_matmul_rates_interleave_dtypes_and_leave_the_rng_alone():
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    a, b = recipe.matmul_rates((torch.float32, torch.float32), rounds=3)
+    a, b = hardware.matmul_rates((torch.float32, torch.float32), rounds=3)
     assert torch.equal(torch.rand(3), expected)
     assert 1e9 < a < 1e14 and 0.5 < a / b < 2, (a, b)

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from tiny_server import decode_concurrently, model_folders, running, serve_folders, slowed  # noqa: E402
 
-from slmkit.generate import SamplingParams, generate_ids, load  # noqa: E402
+from slmkit.infer.generate import SamplingParams, generate_ids, load  # noqa: E402
 from slmkit.serve.batching import Engine, Overloaded  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from slmkit.tokenizer import byte_tokenizer, default_vocab_size, token_byte_lengths, train_bpe
+from slmkit.model.tokenizer import byte_tokenizer, default_vocab_size, token_byte_lengths, train_bpe
 
 TEXTS = ["Hello, world! Ünïcödé — 東京 🙂 tabs\tand\nnewlines  double  spaces", "ROMEO: But soft, what light?"]
 
@@ -63,7 +63,7 @@ def test_our_folders_load_without_autoconfig_and_match_autotokenizer(tiny_model)
 
     from transformers import AutoTokenizer
 
-    from slmkit.tokenizer import load_tokenizer
+    from slmkit.model.tokenizer import load_tokenizer
 
     ours, auto = load_tokenizer(tiny_model), AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
     text = "ROMEO: But soft, what light <|im_end|> through yonder window breaks?"
@@ -72,7 +72,7 @@ def test_our_folders_load_without_autoconfig_and_match_autotokenizer(tiny_model)
     assert (ours.eos_token_id, ours.pad_token_id, ours.chat_template) == (auto.eos_token_id, auto.pad_token_id,
                                                                          auto.chat_template)
     # the point of the direct path: no AutoConfig import chain (~2 s) at the start of generate/chat/eval/serve
-    probe = ("import sys; from slmkit.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1]); "
+    probe = ("import sys; from slmkit.model.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1]); "
              "print('transformers.models.auto.configuration_auto' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe, str(tiny_model)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

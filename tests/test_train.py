@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from slmkit import recipe
-from slmkit.train import RUN_FILE, parse_overrides
-from slmkit.train import main as train
+from slmkit.training import recipe
+from slmkit.training.train import RUN_FILE, parse_overrides
+from slmkit.training.train import main as train
 
 
 def test_parse_overrides():
@@ -91,16 +91,16 @@ def test_preset_auto_run_resumes(corpus, tmp_path):
 
 
 def test_a_resumed_run_keeps_the_precision_it_started_with(corpus, tmp_path, monkeypatch):
-    """`--dtype auto` rests on a timing (loop.cpu_bf16_fast) that a new process can measure differently: the start's
+    """`--dtype auto` rests on a timing (hardware.cpu_bf16_fast) that a new process can measure differently: the start's
     pick is saved with the run and a --resume trains on in it."""
     out = tmp_path / "m"
     common = dict(data=[str(corpus)], out=out, preset="slm-1m", vocab_size=300, batch_size=2, block_size=32,
                   progress=False, device="cpu", set=["num_hidden_layers=1"])
-    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr("slmkit.hardware.cpu_bf16_fast", lambda: True)
     train(**common, steps=2)
     assert json.loads((out / RUN_FILE).read_text())["precision"] == "bf16"
     assert json.loads((out / "training_summary.json").read_text())["dtype"] == "bf16"
-    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: False)  # the resuming process measured otherwise
+    monkeypatch.setattr("slmkit.hardware.cpu_bf16_fast", lambda: False)  # the resuming process measured otherwise
     assert train(**common, steps=3, resume=True)["step"] == 3
     assert json.loads((out / "training_summary.json").read_text())["dtype"] == "bf16"
 
@@ -111,9 +111,9 @@ def test_muon_orthogonalizes_in_the_runs_precision(corpus, tmp_path, monkeypatch
     """Newton-Schulz follows the training precision on a CPU: an fp32 run (a model too narrow for bf16, or --dtype
     fp32) must not do it in bf16 because the bf16 timing came out fast in this process: two runs of one seed on a
     busy machine trained different weights (the resume test failed once in a full-suite run)."""
-    from slmkit import optim
+    from slmkit.training import optim
 
-    monkeypatch.setattr("slmkit.loop.cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr("slmkit.hardware.cpu_bf16_fast", lambda: True)
     monkeypatch.setattr(optim, "cpu_bf16_fast", lambda: True)
     seen = []
     real = optim.orthogonalize
@@ -183,7 +183,7 @@ def test_a_time_budget_ends_after_max_passes_over_a_small_corpus(corpus, tmp_pat
     """--time on a corpus the budget would repeat many times: the schedule (and the run) ends after MAX_PASSES
     passes (progress counts the capped tokens, so the learning rate has decayed by then) instead of overfitting at
     peak learning rate; --tokens keeps what the user asked for."""
-    from slmkit.recipe import MAX_PASSES
+    from slmkit.training.recipe import MAX_PASSES
 
     small = tmp_path / "small.txt"
     small.write_text(corpus.read_text()[:1000])
@@ -243,10 +243,10 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     scored over 1% worse than the best, and the folder holds the weights of the best evaluation, not the last."""
     from conftest import corpus_text
 
-    from slmkit.data import load_tokens, split_tokens, tokenize_to_memmap
-    from slmkit.evaluate import evaluate_tokens
-    from slmkit.models import load_model
-    from slmkit.tokenizer import load_tokenizer, token_byte_lengths
+    from slmkit.data.corpus import load_tokens, split_tokens, tokenize_to_memmap
+    from slmkit.infer.evaluate import evaluate_tokens
+    from slmkit.infer.load import load_model
+    from slmkit.model.tokenizer import load_tokenizer, token_byte_lengths
 
     f = tmp_path / "small.txt"
     f.write_text(corpus_text(6000), encoding="utf-8")
@@ -273,7 +273,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
 def test_checkpoint_records_the_final_evaluation_of_the_best_weights(corpus, tmp_path):
     """The last weights, scored after the loop, can be the best: the final checkpoint must know, or a resumed run
     would compare against an older best and overwrite the folder with worse weights."""
-    from slmkit.checkpoint import CHECKPOINT, read_checkpoint_state
+    from slmkit.model.checkpoint import CHECKPOINT, read_checkpoint_state
 
     s = train(data=[str(corpus)], out=tmp_path / "m", preset="slm-tiny", tokenizer="byte", block_size=32,
               batch_size=4, steps=45, eval_every="20", progress=False, device="cpu")
@@ -328,7 +328,7 @@ def test_late_dropout_starts_at_its_fraction_of_the_budget(corpus, tmp_path, mon
     """--dropout from --dropout-start on (late dropout): none in the first half of this 4-step run, 0.1 after; the
     value is saved with the run and shown in the summary; a run saved before the flag resumes with dropout from the
     first step and random windows, as it trained."""
-    import slmkit.train as train_module
+    import slmkit.training.train as train_module
 
     calls = []
     real = train_module.set_dropout
@@ -358,7 +358,7 @@ def test_a_time_budget_replans_decay_and_dropout_from_the_runs_own_speed(corpus,
     plan is told 1 pass (0.1 decay, no dropout) while the run makes MAX_PASSES: from 10% on it trains with what
     MAX_PASSES passes get, the optimizer's decaying groups included, and the run file saves it for --resume. A flag
     the user set stays; a --steps budget is planned exactly and not re-planned."""
-    import slmkit.train as train_module
+    import slmkit.training.train as train_module
 
     small = tmp_path / "small.txt"
     small.write_text(corpus.read_text()[:2000])

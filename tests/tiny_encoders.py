@@ -42,7 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def wordpiece(extra: list[str] | None = None, vocab_size: int = 200):
-    from slmkit.tokenizer import train_wordpiece
+    from slmkit.model.tokenizer import train_wordpiece
 
     texts = [t for t, _ in toy_rows(200)] + (extra or [])
     return train_wordpiece(texts * 3, vocab_size, lowercase=True)
@@ -59,7 +59,7 @@ def tiny_mlm_folder(path: Path, tokenizer, seed: int = 0) -> Path:
     """A random BertForMaskedLM saved as `slm train --preset bert-*` saves one (slmkit.models.save_model)."""
     from transformers import BertForMaskedLM
 
-    from slmkit.models import save_model
+    from slmkit.model.folder import save_model
 
     torch.manual_seed(seed)
     save_model(BertForMaskedLM(tiny_bert_config(tokenizer)), path)

@@ -24,7 +24,7 @@ CHATS = [
 
 def bpe_tokenizer(chat_template: bool = True):
     """A small byte-level BPE (slmkit's own trainer): real merges, the ChatML special tokens."""
-    from slmkit.tokenizer import train_bpe
+    from slmkit.model.tokenizer import train_bpe
 
     text = ["the cat sat on the mat. the dog sat on the log. hello there, how are you? " * 20]
     tok = train_bpe(text, 300)
@@ -35,7 +35,8 @@ def bpe_tokenizer(chat_template: bool = True):
 
 def tiny_llama_folder(path: Path, seed: int = 0, tokenizer=None) -> Path:
     """A randomly initialised 2-layer Llama model folder (slmkit's module, saved in the HF layout)."""
-    from slmkit.models import Llama, save_model
+    from slmkit.model.folder import save_model
+    from slmkit.model.llama import Llama
 
     tok = tokenizer or bpe_tokenizer()
     torch.manual_seed(seed)

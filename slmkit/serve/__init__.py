@@ -41,10 +41,10 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
                 device: str = "cpu", compile: bool = False) -> Served:
     """Open MODEL_DIR as whatever kind it is, on DEVICE ("auto": a GPU when there is one); decoders get a (not yet
     started) batching engine."""
-    from slmkit.classify import is_classifier, load_classifier
-    from slmkit.loop import pick_device
-    from slmkit.models import read_config
-    from slmkit.presets import is_encoder
+    from slmkit.hardware import pick_device
+    from slmkit.infer.classify import is_classifier, load_classifier
+    from slmkit.infer.load import read_config
+    from slmkit.model.presets import is_encoder
 
     cfg = read_config(Path(model_dir))
     device = pick_device(device)
@@ -53,14 +53,14 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
         return Served(name, Path(model_dir), "classifier", int(getattr(model.config, "max_position_embeddings", 512)),
                       device, model=model, tokenizer=tok, labels=labels)
     if is_encoder(cfg):
-        from slmkit.embed import load_encoder
+        from slmkit.infer.embed import load_encoder
 
         model, tok = load_encoder(Path(model_dir), device)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return Served(name, Path(model_dir), "encoder", int(getattr(model.config, "max_position_embeddings", 512)),
                       device, model=model, tokenizer=tok)
-    from slmkit.generate import load
+    from slmkit.infer.generate import load
     from slmkit.serve.batching import Engine
 
     lm = load(Path(model_dir), dtype=dtype, device=device, compile=compile)  # compile: batch-1 steps only
@@ -97,7 +97,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SystemExit("error: slm serve needs FastAPI and uvicorn: pip install 'slmkit[serve]'") from None
     import torch
 
-    from slmkit.loop import check_numbers
+    from slmkit.options import check_numbers
     from slmkit.serve.app import create_app
     from slmkit.serve.protocol import Settings
 

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slmkit.generate import SamplingParams, TextStream
+from slmkit.infer.generate import SamplingParams, TextStream
 from slmkit.serve import Served
 from slmkit.serve.batching import Finish, Overloaded, Token
 from slmkit.serve.metrics import Metrics
@@ -373,7 +373,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
 
     @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletion)
     async def chat_completions(req: ChatRequest, request: Request):
-        from slmkit.chat import render_prompt
+        from slmkit.infer.chat import render_prompt
 
         m = get(req.model, "decoder")
         messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.content or ""}
@@ -396,7 +396,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
 
     @app.post("/v1/embeddings", dependencies=auth, response_model=EmbeddingList)
     async def embeddings(req: EmbeddingRequest):
-        from slmkit.embed import embed
+        from slmkit.infer.embed import embed
 
         m = get(req.model, "encoder")
         texts = texts_of(req.input)
@@ -415,7 +415,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None) -> F
 
     @app.post("/v1/classify", dependencies=auth, response_model=ClassificationList)
     async def classify(req: ClassifyRequest):
-        from slmkit.classify import _max_length, _pad_id, encode, predict_logits
+        from slmkit.infer.classify import _max_length, _pad_id, encode, predict_logits
 
         m = get(req.model, "classifier")
         texts = texts_of(req.input)

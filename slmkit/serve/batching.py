@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slmkit.generate import LoadedModel, SamplingParams, generate_ids, sample_next
+from slmkit.infer.generate import LoadedModel, SamplingParams, generate_ids, sample_next
 
 
 class Overloaded(Exception):
@@ -85,7 +85,7 @@ class Engine:
     Finish("cancelled"))."""
 
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64):
-        from slmkit.models import Llama
+        from slmkit.model.llama import Llama
 
         self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
         self.fast = isinstance(lm.model, Llama)

@@ -1,0 +1,229 @@
+"""ONNX export (onnxruntime) and its parity check.
+
+Decoders (our Llama module) export WITH past key values, one graph for prefill and decode:
+
+    inputs   input_ids (B, T) int64, past_keys (L, B, nkv, P, hd), past_values (L, B, nkv, P, hd)   [P may be 0]
+    outputs  logits (B, T, V), present_keys (L, B, nkv, P+T, hd), present_values (L, B, nkv, P+T, hd)
+
+Positions start at P (the past length), so a decode step feeds one token and the previous step's presents.
+Encoders (BERT family) export as their classification graph (logits) or, without a head, as an embedding graph
+(mean-pooled, L2-normalised sentence embeddings, as `slm embed`). `--quant int8` runs onnxruntime's
+quantize_dynamic (int8 weights, int8 matmuls) on the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVDecoder(nn.Module):
+    """Our Llama module rewritten with concatenated (not preallocated) caches: traceable into one ONNX graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+        m = self.m
+        B, T = input_ids.shape
+        P = past_keys.shape[3]
+        x = m.embed(input_ids)  # (B, T, C)
+        cos, sin = m.cos[P:P + T], m.sin[P:P + T]  # (T, 1, hd)
+        q_pos = torch.arange(T, device=x.device).unsqueeze(1) + P  # (T, 1)
+        allowed = torch.arange(P + T, device=x.device).unsqueeze(0) <= q_pos  # (T, P+T) causal over past + new
+        keys, values = [], []
+        for i, b in enumerate(m.layers):
+            nh, nkv, hd = b.n_head, b.n_kv, b.head_dim
+            h = _rms(x, b.attn_norm, b.eps)
+            qkv = b.wqkv(h).view(B, T, nh + 2 * nkv, hd)  # (B, T, nh+2nkv, hd)
+            qk = qkv[:, :, :nh + nkv]  # rotary as models.rope; roll written as a cat of halves for the exporter
+            qk = qk * cos + torch.cat([qk[..., hd // 2:], qk[..., :hd // 2]], dim=-1) * sin
+            q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
+            k = torch.cat([past_keys[i], qk[:, :, nh:].transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
+            v = torch.cat([past_values[i], qkv[:, :, nh + nkv:].transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
+            keys.append(k)
+            values.append(v)
+            rep = nh // nkv  # grouped-query attention: each kv head serves REP query heads
+            kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, nh, P+T, hd)
+            vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+            att = (q @ kr.transpose(-1, -2)) * hd ** -0.5  # (B, nh, T, P+T)
+            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+            y = (att @ vr).transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+            x = x + b.wo(y)
+            h = _rms(x, b.mlp_norm, b.eps)
+            gate, up = b.w_gate_up(h).chunk(2, dim=-1)
+            x = x + b.w_down(F.silu(gate) * up)
+        x = _rms(x, m.norm, m.layers[0].eps)
+        logits = F.linear(x, m.embed.weight if m.lm_head is None else m.lm_head.weight)  # (B, T, V)
+        return logits, torch.stack(keys), torch.stack(values)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm spelled out (opset 17 has no RMSNorm)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Embedder(nn.Module):
+    """Encoder -> mean-pooled, L2-normalised sentence embeddings (B, C)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(pooled, dim=-1)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                      opset_version=17, dynamo=False)
+
+
+def _session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def empty_past(cfg: dict, batch: int = 1) -> np.ndarray:
+    """(L, B, nkv, 0, hd) float32: the past of a fresh sequence."""
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return np.zeros((cfg["num_hidden_layers"], batch, cfg["num_key_value_heads"], 0, hd), dtype=np.float32)
+
+
+@torch.no_grad()
+def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = True, text: str | None = None) -> dict:
+    """Write OUT/model.onnx (+ tokenizer, config, slmkit_onnx.json) and check it in onnxruntime."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: ONNX export needs onnx and onnxruntime: pip install 'slmkit[export]'") from None
+    from slmkit.files import replace_dir
+    from slmkit.infer.load import load_model, read_config
+    from slmkit.model.llama import Llama
+    from slmkit.model.presets import is_encoder
+    from slmkit.model.tokenizer import load_tokenizer
+
+    cfg = read_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fp32 = tmp / ("model_fp32.onnx" if int8 else "model.onnx")
+        if is_encoder(cfg):
+            kind, probe = _export_encoder(model_dir, cfg, fp32)
+        else:
+            model = load_model(model_dir)
+            if not isinstance(model, Llama):
+                raise SystemExit(f"error: ONNX export of {cfg.get('model_type')} decoders is not supported; "
+                                 "export Llama-architecture folders (slm train / slm import of Llama models)")
+            kind = "decoder-with-past"
+            ids = torch.tensor([tokenizer(text or "Hello there, how are you?")["input_ids"][:64]])
+            past = torch.from_numpy(empty_past(model.config))
+            _export(KVDecoder(model).eval(), (ids, past, past), fp32, ["input_ids", "past_keys", "past_values"],
+                    ["logits", "present_keys", "present_values"],
+                    {"input_ids": {0: "batch", 1: "seq"}, "past_keys": {1: "batch", 3: "past"},
+                     "past_values": {1: "batch", 3: "past"}, "logits": {0: "batch", 1: "seq"},
+                     "present_keys": {1: "batch", 3: "total"}, "present_values": {1: "batch", 3: "total"}})
+            probe = ids
+        path = fp32
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            path = tmp / "model.onnx"
+            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+            fp32.unlink()
+        tokenizer.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        meta = {"kind": kind, "quant": "int8" if int8 else "fp32", "source": str(Path(model_dir).resolve())}
+        (tmp / "slmkit_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
+        result = verify_onnx(path, model_dir, cfg, kind, probe, int8) if verify else {}
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _export_encoder(model_dir: Path, cfg: dict, path: Path) -> tuple[str, torch.Tensor]:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    archs = cfg.get("architectures") or []
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])  # (1, 6) [CLS]-like id, a few tokens, [SEP]-like id
+    mask = torch.ones_like(ids)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        _export(_Logits(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits"],
+                {**axes, "logits": {0: "batch"}})
+        return "classifier", ids
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    _export(Embedder(model).eval(), (ids, mask), path, ["input_ids", "attention_mask"], ["embeddings"],
+            {**axes, "embeddings": {0: "batch"}})
+    return "embedding", ids
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@torch.no_grad()
+def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.Tensor, int8: bool) -> dict:
+    """Max |logit difference| between onnxruntime and torch; decoders also through a prefill + decode-step split."""
+    from slmkit.infer.load import load_model
+    from slmkit.model.folder import logits_of
+
+    sess = _session(path)
+    if kind == "decoder-with-past":
+        expected = logits_of(load_model(model_dir), probe)[0].numpy()  # (T, V)
+        ids = probe.numpy()
+        past = empty_past(cfg)
+        full = sess.run(None, {"input_ids": ids, "past_keys": past, "past_values": past})[0][0]
+        k = max(1, ids.shape[1] // 2)  # prefill half, then decode the rest one token at a time through the cache
+        logits, pk, pv = sess.run(None, {"input_ids": ids[:, :k], "past_keys": past, "past_values": past})
+        steps = [logits[0]]
+        for t in range(k, ids.shape[1]):
+            logits, pk, pv = sess.run(None, {"input_ids": ids[:, t:t + 1], "past_keys": pk, "past_values": pv})
+            steps.append(logits[0])
+        got = np.concatenate([full[None], np.concatenate(steps)[None]])  # (2, T, V)
+        err_t = np.abs(got - expected[None]).max(axis=(0, 2))  # (T,)
+        agree = (got.argmax(-1) == expected.argmax(-1)[None]).all(0)
+    else:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        mask = torch.ones_like(probe)
+        if kind == "classifier":
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+            expected = model(input_ids=probe, attention_mask=mask).logits.numpy()
+        else:
+            expected = Embedder(AutoModel.from_pretrained(model_dir, local_files_only=True).eval())(probe, mask).numpy()
+        got = sess.run(None, {"input_ids": probe.numpy(), "attention_mask": mask.numpy()})[0]
+        err_t = np.abs(got - expected).max(axis=-1)
+        agree = got.argmax(-1) == expected.argmax(-1)
+    err = float(err_t.max())
+    tol = 0.5 * max(1.0, float(np.abs(expected).max())) if int8 else 1e-4 * max(1.0, float(np.abs(expected).max()))
+    if err > tol:
+        i = int(np.flatnonzero(err_t > tol)[0])
+        raise SystemExit(f"error: {path} fails parity with onnxruntime: first diverging position {i}, max |logit "
+                         f"error| {err:.3g} (tolerance {tol:.3g}); please report this model")
+    return {"runtime": "onnxruntime", "max_abs_logit_diff": err, "top1_agreement": float(np.mean(agree))}

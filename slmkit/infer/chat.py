@@ -1,0 +1,74 @@
+"""Verb `chat`: an interactive conversation in the terminal, using the model's chat template where it has one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """Messages -> prompt text: the tokenizer's chat template, or a plain 'User:/Assistant:' transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+         top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
+         threads: int | None = None, device: str = "auto", compile: bool = False) -> None:
+    """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
+    from slmkit.infer.generate import NonFiniteLogits, checked_sampling, load
+    from slmkit.options import check_numbers
+
+    checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty)
+    check_numbers(dict(threads=threads))
+    lm = load(model_dir, threads=threads, device=device, compile=compile)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
+    print(f"chatting with {lm.path.name} ({template}); /reset clears, /quit leaves", file=sys.stderr)
+    stop = [] if getattr(lm.tokenizer, "chat_template", None) else ["\nUser:"]
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            print()
+            return
+        if user.strip() in ("/quit", "/exit"):
+            return
+        if user.strip() == "/reset":
+            messages = list(base)
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = render_prompt(lm.tokenizer, messages)
+        print("model> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            pass
+        except NonFiniteLogits as e:
+            print()
+            raise SystemExit(f"error: {model_dir}: {e}") from None
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def add_args(p) -> None:
+    p.add_argument("model_dir", type=Path, help="model folder")
+    p.add_argument("--system", default=None, help="system message that opens the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling; 0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="penalise repeats; 1 = off (default: 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
+    p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels (see slm generate "
+                   "--help): a few seconds of compiling, then faster replies from ~7M parameters")

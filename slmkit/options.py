@@ -1,0 +1,66 @@
+"""options."""
+
+from __future__ import annotations
+
+import re
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'180', '180s', '3m', '1.5h', '90min' -> seconds."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|secs|m|min|mins|h|hr|hrs)?\s*", str(text).lower())
+    if not m:
+        raise SystemExit(f"error: cannot read duration {text!r}; use e.g. 180, 180s, 3m or 1h")
+    scale = {"m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600, "hrs": 3600}.get(m.group(2) or "s", 1)
+    return float(m.group(1)) * scale
+
+
+def parse_count(text: str | int | None) -> int | None:
+    """'5000', '2M', '1.5B', '20k' -> int."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmbg]?)\s*", str(text).lower())
+    if not m:
+        raise SystemExit(f"error: cannot read count {text!r}; use e.g. 5000, 20k, 2M or 1B")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2)])
+
+
+# Numbers the verbs share, checked before any work: None is "the default". A verb passes its values and, for flags of
+# its own, more (flag -> hint) to check_numbers.
+POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",
+            "time": "leave it out for the default budget", "block_size": "leave it out for the recipe's choice",
+            "batch_size": "leave it out for the recipe's choice", "grad_accum": "1 = no accumulation",
+            "lr": "leave it out for the recipe's choice", "lora_r": "the adapter's rank, e.g. 8",
+            "lora_alpha": "the adapter's scale numerator, e.g. 16", "eval_tokens": "held-out tokens per evaluation",
+            "epochs": "passes over the data", "max_length": "tokens kept per text",
+            "threads": "CPU threads; leave it out for all cores",
+            "vocab_size": "leave it out for one sized to the corpus"}
+
+
+NON_NEGATIVE = ("warmup", "weight_decay", "clip", "dropout", "lora_dropout", "dropout_start", "patience")
+
+
+def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negative: tuple[str, ...] = ()) -> None:
+    """One line naming the flag for a budget, size or rate that cannot work (0 steps, a negative lr...). ARGS maps
+    flag names (underscored) to values; POSITIVE (flag -> hint) and NON_NEGATIVE add a verb's own flags."""
+    for key, hint in {**POSITIVE, **(positive or {})}.items():
+        if args.get(key) is not None and not args[key] > 0:  # `not > 0` also catches NaN
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be positive ({hint})")
+    for key in (*NON_NEGATIVE, *non_negative):
+        if args.get(key) is not None and not args[key] >= 0:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be 0 or more")
+    for key in ("dropout", "lora_dropout", "dropout_start"):
+        if args.get(key) is not None and not args[key] < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be below 1")
+    if args.get("min_lr_ratio") is not None and not 0 <= args["min_lr_ratio"] <= 1:
+        raise SystemExit(f"error: --min-lr-ratio {args['min_lr_ratio']} must be in [0, 1]")
+    if args.get("val_fraction") is not None and not (0.0 <= args["val_fraction"] < 0.5):
+        raise SystemExit(f"error: --val-fraction {args['val_fraction']} must be in [0, 0.5)")
+    for key, what in (("eval_every", "steps, or a duration such as 30s"),
+                      ("checkpoint_every", "a duration such as 2m")):
+        every = args.get(key)
+        if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
+            raise SystemExit(f"error: --{key.replace('_', '-')} {every} must be positive ({what})")
