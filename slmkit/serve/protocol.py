@@ -1,7 +1,7 @@
 """Request and response schemas: the OpenAI API shapes (the fields slmkit honours), plus /v1/classify.
 
 Unknown fields are ignored, as OpenAI clients send many optional ones; values out of range are a 400 in OpenAI's
-error shape (`{"error": {"message", "type", "param", "code"}}`, see `error_body`).
+error shape (`{"error": {"message", "type", "param", "code"}}`, see `error_body`; routes raise `APIError`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ class Settings:
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with STATUS (and HEADERS, e.g. Retry-After); raised by routes and the body
+    limit, turned into JSON by the app's handler."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 class _Req(BaseModel):
