@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.peers.hf_llama import hf_llama_train_step  # noqa: E402
-from benchmarks.peers.nanogpt import nanogpt_train_step  # noqa: E402
+from benchmarks.peers.nanogpt_upstream import nanogpt_available, nanogpt_train_step  # noqa: E402
 from slmkit.hardware import (
     cpu_has_bf16,  # noqa: E402
     matmul_rates,  # noqa: E402
@@ -106,8 +106,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # the practical peak: best of 5 bursts of large square products (bf16 in short ones: emulated on AVX2 hosts)
     (peak32,), (peak16,) = matmul_rates((torch.float32,), reps=20), matmul_rates((torch.bfloat16,), reps=2)
-    makers = {"nanoGPT": lambda: nanogpt_train_step(VOCAB),
-              "transformers Llama": lambda: hf_llama_train_step(VOCAB),
+    makers = {}
+    if nanogpt_available():  # upstream model.py from ../shared/peers/nanogpt; the baseline of every ratio
+        makers["nanoGPT"] = lambda: nanogpt_train_step(VOCAB)
+    makers |= {"transformers Llama": lambda: hf_llama_train_step(VOCAB),
               "slmkit": slmkit_train_step,
               "slmkit Muon (train default)": lambda: slmkit_train_step(optimizer="muon")}
     # bf16 autocast (what `slm train --dtype auto` picks on CPUs with fast bf16 products) gets a place in every round
@@ -138,21 +140,25 @@ def main() -> None:
     flops_tok = step_flops_per_token(build_config("slm-1m", VOCAB, {"num_hidden_layers": LAYERS, "num_attention_heads":
                                      HEADS, "num_key_value_heads": HEADS, "hidden_size": DIM}, block_size=BLOCK),
                                      VOCAB, BLOCK)
-    base = rows["nanoGPT"]["rounds_ms"]
+    base = rows["nanoGPT"]["rounds_ms"] if "nanoGPT" in rows else None
     print(f"matmul peak ({args.threads} threads): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; "
           f"{args.rounds} rounds x {args.steps} steps, interleaved")
     print(f"{'system':<32}{'ms/iter':>9}{'tokens/s':>11}{'vs nanoGPT':>12}{'range':>12}{'MFU fp32':>10}")
     for name, r in rows.items():
         ms = statistics.median(r["rounds_ms"])
-        interleaved = len(r["rounds_ms"]) == len(base)
-        ratios = [b / m for b, m in zip(base, r["rounds_ms"], strict=True)] if interleaved else \
-            [statistics.median(base) / ms]
-        r.update(ms_per_iter=ms, tokens_per_s=BATCH * BLOCK / ms * 1000, vs_nanogpt=statistics.median(ratios),
-                 vs_nanogpt_range=[min(ratios), max(ratios)], flops_per_token=flops_tok)
+        if base is None:  # no nanoGPT peer: no ratio to it
+            ratios = None
+        elif len(r["rounds_ms"]) == len(base):  # interleaved: the ratio within each round
+            ratios = [b / m for b, m in zip(base, r["rounds_ms"], strict=True)]
+        else:
+            ratios = [statistics.median(base) / ms]
+        r.update(ms_per_iter=ms, tokens_per_s=BATCH * BLOCK / ms * 1000,
+                 vs_nanogpt=statistics.median(ratios) if ratios else None,
+                 vs_nanogpt_range=[min(ratios), max(ratios)] if ratios else None, flops_per_token=flops_tok)
         r["mfu_fp32"] = r["tokens_per_s"] * flops_tok / peak32
         extra = f"   (first 10 steps {r['first_10_steps_s']:.0f} s)" if "compile" in name else ""
-        print(f"{name:<32}{ms:>9.1f}{r['tokens_per_s']:>11,.0f}{r['vs_nanogpt']:>11.2f}x"
-              f"{min(ratios):>6.2f}-{max(ratios):<5.2f}{r['mfu_fp32']:>9.1%}{extra}")
+        vs = f"{r['vs_nanogpt']:>11.2f}x{min(ratios):>6.2f}-{max(ratios):<5.2f}" if ratios else f"{'-':>12}{'':>12}"
+        print(f"{name:<32}{ms:>9.1f}{r['tokens_per_s']:>11,.0f}{vs}{r['mfu_fp32']:>9.1%}{extra}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": args.threads, "peak_fp32": peak32, "peak_bf16": peak16,
                                      "rounds": args.rounds, "steps_per_round": args.steps,

@@ -1,1 +1,1 @@
-"""Peer training baselines (vendored nanoGPT, a plain transformers Llama) for benchmark comparisons."""
+"""Peers for benchmark comparisons: upstream nanoGPT (run from ../shared/peers/nanogpt), a plain transformers Llama."""

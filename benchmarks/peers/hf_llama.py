@@ -10,21 +10,90 @@ windows drawn exactly like nanoGPT's ``get_batch``.
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.peers.nanogpt import (
-    check_ids,
-    get_batch,
-    num_threads,
-    split_loss,
-    timing_summary,
-)
+# Iterations left out of the median iteration time: the first steps pay for allocator and kernel warm-up.
+WARMUP_ITERS_EXCLUDED = 10
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(threads)`` (if given), restoring the previous value afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        # so one benchmark's thread setting does not leak into the next one run in the same process
+        torch.set_num_threads(previous)
+
+
+def get_batch(data: np.ndarray, block_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``block_size`` tokens and their next-token targets, each (B, T) int64.
+
+    The offsets come from one ``torch.randint`` over ``len(data) - block_size``, as nanoGPT draws them, so a seeded
+    run sees the batches a nanoGPT run with the same seed would."""
+    starts = torch.randint(len(data) - block_size, (batch_size,)).numpy()
+    window = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+@torch.no_grad()
+def split_loss(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ids: np.ndarray,
+    block_size: int,
+    windows_per_batch: int = 64,
+) -> float:
+    """Mean next-token cross-entropy (nats/token) over the whole split, in non-overlapping ``block_size`` windows.
+
+    ``logits_fn(x, y)`` must return logits of shape (B, T, vocab) for inputs ``x``. Every token after the first is
+    predicted exactly once; the last, shorter window covers the tail so no token is dropped.
+    """
+    ids = np.asarray(ids)
+    n_pred = len(ids) - 1
+    if n_pred < 1:
+        raise ValueError("split needs at least 2 tokens")
+    starts = list(range(0, n_pred, block_size))
+    full = [s for s in starts if s + block_size <= n_pred]
+    tail = starts[len(full) :]
+    total = 0.0
+
+    def add(batch_starts: list[int], length: int) -> float:
+        x = torch.stack([torch.from_numpy(ids[s : s + length].astype(np.int64)) for s in batch_starts])
+        y = torch.stack([torch.from_numpy(ids[s + 1 : s + 1 + length].astype(np.int64)) for s in batch_starts])
+        logits = logits_fn(x, y)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").item()
+
+    for i in range(0, len(full), windows_per_batch):
+        total += add(full[i : i + windows_per_batch], block_size)
+    if tail:
+        total += add(tail, n_pred - tail[0])
+    return total / n_pred
+
+
+def timing_summary(iter_times: list[float], tokens_per_iter: int) -> dict[str, float]:
+    """Median ms/iter and tokens/s, skipping the first warm-up iterations when there are enough to spare."""
+    steady = iter_times[WARMUP_ITERS_EXCLUDED:] if len(iter_times) > WARMUP_ITERS_EXCLUDED else iter_times
+    median_s = statistics.median(steady)
+    return {"ms_per_iter": median_s * 1e3, "tokens_per_s": tokens_per_iter / median_s}
+
+
+def check_ids(name: str, ids: np.ndarray, vocab_size: int, block_size: int) -> None:
+    """Fail early, with a clear message, on splits too short for one window or ids outside the vocabulary."""
+    if len(ids) <= block_size + 1:
+        raise ValueError(f"{name} has {len(ids)} tokens; need more than block_size + 1 = {block_size + 1}")
+    if int(ids.max()) >= vocab_size:
+        raise ValueError(f"{name} holds token id {int(ids.max())} >= vocab_size {vocab_size}")
 
 
 def default_intermediate_size(n_embd: int) -> int:
@@ -124,7 +193,7 @@ def train_hf_llama(
     ``intermediate_size`` defaults to 4 * n_embd * 2/3 rounded up to a multiple of 32. The learning rate warms up
     linearly, then follows a cosine to ``lr * min_lr_ratio`` with progress = max(iter / max_iters, elapsed / seconds).
 
-    Returns the same keys as ``train_nanogpt``: ``iters``, ``train_seconds``, ``ms_per_iter`` (median after the
+    Returns ``iters``, ``train_seconds``, ``ms_per_iter`` (median after the
     first 10 steps), ``tokens_per_s``, ``val_loss`` (nats/token over all of ``val_ids`` in non-overlapping
     ``block_size`` windows), ``params`` (unique parameters; Llama has no position table to exclude), plus
     ``final_train_loss``.
@@ -200,8 +269,8 @@ def hf_llama_train_step(
     grad_clip: float = 1.0,
     seed: int = 1337,
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], int]:
-    """A plain ``LlamaForCausalLM`` at nanoGPT's shape (defaults match ``nanogpt_train_step``) and one training step
-    as ``step(x, y) -> loss`` at a constant learning rate. Returns ``(step, parameter count)``."""
+    """A plain ``LlamaForCausalLM`` at nanoGPT's shape (defaults match ``nanogpt_upstream.nanogpt_train_step``) and
+    one training step as ``step(x, y) -> loss`` at a constant learning rate. Returns ``(step, parameter count)``."""
     torch.manual_seed(seed)
     model = build_hf_llama(vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                            intermediate_size=intermediate_size, block_size=block_size)
