@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slmkit.distributed import any_rank, is_main, world_size
 from slmkit.model.folder import unwrap
-from slmkit.options import check_numbers
-from slmkit.training import recipe
 
 
 def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
@@ -28,18 +27,6 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
         return lr * (step + 1) / warmup_steps  # +1: step 0 must not train at lr=0
     p = min(max(progress, 0.0), 1.0)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def budget_from(args: dict, announce: bool = True, loop_args: dict | None = None) -> Budget:
-    """The run's Budget (--steps/--tokens/--time; none given: DEFAULT_SECONDS), after check_numbers on ARGS and
-    LOOP_ARGS (the run's numbers that are not saved with ARGS: patience, evaluation and checkpoint intervals)."""
-    check_numbers({**args, **(loop_args or {})})
-    budget = Budget(args["steps"], args["tokens"], args["time"])
-    if not (budget.steps or budget.tokens or budget.seconds):
-        budget.seconds = recipe.DEFAULT_SECONDS
-        if announce:
-            print(f"no budget given: training for {budget.seconds:.0f} s (set --time, --steps or --tokens)")
-    return budget
 
 
 @dataclass
@@ -70,10 +57,14 @@ WORSE_BY = 0.01
 
 @dataclass
 class EarlyStop:
-    """Held-out early stopping for train and finetune: the best loss so far, and how many evaluations since scored
-    over WORSE_BY worse than it. The caller writes its folder when update() says the loss improved, so the folder
-    always holds the best weights; `as_dict()` travels in checkpoints so a resumed run keeps counting."""
+    """Held-out early stopping for every recipe: the best loss so far, and how many evaluations since scored over
+    WORSE_BY worse than it (a classifier's recipe counts every evaluation that is not better: worse_by 0), stopping
+    at PATIENCE of them once MIN_STEP steps are done. The caller writes its folder when update() says the loss
+    improved, so the folder always holds the best weights; `as_dict()` travels in checkpoints so a resumed run keeps
+    counting."""
     patience: int
+    worse_by: float = WORSE_BY
+    min_step: int = 0
     best_loss: float | None = None
     best_step: int | None = None
     bad: int = 0
@@ -85,9 +76,9 @@ class EarlyStop:
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step, self.bad = loss, step, 0
             return True, False
-        if loss > self.best_loss * (1 + WORSE_BY):
+        if loss > self.best_loss * (1 + self.worse_by):
             self.bad += 1
-        return False, self.bad >= self.patience
+        return False, self.bad >= self.patience and step >= self.min_step
 
     def as_dict(self) -> dict:
         return {"best_loss": self.best_loss, "best_step": self.best_step, "bad": self.bad}
@@ -96,8 +87,8 @@ class EarlyStop:
         self.best_loss, self.best_step, self.bad = saved.get("best_loss"), saved.get("best_step"), saved.get("bad", 0)
 
     def report(self, stopped_early: bool, step: int) -> str:
-        why = (f"stopped early at step {step:,}: {self.patience} evaluations over {WORSE_BY:.0%} worse than the best; "
-               "more training would overfit this data (add data; --patience 0 runs the whole budget). "
+        why = (f"stopped early at step {step:,}: {self.patience} evaluations over {self.worse_by:.0%} worse than the "
+               "best; more training would overfit this data (add data; --patience 0 runs the whole budget). "
                if stopped_early else "")
         return (f"{why}The held-out loss was best at step {self.best_step:,} ({self.best_loss:.4f}): the output "
                 "folder keeps those weights.")
@@ -129,8 +120,6 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
     ends training early);
     checkpoint(state) writes a resumable checkpoint; log(dict) appends to metrics.jsonl. Returns the final state.
     """
-    from slmkit.distributed import any_rank, is_main, world_size
-
     stop = {"requested": False}
 
     def request_stop(signum, frame):  # first signal: finish this step, save, exit cleanly; second: abort now
@@ -145,7 +134,6 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
     model.train()
     last_log = last_eval = last_ckpt = time.perf_counter()
     window_tokens, window_t0 = 0, time.perf_counter()
-    ws = world_size()
     try:
         while True:
             progress = budget.progress(state.step, state.tokens, state.train_seconds)
@@ -157,24 +145,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                x, y = next_batch()
-                sync = micro == cfg.grad_accum - 1
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
-                amp = torch.autocast(device_type=cfg.device.split(":")[0], dtype=cfg.autocast_dtype or torch.float32,
-                                     enabled=cfg.autocast_dtype is not None)
-                with ctx, amp:
-                    loss = loss_fn(model, x, y) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                step_tokens += x.numel() * ws
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            loss_sum, step_tokens = _step(model, optimizer, next_batch, loss_fn, cfg)
             state.step += 1
             state.tokens += step_tokens
             state.train_seconds += time.perf_counter() - t0
@@ -209,6 +180,30 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             bar.close()
     state.last_eval["interrupted"] = stop["requested"]
     return state
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn,
+          cfg: FitConfig) -> tuple[float, int]:
+    """One optimizer step over GRAD_ACCUM micro-batches -> (the step's loss, the tokens it trained on, all ranks)."""
+    loss_sum, step_tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        x, y = next_batch()
+        sync = micro == cfg.grad_accum - 1  # DDP: all-reduce the gradients on the last micro-batch only
+        ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+        amp = torch.autocast(device_type=cfg.device.split(":")[0], dtype=cfg.autocast_dtype or torch.float32,
+                             enabled=cfg.autocast_dtype is not None)
+        with ctx, amp:
+            loss = loss_fn(model, x, y) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.item()
+        step_tokens += x.numel() * world_size()
+    if cfg.clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return loss_sum, step_tokens
 
 
 def _run_eval(model, evaluate, state: FitState, log) -> None:
