@@ -200,38 +200,31 @@ def test_lora_resume_continues_the_same_loss_curve(base, chats, tmp_path):
 
 
 def test_classify_is_handed_to_slmkit_classify(base, chats, tmp_path, monkeypatch):
-    import sys
-    import types
+    """--task classify runs training/classify.py on a ClassifyConfig: the options given reach it, those left out
+    take the classifier's own defaults (16 rows a batch, not causal/sft's 8)."""
+    from slmkit.training import classify
 
-    import slmkit.training
-
-    seen = {}
-    fake = types.ModuleType("slmkit.training.classify")
-    fake.main = lambda model_dir, data, out, lora=False, time=None, batch_size=16: seen.update(
-        model_dir=model_dir, lora=lora, batch_size=batch_size) or 7
-    monkeypatch.setitem(sys.modules, "slmkit.training.classify", fake)
-    monkeypatch.setattr(slmkit.training, "classify", fake, raising=False)
+    seen = []
+    monkeypatch.setattr(classify, "run", lambda cfg: seen.append(cfg) or 7)
     assert finetune(base, [str(chats)], tmp_path / "c", task="classify", lora=True, steps=3) == 7
-    assert seen == {"model_dir": base, "lora": True, "batch_size": 16}  # options left at our defaults: its own
+    cfg = seen[0]
+    assert (cfg.model_dir, cfg.steps, cfg.batch_size, cfg.weight_decay) == (base, 3, 16, 0.01)
+    assert (cfg.lora.r, cfg.lora.alpha) == (8, 16.0)
 
 
 def test_classify_options_pass_through_and_are_refused_elsewhere(base, chats, tmp_path, monkeypatch):
-    import sys
-    import types
+    from slmkit.training import classify
 
-    import slmkit.training
-
-    seen = {}
-    fake = types.ModuleType("slmkit.training.classify")
-    fake.main = lambda model_dir, data, out, eval_data=None, epochs=3.0, patience=3, max_length=128: seen.update(
-        eval_data=eval_data, epochs=epochs, patience=patience, max_length=max_length) or 1
-    monkeypatch.setitem(sys.modules, "slmkit.training.classify", fake)
-    monkeypatch.setattr(slmkit.training, "classify", fake, raising=False)
+    seen = []
+    monkeypatch.setattr(classify, "run", lambda cfg: seen.append(cfg) or 1)
     finetune(base, [str(chats)], tmp_path / "c", task="classify", eval_data=tmp_path / "dev.csv", epochs=1.5,
              patience=2, max_length=64)
-    assert seen == {"eval_data": tmp_path / "dev.csv", "epochs": 1.5, "patience": 2, "max_length": 64}
+    cfg = seen[0]
+    assert (cfg.eval_data, cfg.epochs, cfg.patience, cfg.max_length) == (tmp_path / "dev.csv", 1.5, 2, 64)
     with pytest.raises(SystemExit, match="are for --task classify"):
         finetune(base, [str(chats)], tmp_path / "s", task="sft", eval_data=tmp_path / "dev.csv")
+    with pytest.raises(SystemExit, match="--packing cannot be used with --task classify"):
+        finetune(base, [str(chats)], tmp_path / "c", task="classify", packing=True)
 
 
 def test_early_stopping_keeps_the_best_weights(base, tmp_path):
@@ -256,9 +249,11 @@ def test_early_stopping_keeps_the_best_weights(base, tmp_path):
 
 def test_best_adapter_is_restored_from_the_adapter_folder(base, tmp_path):
     """With --lora, the best weights are the adapter's: written with save_pretrained, read back with peft."""
-    from slmkit.training.finetune import _restore_best, lora_model
+    from slmkit.training.config import LoraConfig
+    from slmkit.training.finetune import lora_model
+    from slmkit.training.stages import Weights
 
-    model, _ = lora_model(base, 4, 8, 0.0, None, 0)
+    model, _ = lora_model(base, LoraConfig(r=4, alpha=8, dropout=0.0), 0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -269,7 +264,7 @@ def test_best_adapter_is_restored_from_the_adapter_folder(base, tmp_path):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.add_(1.0)
-    _restore_best(model, tmp_path, lora=True)
+    Weights(model, tmp_path, adapter={}).restore()
     for n, p in model.named_parameters():
         if "lora_" in n:
             torch.testing.assert_close(p, kept[n], rtol=0, atol=0, msg=n)

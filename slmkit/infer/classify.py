@@ -132,14 +132,14 @@ def load_classifier(model_dir: Path, device: str = "cpu"):
     return model, load_tokenizer(Path(model_dir)), labels
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_for(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise SystemExit("error: the tokenizer has neither a pad nor an end-of-text token to pad batches with")
     return pad
 
 
-def _max_length(model_cfg, tokenizer, wanted: int | None) -> int:
+def max_length_for(model_cfg, tokenizer, wanted: int | None) -> int:
     limit = getattr(model_cfg, "max_position_embeddings", None) or 512
     return min(wanted or limit, limit, tokenizer.model_max_length or limit)
 
@@ -148,8 +148,8 @@ def predict(model_dir: Path, texts: list[str], top_k: int = 1, batch_size: int =
             max_length: int | None = None) -> list[list[tuple[str, float]]]:
     """Top-K (label, probability) pairs for each of TEXTS, most probable first."""
     model, tokenizer, labels = load_classifier(model_dir)
-    seqs = encode(tokenizer, texts, _max_length(model.config, tokenizer, max_length))
-    probs = predict_logits(model, seqs, _pad_id(tokenizer), batch_size).softmax(-1)  # (N, n_labels)
+    seqs = encode(tokenizer, texts, max_length_for(model.config, tokenizer, max_length))
+    probs = predict_logits(model, seqs, pad_id_for(tokenizer), batch_size).softmax(-1)  # (N, n_labels)
     p, idx = probs.topk(min(max(1, top_k), len(labels)), dim=-1)  # (N, k)
     return [[(labels[j], q) for q, j in zip(row_p, row_i, strict=True)]
             for row_p, row_i in zip(p.tolist(), idx.tolist(), strict=True)]
@@ -168,8 +168,8 @@ def evaluate_file(model_dir: Path, data: list[str], text_col: str = "text", labe
                              f"({', '.join(labels[:20])}); check --label-col or the data")
         texts += t
         y += [labels.index(v) for v in ls]
-    seqs = encode(tokenizer, texts, _max_length(model.config, tokenizer, None))
-    result = evaluate_classifier(model, seqs, y, _pad_id(tokenizer), labels, batch_size)
+    seqs = encode(tokenizer, texts, max_length_for(model.config, tokenizer, None))
+    result = evaluate_classifier(model, seqs, y, pad_id_for(tokenizer), labels, batch_size)
     if as_json:
         print(json.dumps({k: result[k] for k in ("loss", "accuracy", "macro_f1", "examples", "per_class")}))
     else:

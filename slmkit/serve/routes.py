@@ -397,13 +397,13 @@ async def embeddings(req: EmbeddingRequest, models: Models, settings: ServerSett
 
 @router.post("/v1/classify", dependencies=AUTH, response_model=ClassificationList)
 async def classify(req: ClassifyRequest, models: Models, settings: ServerSettings, metrics: ServerMetrics) -> dict:
-    from slmkit.infer.classify import _max_length, _pad_id, encode, predict_logits
+    from slmkit.infer.classify import encode, max_length_for, pad_id_for, predict_logits
 
     m = lookup(models, req.model, "classifier")
     texts = texts_of(req.input, settings)
-    seqs = encode(m.tokenizer, texts, _max_length(m.model.config, m.tokenizer, None))
+    seqs = encode(m.tokenizer, texts, max_length_for(m.model.config, m.tokenizer, None))
     async with m.lock:
-        logits = await asyncio.to_thread(predict_logits, m.model, seqs, _pad_id(m.tokenizer), 32, m.device)
+        logits = await asyncio.to_thread(predict_logits, m.model, seqs, pad_id_for(m.tokenizer), 32, m.device)
     probs = torch.softmax(logits, dim=-1)
     p, idx = probs.topk(min(req.top_k, len(m.labels)), dim=-1)  # (N, k)
     n_tokens = sum(map(len, seqs))

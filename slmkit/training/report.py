@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from slmkit.files import atomic_write_bytes
 
 
@@ -120,3 +122,35 @@ def write_model_card(out: Path, info: dict) -> None:
     if info.get("samples"):
         lines += ["## Samples", ""] + [f"```text\n{s}\n```\n" for s in info["samples"]]
     atomic_write_bytes(out / "README.md", "\n".join(header + lines).encode())
+
+
+def plot_confusion(cm, labels: list[str], out_png: Path, title: str = "") -> Path:
+    """Confusion-matrix heat map with counts (rows: true label, columns: predicted)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    k = len(labels)
+    size = min(16, 4 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    if k <= 30:  # beyond that the numbers are unreadable; the colours still show the structure
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(out_png), buf.getvalue())
+    return Path(out_png)

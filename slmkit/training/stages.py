@@ -27,11 +27,11 @@ import torch.nn as nn
 from slmkit import distributed as dist
 from slmkit.data.corpus import EpochSampler
 from slmkit.files import atomic_write_json
-from slmkit.model.adapters import ADAPTER_RECORD
+from slmkit.model.adapters import ADAPTER_RECORD, require_peft
 from slmkit.model.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from slmkit.model.folder import load_saved_weights, save_model, unwrap
 from slmkit.options import parse_duration
-from slmkit.training.config import RunConfig
+from slmkit.training.config import LoraConfig, RunConfig
 from slmkit.training.fit import Budget, EarlyStop, FitConfig, FitState, fit
 from slmkit.training.report import plot_loss, read_metrics
 
@@ -40,10 +40,10 @@ SUMMARY = "training_summary.json"
 
 
 def open_output(out: Path, resume: bool, overwrite: bool, run_file: str, holds: tuple[str, ...] = ("config.json",),
-                clear: bool = False) -> dict | None:
+                clear: bool = False, resumable: bool = True) -> dict | None:
     """Check OUT before anything is written: --resume needs a checkpoint and RUN_FILE there (returned, parsed); a
     fresh run refuses a folder that already holds a model (HOLDS, or a checkpoint) unless --overwrite, which with
-    CLEAR removes it first."""
+    CLEAR removes it first. RESUMABLE: whether the error may suggest --resume."""
     if resume:
         if not (out / CHECKPOINT).is_file() or not (out / run_file).is_file():
             raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT} of this kind of run; start without "
@@ -51,8 +51,8 @@ def open_output(out: Path, resume: bool, overwrite: bool, run_file: str, holds: 
         return json.loads((out / run_file).read_text())
     if out.exists() and any((out / name).exists() for name in (*holds, CHECKPOINT)):
         if not overwrite:
-            raise SystemExit(f"error: {out} already holds a model; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
+            hint = "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite"
+            raise SystemExit(f"error: {out} already holds a model; {hint}, or choose another --out")
         if clear:
             shutil.rmtree(out)
     return None
@@ -68,6 +68,7 @@ class Task:
     generator: torch.Generator  # random draws and masks; checkpoints hold its state
     windows: EpochSampler | None = None  # shuffled passes (--sampling epoch); checkpoints hold its count
     note: str = ""  # what the start line says of the data
+    final_tokens: int = 4_000_000  # held-out tokens the final evaluation reads at most
 
 
 class TrainableView:
@@ -118,6 +119,25 @@ class Weights:
     def checkpoint_target(self):
         """What a checkpoint saves: the whole model, or an adapter's trainable tensors."""
         return self.model if self.adapter is None else TrainableView(self.model)
+
+
+def add_lora(model: nn.Module, lora: LoraConfig, task_type: str, default_targets, example: str,
+             modules_to_save: list[str] | None = None) -> nn.Module:
+    """MODEL with peft LoRA adapters on LORA.targets (else DEFAULT_TARGETS), MODULES_TO_SAVE trained in full; peft's
+    refusal of the targets is one line naming --lora-targets."""
+    require_peft()
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.targets or default_targets
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         task_type=task_type, modules_to_save=modules_to_save)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        shown = ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
+        raise SystemExit(f"error: --lora-targets {shown}: {str(e).splitlines()[0]}; name linear layers of this "
+                         f"model (e.g. {example})") from None
 
 
 def fit_config(run: RunConfig, budget: Budget, device: str, lr: float, warmup: int, autocast_dtype,
