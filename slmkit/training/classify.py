@@ -13,6 +13,7 @@ the best (not before one epoch). Runs are minutes long: no checkpoints, no --res
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -142,7 +143,8 @@ def run(cfg: ClassifyConfig) -> dict:
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * task.batches_per_pass))
     budget = Budget(steps=steps, seconds=cfg.time)
     lr = cfg.lr or (1e-3 if cfg.lora else 1e-4 if model.config.hidden_size < 512 else 5e-5)
-    cfg.eval_every = cfg.eval_every or max(1, min(task.batches_per_pass, steps // 8))  # each epoch, or ~8 times
+    if cfg.eval_every is None:  # once an epoch, or ~8 times in runs under 8 epochs
+        cfg = replace(cfg, eval_every=max(1, min(task.batches_per_pass, steps // 8)))
     session = Session(cfg.out, make_optimizer(model, lr, cfg.weight_decay, dev), task, weights,
                       EarlyStop(cfg.patience, worse_by=0.0, min_step=task.batches_per_pass), checkpoints=False)
     cfg.out.mkdir(parents=True, exist_ok=True)

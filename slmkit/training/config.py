@@ -146,6 +146,7 @@ class TuneConfig(RunConfig):
     warmup: int | None = 10
     weight_decay: float | None = 0.0
     batch_size: int | None = 8
+    sampling: str | None = "epoch"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -97,7 +97,6 @@ def run(cfg: TuneConfig) -> dict:
                         clear=True)
     if saved is not None:
         cfg = resumed(cfg, saved)
-    cfg.sampling = cfg.sampling or "epoch"
     budget = cfg.budget()
     dev = pick_device(cfg.device)
     autocast = pick_dtype(cfg.dtype, dev, hf_cfg.get("hidden_size") or hf_cfg.get("n_embd"))

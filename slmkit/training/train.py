@@ -35,7 +35,7 @@ from slmkit.files import atomic_write_json
 from slmkit.hardware import eval_dtype, pick_device, pick_dtype, precision_name, require_cpp_compiler
 from slmkit.infer.evaluate import evaluate_tokens, fit_temperature
 from slmkit.model.checkpoint import CHECKPOINT, read_checkpoint_state
-from slmkit.model.folder import base_parameter_count, build_model, save_model, scale_logits
+from slmkit.model.folder import base_parameter_count, build_model, scale_logits
 from slmkit.model.llama import set_dropout
 from slmkit.model.presets import PRESETS, build_config, is_encoder
 from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer, token_byte_lengths, train_bpe, train_wordpiece
@@ -87,6 +87,9 @@ class Plan:
     warmup: int
     optimizer: str
     autocast: torch.dtype | None  # training precision (None: fp32)
+    tokenizer: str  # bpe, byte or wordpiece (or reused: TrainConfig.tokenizer_from)
+    sampling: str  # epoch (shuffled passes) or random
+    auto_overrides: dict  # --preset auto's own config fields
     weight_decay: float = 0.1
     dropout: float = 0.0
     dropout_start: float = recipe.LATE_DROPOUT_START
@@ -115,16 +118,16 @@ def plan_run(cfg: TrainConfig, n_bytes: int, dev: str, budget: Budget) -> Plan:
     --set fails here, before the tokenizer trains."""
     auto = recipe.auto_recipe(n_bytes, dev, budget.seconds, budget.steps, budget.tokens, dtype=cfg.dtype)
     preset = auto["preset"] if cfg.preset == "auto" else cfg.preset
-    cfg.tokenizer = encoders.pick_tokenizer(cfg.tokenizer, is_encoder(preset), cfg.tokenizer_from)
     block = cfg.block_size or auto["block_size"]
     # the recipe's tokens per step hold when only the context is given: --block-size 1024 alone takes 4 rows of 1024,
     # not 16 (4x the tokens per update, a quarter of the updates)
     batch = cfg.batch_size or max(1, auto["batch_size"] * auto["block_size"] // block)
     # --preset auto's own config fields (the untied head, the 3-layer slm-1m) are saved with the run: a resumed run
     # rebuilds the model it checkpointed, whatever auto would pick now
-    if cfg.auto_overrides is None:
-        cfg.auto_overrides = auto["overrides"] if cfg.preset == "auto" else {}
-    model = build_config(preset, 512, {**cfg.auto_overrides, **parse_overrides(cfg.set)}, block_size=block)
+    auto_overrides = cfg.auto_overrides
+    if auto_overrides is None:
+        auto_overrides = auto["overrides"] if cfg.preset == "auto" else {}
+    model = build_config(preset, 512, {**auto_overrides, **parse_overrides(cfg.set)}, block_size=block)
     # A resumed run keeps the precision its start resolved: `auto` rests on a timing (cpu_bf16_fast) that can differ
     # between two processes on a busy machine, and the trajectory must not
     autocast = pick_dtype(cfg.precision or cfg.dtype, dev, model["hidden_size"])
@@ -133,7 +136,9 @@ def plan_run(cfg: TrainConfig, n_bytes: int, dev: str, budget: Budget) -> Plan:
     llama = model.get("model_type", "llama") == "llama"
     optimizer = cfg.optimizer or ("adamw" if cfg.resume or not llama else "muon")
     return Plan(preset, model, block, batch, cfg.lr or recipe.peak_lr(model["hidden_size"], optimizer),
-                cfg.warmup if cfg.warmup is not None else auto["warmup_steps"], optimizer, autocast)
+                cfg.warmup if cfg.warmup is not None else auto["warmup_steps"], optimizer, autocast,
+                tokenizer=encoders.pick_tokenizer(cfg.tokenizer, is_encoder(preset), cfg.tokenizer_from),
+                sampling=cfg.sampling or "epoch", auto_overrides=auto_overrides)
 
 
 def plan_regularisation(cfg: TrainConfig, plan: Plan, train_tokens: int, budget: Budget, dev: str) -> Plan:
@@ -172,7 +177,8 @@ def save_run(cfg: TrainConfig, plan: Plan) -> None:
                    vocab_size=plan.model["vocab_size"], optimizer=plan.optimizer,
                    precision=precision_name(plan.autocast),
                    weight_decay=plan.weight_decay, dropout=plan.dropout, dropout_start=plan.dropout_start,
-                   replan=plan.replan)
+                   replan=plan.replan, tokenizer=plan.tokenizer, sampling=plan.sampling,
+                   auto_overrides=plan.auto_overrides)
         atomic_write_json(cfg.out / RUN_FILE, run)
 
 
@@ -211,14 +217,13 @@ def run(cfg: TrainConfig) -> dict:
     saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE)
     if saved is not None:
         cfg = resumed(cfg, saved)
-    cfg.sampling = cfg.sampling or "epoch"
     budget = cfg.budget(announce=dist.is_main())
     files = expand_paths(cfg.data)
     n_bytes = corpus_bytes(files)
     torch.manual_seed(cfg.seed)
     plan = plan_run(cfg, n_bytes, dev, budget)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    tok = get_tokenizer(cfg, files, n_bytes, plan.preset)
+    tok = get_tokenizer(cfg, plan, files, n_bytes)
     train_tokens, val_tokens, meta = load_corpus(cfg, files, tok, plan.block)
     plan.model.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -252,7 +257,7 @@ def run(cfg: TrainConfig) -> dict:
 # The stages
 
 
-def get_tokenizer(cfg: TrainConfig, files: list[Path], n_bytes: int, preset: str):
+def get_tokenizer(cfg: TrainConfig, plan: Plan, files: list[Path], n_bytes: int):
     """Stage 2: the run's tokenizer, trained on the corpus (rank 0 trains and saves it; the others read that),
     reused from --tokenizer-from, raw bytes, or a resumed run's own."""
     if cfg.resume:
@@ -262,17 +267,17 @@ def get_tokenizer(cfg: TrainConfig, files: list[Path], n_bytes: int, preset: str
         return load_tokenizer(cfg.out)
     if cfg.tokenizer_from:
         tok = load_tokenizer(Path(cfg.tokenizer_from))
-    elif cfg.tokenizer == "byte":
+    elif plan.tokenizer == "byte":
         tok = byte_tokenizer()
-    elif cfg.tokenizer in ("bpe", "wordpiece"):
+    elif plan.tokenizer in ("bpe", "wordpiece"):
         from slmkit.data.corpus import iter_documents
 
-        vocab = cfg.vocab_size or recipe.auto_vocab_size(n_bytes, PRESETS[preset]["hidden_size"])
-        print(f"training a {_tokenizer_kind(cfg)} tokenizer ({vocab:,} tokens) on {n_bytes:,} bytes")
+        vocab = cfg.vocab_size or recipe.auto_vocab_size(n_bytes, PRESETS[plan.preset]["hidden_size"])
+        print(f"training a {_tokenizer_kind(cfg, plan)} tokenizer ({vocab:,} tokens) on {n_bytes:,} bytes")
         docs = _cap_bytes(iter_documents(files, cfg.text_col), 256 << 20)
-        tok = train_bpe(docs, vocab) if cfg.tokenizer == "bpe" else train_wordpiece(docs, vocab, cfg.lowercase)
+        tok = train_bpe(docs, vocab) if plan.tokenizer == "bpe" else train_wordpiece(docs, vocab, cfg.lowercase)
     else:
-        raise SystemExit(f"error: unknown --tokenizer {cfg.tokenizer!r}; use bpe, byte or wordpiece")
+        raise SystemExit(f"error: unknown --tokenizer {plan.tokenizer!r}; use bpe, byte or wordpiece")
     tok.save_pretrained(cfg.out)
     dist.barrier()
     return tok
@@ -310,7 +315,7 @@ def build_session(cfg: TrainConfig, plan: Plan, tok, train_tokens, val_tokens, d
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank())  # random windows; encoders' masks
     # shuffled passes: one seed on every rank, each takes its slice of the global batch
     windows = EpochSampler(lambda epoch: epoch_windows(len(train_tokens), plan.block, cfg.seed, epoch), dist.rank(),
-                           dist.world_size()) if cfg.sampling == "epoch" else None
+                           dist.world_size()) if plan.sampling == "epoch" else None
     block, bsz, token_bytes = plan.block, plan.batch, token_byte_lengths(tok)
     next_batch = (lambda: batch_at(train_tokens, windows.take(bsz), block, dev)) if windows else (
         lambda: get_batch(train_tokens, bsz, block, gen, dev))
@@ -397,7 +402,7 @@ def calibrate(session: Session, cfg: TrainConfig, plan: Plan, val_tokens, dev: s
     temp, before, after = fit_temperature(model, val_tokens, plan.block, dev, eval_dtype(plan.autocast, dev))
     if not (after < before - 1e-4 and scale_logits(model, 1.0 / temp)):
         return 1.0
-    save_model(model, cfg.out)
+    session.weights.write()
     session.log({"kind": "calibration", "temperature": temp, "loss_before": before, "loss_after": after})
     print(f"calibrated: logits / {temp:g} (held-out loss {before:.4f} -> {after:.4f}, fitted on that split; "
           "--no-calibrate to keep them as trained)")
@@ -420,13 +425,13 @@ def finish(session: Session, cfg: TrainConfig, plan: Plan, tok, files, meta: dic
     m = plan.model
     card = {**summary, "model_type": m.get("model_type", "llama"), "layers": m.get("num_hidden_layers",
             m.get("num_layers")), "hidden_size": m["hidden_size"], "heads": m.get("num_attention_heads",
-            m.get("num_heads")), "block_size": plan.block, "tokenizer": _tokenizer_kind(cfg),
+            m.get("num_heads")), "block_size": plan.block, "tokenizer": _tokenizer_kind(cfg, plan),
             "vocab_size": m["vocab_size"], "data": [str(f) for f in files], "corpus_tokens": int(meta["tokens"]),
             "corpus_bytes": meta["bytes"],
             "val_fraction": len(val_tokens) / int(meta["tokens"]) if not cfg.eval_data else 0.0,
             "eval_data": cfg.eval_data, "batch_size": plan.batch * dist.world_size(), "grad_accum": cfg.grad_accum,
             "lr": plan.lr, "weight_decay": plan.weight_decay, "dropout": plan.dropout,
-            "dropout_start": plan.dropout_start, "sampling": cfg.sampling, "device": dev,
+            "dropout_start": plan.dropout_start, "sampling": plan.sampling, "device": dev,
             "dtype": precision_name(plan.autocast)}
     session.finish(final, card, title=f"{cfg.out.name}: {plan.preset}")
     write_model_card(cfg.out, card)
@@ -455,9 +460,9 @@ def _check_resume_compatible(saved: dict, now: dict) -> None:
                              f"({saved.get(key)}); drop the flag or start a new --out")
 
 
-def _tokenizer_kind(cfg: TrainConfig) -> str:
+def _tokenizer_kind(cfg: TrainConfig, plan: Plan) -> str:
     return f"from {cfg.tokenizer_from}" if cfg.tokenizer_from else (
-        {"bpe": "byte-level BPE", "wordpiece": "WordPiece"}.get(cfg.tokenizer, "bytes"))
+        {"bpe": "byte-level BPE", "wordpiece": "WordPiece"}.get(plan.tokenizer, "bytes"))
 
 
 def _cap_bytes(texts, limit: int):
