@@ -61,6 +61,6 @@ timeout 120 torchrun --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" -m
   --steps 40 --out /tmp/gc_ddp --overwrite 2>&1 | show
 echo "=== tests with a GPU visible"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # the 2026-11-27 run ran out of lease serially
-timeout 300 python3 -m pytest -q -rf --tb=short -p no:cacheprovider $XDIST tests/test_generate.py \
-  tests/test_evaluate.py tests/test_serve.py tests/test_train.py 2>&1 | grep -v Warning | tail -30
+timeout 300 python3 -m pytest -q -rf --tb=short -p no:cacheprovider $XDIST tests/infer/test_generate.py \
+  tests/infer/test_evaluate.py tests/serve/test_serve.py tests/training/test_train.py 2>&1 | grep -v Warning | tail -30
 # The recipe on a small corpus (batch, context, where the schedule ends): benchmarks/gpu_recipe.sh

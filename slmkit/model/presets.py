@@ -2,7 +2,7 @@
 
 Decoder presets are Llama-architecture models (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied embeddings).
 Every width is a multiple of 32 so that GGUF block quantization (32-element blocks) applies to every matrix later.
-`params` is the exact parameter count at the preset's default `vocab_size`; `tests/test_presets.py` checks it.
+`params` is the exact parameter count at the preset's default `vocab_size`; `tests/model/test_presets.py` checks it.
 The vocabulary is normally replaced by the size of the tokenizer trained on the user's corpus.
 """
 

@@ -273,7 +273,7 @@ def test_slm_serve_starts_and_stops_cleanly_on_sigterm(folders, tmp_path):
 
     port = free_port()
     # the repo first, then whatever the caller's PYTHONPATH holds (dependencies installed with --target, say)
-    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", f"chat={folders['tiny']}", "--port", str(port),
                              "--threads", "1", "--device", "cpu"],
