@@ -97,7 +97,7 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
     from safetensors.torch import load_file
 
     from slmkit.infer.load import read_config
-    from slmkit.model.llama import rope_theta
+    from slmkit.model.block import rope_theta
     from slmkit.model.tokenizer import load_tokenizer
 
     cfg = read_config(model_dir)

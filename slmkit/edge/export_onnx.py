@@ -23,9 +23,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slmkit.model.llama import ForwardOps
+
+
+class OnnxOps(ForwardOps):
+    """The block's primitives in the ONNX graph: the forward's, with RMSNorm spelt out (opset 17 has none) and
+    attention over the past keys/values concatenated with this step's (a graph cannot write into a preallocated
+    cache); the concatenations are kept as the graph's presents. ALLOWED: (T, P+T) causal mask over past + new."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+        self.keys: list[torch.Tensor] = []  # per layer (B, nkv, P+T, hd)
+        self.values: list[torch.Tensor] = []
+
+    def project(self, b: nn.Module, x: torch.Tensor, gain: torch.Tensor, w: nn.Module) -> torch.Tensor:
+        return w(_rms(x, gain, b.eps))
+
+    def attend(self, b: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: tuple[torch.Tensor, torch.Tensor], pos) -> torch.Tensor:
+        """q (B, T, nh, hd), k and v (B, T, nkv, hd); CACHE: this layer's past (B, nkv, P, hd) each -> (B, T, nh*hd).
+        Written out (product, mask, softmax, product): the graph runs where SDPA's export does not."""
+        B, T = q.shape[:2]  # traced: the graph's dynamic batch and length
+        nh, hd = b.n_head, b.head_dim  # constants in the graph
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        k = torch.cat([cache[0], k.transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
+        v = torch.cat([cache[1], v.transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
+        self.keys.append(k)
+        self.values.append(v)
+        rep = nh // b.n_kv  # grouped-query attention: each kv head serves REP query heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, P+T, hd)
+        att = (q @ k.transpose(-1, -2)) * hd ** -0.5  # (B, nh, T, P+T)
+        att = att.masked_fill(~self.allowed, float("-inf")).softmax(-1)
+        return (att @ v).transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+
 
 class KVDecoder(nn.Module):
-    """Our Llama module rewritten with concatenated (not preallocated) caches: traceable into one ONNX graph."""
+    """Our Llama module with concatenated (not preallocated) caches: traceable into one ONNX graph."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -33,37 +67,16 @@ class KVDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
         m = self.m
-        B, T = input_ids.shape
-        P = past_keys.shape[3]
+        T, P = input_ids.shape[1], past_keys.shape[3]
         x = m.embed(input_ids)  # (B, T, C)
-        cos, sin = m.cos[P:P + T], m.sin[P:P + T]  # (T, 1, hd)
+        rot = m.cos[P:P + T], m.sin[P:P + T]  # (T, 1, hd) each: positions P.. P+T-1
         q_pos = torch.arange(T, device=x.device).unsqueeze(1) + P  # (T, 1)
-        allowed = torch.arange(P + T, device=x.device).unsqueeze(0) <= q_pos  # (T, P+T) causal over past + new
-        keys, values = [], []
+        ops = OnnxOps(torch.arange(P + T, device=x.device).unsqueeze(0) <= q_pos)  # (T, P+T) causal over past + new
         for i, b in enumerate(m.layers):
-            nh, nkv, hd = b.n_head, b.n_kv, b.head_dim
-            h = _rms(x, b.attn_norm, b.eps)
-            qkv = b.wqkv(h).view(B, T, nh + 2 * nkv, hd)  # (B, T, nh+2nkv, hd)
-            qk = qkv[:, :, :nh + nkv]  # rotary as models.rope; roll written as a cat of halves for the exporter
-            qk = qk * cos + torch.cat([qk[..., hd // 2:], qk[..., :hd // 2]], dim=-1) * sin
-            q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
-            k = torch.cat([past_keys[i], qk[:, :, nh:].transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
-            v = torch.cat([past_values[i], qkv[:, :, nh + nkv:].transpose(1, 2)], dim=2)  # (B, nkv, P+T, hd)
-            keys.append(k)
-            values.append(v)
-            rep = nh // nkv  # grouped-query attention: each kv head serves REP query heads
-            kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, nh, P+T, hd)
-            vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-            att = (q @ kr.transpose(-1, -2)) * hd ** -0.5  # (B, nh, T, P+T)
-            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
-            y = (att @ vr).transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
-            x = x + b.wo(y)
-            h = _rms(x, b.mlp_norm, b.eps)
-            gate, up = b.w_gate_up(h).chunk(2, dim=-1)
-            x = x + b.w_down(F.silu(gate) * up)
+            x = ops.block(b, x, rot, (past_keys[i], past_values[i]), P)  # (B, T, C)
         x = _rms(x, m.norm, m.layers[0].eps)
         logits = F.linear(x, m.embed.weight if m.lm_head is None else m.lm_head.weight)  # (B, T, V)
-        return logits, torch.stack(keys), torch.stack(values)
+        return logits, torch.stack(ops.keys), torch.stack(ops.values)  # presents: (L, B, nkv, P+T, hd)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

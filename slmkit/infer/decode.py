@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from slmkit.model.block import BlockOps, BlockWeights, rope
+from slmkit.model.llama import Llama, StepOps
 
 
 def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -30,13 +32,33 @@ def _norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean() + eps) * gain.float()  # RMSNorm of one fp32 vector (C,)
 
 
+class CompiledStepOps(StepOps):
+    """The block's primitives for the compiled step: the eager step's (one token, preallocated cache, attention
+    eager), with products as row reductions and rotary as rope()'s elementwise ops, which inductor fuses. The residual
+    stream is fp32 (a row reduction's output); queries, keys and values leave attn_in in KV_DTYPE, the cache's."""
+
+    def __init__(self, kv_dtype: torch.dtype):
+        self.kv_dtype = kv_dtype
+
+    def project(self, b: BlockWeights, x: torch.Tensor, gain: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _matvec(w, _norm(x, gain, b.eps))
+
+    def add_product(self, b: BlockWeights, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + _matvec(w, y)  # a bf16 y is widened exactly, as y.float() would
+
+    def rotary(self, qk: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return rope(qk, *rot)  # cos, sin: (1, hd) at this position
+
+    def attn_in(self, b: BlockWeights, x: torch.Tensor, rot) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = BlockOps.attn_in(self, b, x, rot)  # (nh, hd), (nkv, hd), (nkv, hd) in fp32
+        return q.to(self.kv_dtype), k.to(self.kv_dtype), v.to(self.kv_dtype)  # cast inside the kernel: no op
+
+
 def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
     """A function (token, cache, pos) -> logits (V,) that computes MODEL.step(token, cache, pos) (our Llama: same
     maths, float rounding aside) with compiled kernels, compiled before it returns. Weights must be float
     nn.Linear/Embedding ones (not int8); they are made contiguous (out, in) in place, the layout a row reduction
-    streams fastest."""
-    from slmkit.model.llama import Llama
-
+    streams fastest. The caches must be model.new_cache's (the model's dtype)."""
     if not isinstance(model, Llama):
         raise ValueError("--compile speeds up slmkit's Llama decoder only (a plain Llama config)")
     head_layer = model.embed if model.lm_head is None else model.lm_head  # tied or not
@@ -47,40 +69,20 @@ def compile_step(model: nn.Module) -> Callable[[int, list, int], torch.Tensor]:
     with torch.no_grad():
         for m in linears:
             m.weight.data = m.weight.data.contiguous()  # undo decode_layout's transposed storage if it was applied
-    c = model.config
-    nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], model.head_dim
     eps = model.layers[0].eps if len(model.layers) else 1e-5
-
-    def attn_in(x, gain, wqkv, cos, sin, kv_dtype: torch.dtype):
-        """x (C,) -> queries (nh, hd) and this token's keys and values (nkv, hd), rotary applied."""
-        qkv = _matvec(wqkv, _norm(x, gain, eps)).view(nh + 2 * nkv, hd)
-        qk = qkv[:nh + nkv]
-        qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin  # models.rope's sign-folded rotate_half
-        return qk[:nh].to(kv_dtype), qk[nh:].to(kv_dtype), qkv[nh + nkv:].to(kv_dtype)
-
-    def attn_out_mlp(x, y, wo, gain, w_gate_up, w_down):
-        """Residual x (C,), attention output y (nh*hd,) -> the block's output (C,): o-projection, RMSNorm, SwiGLU."""
-        x = x + _matvec(wo, y.float())
-        gate_up = _matvec(w_gate_up, _norm(x, gain, eps))
-        ffn = gate_up.shape[0] // 2
-        return x + _matvec(w_down, F.silu(gate_up[:ffn]) * gate_up[ffn:])
-
-    def head(x, gain, w):
-        return _matvec(w, _norm(x, gain, eps))  # (V,) logits in fp32
-
-    attn_in, attn_out_mlp, head = (torch.compile(f, dynamic=False) for f in (attn_in, attn_out_mlp, head))
+    # Plain tensors, not the Block modules: cheaper guards per call (BlockWeights); one kernel serves every layer.
+    weights = [BlockWeights(b.n_head, b.n_kv, b.head_dim, b.eps, b.attn_norm, b.wqkv.weight, b.wo.weight,
+                            b.mlp_norm, b.w_gate_up.weight, b.w_down.weight) for b in model.layers]
+    ops = CompiledStepOps(model.norm.dtype)  # new_cache's dtype
+    # The block's two halves become kernels on this instance; ops.block() runs them around the eager attention.
+    ops.attn_in, ops.attn_out_mlp = (torch.compile(f, dynamic=False) for f in (ops.attn_in, ops.attn_out_mlp))
+    head = torch.compile(lambda x, gain, w: _matvec(w, _norm(x, gain, eps)), dynamic=False)  # (V,) logits, fp32
 
     def step(token: int, cache: list, pos: int) -> torch.Tensor:
         x = model.embed.weight[token].float().clone()  # (C,): a fresh fp32 vector, like every later layer's input
-        cos, sin = model.cos[pos], model.sin[pos]  # (1, hd)
-        for block, (k_cache, v_cache) in zip(model.layers, cache, strict=True):
-            q, k, v = attn_in(x, block.attn_norm, block.wqkv.weight, cos, sin, k_cache.dtype)
-            k_cache.select(2, pos).copy_(k)  # (1, nkv, hd) <- (nkv, hd)
-            v_cache.select(2, pos).copy_(v)
-            y = F.scaled_dot_product_attention(q.view(1, nh, 1, hd), k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
-                                               enable_gqa=nkv != nh)  # (1, nh, 1, hd)
-            x = attn_out_mlp(x, y.view(-1), block.wo.weight, block.mlp_norm, block.w_gate_up.weight,
-                             block.w_down.weight)
+        rot = model.cos[pos], model.sin[pos]  # (1, hd) each
+        for w, kv in zip(weights, cache, strict=True):
+            x = ops.block(w, x, rot, kv, pos)  # (C,)
         return head(x, model.norm, head_layer.weight)
 
     # Compile now, while loading, not during the first token: a reported decoding rate would otherwise include it.

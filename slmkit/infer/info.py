@@ -25,7 +25,8 @@ def describe(model_dir: Path | None = None, preset: str | None = None) -> dict:
         cfg = read_config(Path(model_dir))
         with torch.device("meta"):
             if supports_fast_path(cfg):
-                from slmkit.model.llama import Llama, rope_theta
+                from slmkit.model.block import rope_theta
+                from slmkit.model.llama import Llama
 
                 model = Llama({**cfg, "rope_theta": rope_theta(cfg), "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6)})
             elif is_encoder(cfg):  # masked-LM, classifier or plain encoder folder: count the base model

@@ -104,8 +104,9 @@ def merged_model(adapter_dir: Path, base: Path | None = None, check: bool = True
 
 def load_merged(adapter_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An adapter folder as a ready model (merged in memory): slmkit's fast module for plain Llama bases."""
+    from slmkit.model.block import rope_theta
     from slmkit.model.folder import from_hf_state_dict, supports_fast_path
-    from slmkit.model.llama import Llama, rope_theta
+    from slmkit.model.llama import Llama
 
     model = merged_model(adapter_dir, check=False)
     cfg = model.config.to_dict()

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from slmkit.files import atomic_write_bytes, atomic_write_json
-from slmkit.model.llama import Llama, rope_theta
+from slmkit.model.block import rope_theta
+from slmkit.model.llama import Llama
 from slmkit.model.presets import is_encoder
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slmkit.model.block import rope_theta, rotary_tables
+
 METHODS = ("int8",)
 
 
@@ -71,21 +73,10 @@ def int8_llama(cfg: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
     e = "model.embed_tokens.weight"
     model.embed = Int8Embedding(sd[e], sd[e + ".scale"])
     model.lm_head = qs("lm_head.weight" if "lm_head.weight" in sd else e)  # shares the tied int8 data
-    cos, sin = _rotary(cfg, model.head_dim)  # the buffers built on meta, rebuilt for real
+    cos, sin = rotary_tables(cfg, model.head_dim)  # the buffers built on meta, rebuilt for real
     model.register_buffer("cos", cos, persistent=False)
     model.register_buffer("sin", sin, persistent=False)
     return model.eval()
-
-
-def _rotary(cfg: dict, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin tables exactly as Llama.__init__ builds them: (max_T, 1, hd) each."""
-    from slmkit.model.llama import rope_theta
-
-    inv_freq = 1.0 / (rope_theta(cfg) ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    freqs = torch.outer(torch.arange(cfg["max_position_embeddings"], dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_T, hd)
-    sign = torch.cat((-torch.ones(hd // 2), torch.ones(hd // 2)))
-    return emb.cos().unsqueeze(1), (emb.sin() * sign).unsqueeze(1)
 
 
 def is_quantized(cfg: dict) -> bool:
@@ -95,8 +86,6 @@ def is_quantized(cfg: dict) -> bool:
 def load_quantized(model_dir: Path, cfg: dict) -> nn.Module:
     """What `slmkit.infer.load.load_model` calls for a folder written by `slm quantize`."""
     from safetensors.torch import load_file
-
-    from slmkit.model.llama import rope_theta
 
     c = dict(cfg)
     c["rope_theta"] = rope_theta(cfg)

@@ -18,9 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.hardware import cpu_has_bf16
+from slmkit.model.block import BlockOps, rope, rotary_tables
+from slmkit.model.block import rope_theta as rope_theta  # re-exported: callers written against llama.rope_theta
 
 
 class Block(nn.Module):
+    """One layer's weights and sizes; its maths is `block.BlockOps` (the one definition), run here with
+    `ForwardOps` by forward() and with `StepOps` by Llama.step()."""
+
     def __init__(self, d: int, n_head: int, n_kv: int, head_dim: int, ffn: int, eps: float):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim, self.eps = n_head, n_kv, head_dim, eps
@@ -31,79 +36,104 @@ class Block(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(d))
         self.w_gate_up = nn.Linear(d, 2 * ffn, bias=False)
         self.w_down = nn.Linear(ffn, d, bias=False)
-        self.norms_folded = False  # decode_layout folded attn_norm/mlp_norm into wqkv/w_gate_up (step() skips them)
+        self.norms_folded = False  # decode_layout folded attn_norm/mlp_norm into wqkv/w_gate_up (StepOps skips them)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
-        h = F.rms_norm(x, (C,), self.attn_norm, self.eps)
-        qkv = self.wqkv(h).view(B, T, nh + 2 * nkv, hd)  # (B, T, nh+2nkv, hd)
-        qk = rope(qkv[:, :, :nh + nkv], cos, sin)  # one rotary call for queries and keys together
-        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
-        k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
-        v = qkv[:, :, nh + nkv:].transpose(1, 2)  # (B, nkv, T, hd)
-        if cache is None:
-            y = causal_attention(q, k, v)
-        else:
-            # Write this step's keys/values into the preallocated cache, then attend over everything so far.
-            k_cache, v_cache = cache  # (B, nkv, max_T, hd)
-            if isinstance(pos, torch.Tensor):  # one decode step, each row at its own position (serve's batching)
-                rows = torch.arange(B, device=x.device)
-                k_cache[rows, :, pos] = k[:, :, 0]  # (B, nkv, hd)
-                v_cache[rows, :, pos] = v[:, :, 0]
-                end = int(pos.max()) + 1
-                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-                mask = (torch.arange(end, device=x.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
-                return self._finish(x, y)
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
-            mask = None
-            if T > 1:  # prefill: causal within the new tokens, full view of the cached prefix
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        return self._finish(x, y)
-
-    def step(self, x: torch.Tensor, rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             pos: int) -> torch.Tensor:
-        """forward() for one new token of one sequence at position POS, in about half the ops and with
-        matrix-vector products: decoding a small model at batch 1 costs per-op overhead, not arithmetic.
-        x: (C,); rot: (hd, hd), the rotary embedding at POS; caches: (1, nkv, max_T, hd)."""
-        nh, nkv, hd = self.n_head, self.n_kv, self.head_dim
-        qkv = matvec(self.wqkv, *self._normed(x, self.attn_norm)).view(nh + 2 * nkv, hd)  # one row per head
-        qk = torch.mm(qkv[:nh + nkv], rot)  # (nh+nkv, hd): rotary for queries and keys in one product
-        k_cache.select(2, pos).copy_(qk[nh:])  # (1, nkv, hd) <- (nkv, hd); fewer view ops than k_cache[0, :, pos]
-        v_cache.select(2, pos).copy_(qkv[nh + nkv:])
-        y = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), k_cache[:, :, :pos + 1],
-                                           v_cache[:, :, :pos + 1], enable_gqa=nkv != nh)  # (1, nh, 1, hd)
-        x = matvec(self.wo, y.view(-1), residual=x)
-        gate_up = matvec(self.w_gate_up, *self._normed(x, self.mlp_norm))
-        ffn = gate_up.shape[0] // 2  # two slices cost less than chunk()'s split
-        return matvec(self.w_down, F.silu(gate_up[:ffn]) * gate_up[ffn:], residual=x)  # (C,)
-
-    def _normed(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """RMSNorm(x) * weight for one vector x (C,), as (v, s) with RMSNorm(x) * weight = v * s, for matvec(layer, v,
-        scale=s): on CPU in fp32 the scalar s = 1/rms(x) rides on the product (its alpha) instead of costing an op,
-        and where decode_layout folded the norm's weight into the next matrix, v is x itself: no op at all."""
-        if x.dtype == torch.float32 and x.device.type == "cpu":
-            return (x if self.norms_folded else x * weight), inv_rms(x, self.eps)
-        return rms_norm(x, weight, self.eps), 1.0
-
-    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Attention output y (B, nh, T, hd) -> output projection, residual, then the MLP."""
-        B, T, C = x.shape
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        x = x + self._drop(self.wo(y))
-        h = F.rms_norm(x, (C,), self.mlp_norm, self.eps)
-        gate, up = self.w_gate_up(h).chunk(2, dim=-1)
-        return x + self._drop(self.w_down(F.silu(gate) * up))
+        """x (B, T, C) -> (B, T, C). cos, sin: rotary tables at the T positions, (T, 1, hd) or, with a LongTensor
+        POS, (B, 1, 1, hd); CACHE: this layer's preallocated (keys, values), each (B, nkv, max_T, hd)."""
+        return FORWARD.block(self, x, (cos, sin), cache, pos)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.dropout and self.training):
             return x
         return residual_dropout(x, self.dropout) if x.device.type == "cpu" else F.dropout(x, self.dropout, True)
+
+
+class ForwardOps(BlockOps):
+    """The block's primitives for sequences (B, T, C): training, prefill, and batched decoding (serve)."""
+
+    def project(self, b: Block, x: torch.Tensor, gain: torch.Tensor, w: nn.Module) -> torch.Tensor:
+        return w(F.rms_norm(x, (x.shape[-1],), gain, b.eps))
+
+    def add_product(self, b: Block, x: torch.Tensor, w: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        return x + b._drop(w(y))
+
+    def rotary(self, qk: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return rope(qk, *rot)
+
+    def attend(self, b: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: tuple[torch.Tensor, torch.Tensor] | None, pos: int | torch.Tensor) -> torch.Tensor:
+        """q (B, T, nh, hd), k and v (B, T, nkv, hd) -> (B, T, nh*hd). Without a cache: causal self-attention;
+        with one, this step's keys/values are written into it at POS and q attends over everything so far."""
+        B, T, nh, hd = q.shape
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd): SDPA's layout
+        if cache is None:
+            y = causal_attention(q, k, v)
+        elif isinstance(pos, torch.Tensor):  # one decode step, each row at its own position (serve's batching)
+            y = _attend_rows(q, k, v, cache, pos)
+        else:
+            y = _attend_from(q, k, v, cache, pos)
+        return y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+
+
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                 pos: torch.Tensor) -> torch.Tensor:
+    """One token per row, row i at position pos[i]: q (B, nh, 1, hd), k and v (B, nkv, 1, hd) -> (B, nh, 1, hd)."""
+    k_cache, v_cache = cache  # (B, nkv, max_T, hd)
+    rows = torch.arange(q.shape[0], device=q.device)
+    k_cache[rows, :, pos] = k[:, :, 0]  # (B, nkv, hd)
+    v_cache[rows, :, pos] = v[:, :, 0]
+    end = int(pos.max()) + 1
+    mask = (torch.arange(end, device=q.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end): each row's past
+    return F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_from(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                 pos: int) -> torch.Tensor:
+    """T new tokens at positions POS.. of every row: q (B, nh, T, hd), k and v (B, nkv, T, hd) -> (B, nh, T, hd)."""
+    T = q.shape[2]
+    k_cache, v_cache = cache  # (B, nkv, max_T, hd)
+    k_cache[:, :, pos:pos + T] = k
+    v_cache[:, :, pos:pos + T] = v
+    mask = None
+    if T > 1:  # prefill: causal within the new tokens, full view of the cached prefix
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)  # (T, pos+T)
+    return F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T], attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class StepOps(BlockOps):
+    """The block's primitives for one new token of one sequence (x: (C,)), in about half the ops of forward() and
+    with matrix-vector products: decoding a small model at batch 1 costs per-op overhead, not arithmetic."""
+
+    def project(self, b: Block, x: torch.Tensor, gain: torch.Tensor, w: nn.Module | torch.Tensor) -> torch.Tensor:
+        """RMSNorm(x) * gain = v * s: on CPU in fp32 the scalar s = 1/rms(x) rides on the product (matvec's alpha)
+        instead of costing an op, and where decode_layout folded the gain into W, v is x itself: no op at all."""
+        if x.is_cpu and x.dtype == torch.float32:  # is_cpu: 0.3 us less than x.device.type, twice a layer
+            return matvec(w, x if b.norms_folded else x * gain, inv_rms(x, b.eps))
+        return matvec(w, rms_norm(x, gain, b.eps))
+
+    def add_product(self, b: Block, x: torch.Tensor, w: nn.Module | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return matvec(w, y, residual=x)  # the residual rides on the product (addmv's beta)
+
+    def rotary(self, qk: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        return torch.mm(qk, rot)  # (nh+nkv, hd) @ (hd, hd): Llama.step's rotary matrix at this position
+
+    def attend(self, b: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: tuple[torch.Tensor, torch.Tensor], pos: int) -> torch.Tensor:
+        """q (nh, hd), k and v (nkv, hd) at POS -> (nh*hd,). Caches: (1, nkv, max_T, hd)."""
+        nh, nkv, hd = b.n_head, b.n_kv, b.head_dim
+        k_cache, v_cache = cache
+        k_cache.select(2, pos).copy_(k)  # (1, nkv, hd) <- (nkv, hd); fewer view ops than k_cache[0, :, pos]
+        v_cache.select(2, pos).copy_(v)
+        y = F.scaled_dot_product_attention(q.view(1, nh, 1, hd), k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
+                                           enable_gqa=nkv != nh)  # (1, nh, 1, hd)
+        return y.view(-1)  # (nh*hd,)
+
+
+FORWARD, STEP = ForwardOps(), StepOps()
 
 
 def residual_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -212,16 +242,6 @@ def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
 _ZERO = torch.zeros(())  # matvec's ignored input to baddbmm/addmv when beta=0 (CPU fp32 only: scale != 1 there)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the 'rotate half' layout that transformers' Llama uses. x: (B, T, H, hd).
-
-    rotate_half(x) = cat(-x2, x1) equals roll(x, hd/2) times a sign pattern; the sign is folded into SIN (see
-    Llama.__init__), so this is 4 ops instead of 6 — it matters at small widths, where elementwise ops dominate.
-    cos, sin: (T, 1, hd).
-    """
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
-
-
 class Llama(nn.Module):
     """A Llama decoder whose weights map exactly onto transformers' LlamaForCausalLM."""
 
@@ -236,13 +256,9 @@ class Llama(nn.Module):
                                     for _ in range(L))
         self.norm = nn.Parameter(torch.ones(d))
         self.lm_head = None if c.get("tie_word_embeddings", True) else nn.Linear(d, c["vocab_size"], bias=False)
-        inv_freq = 1.0 / (rope_theta(c) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        t = torch.arange(c["max_position_embeddings"], dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (max_T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (max_T, hd)
-        sign = torch.cat((-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)))  # rotate_half's signs
-        self.register_buffer("cos", emb.cos().unsqueeze(1), persistent=False)  # (max_T, 1, hd)
-        self.register_buffer("sin", (emb.sin() * sign).unsqueeze(1), persistent=False)  # (max_T, 1, hd)
+        cos, sin = rotary_tables(c, self.head_dim)  # (max_T, 1, hd) each; sin carries rotate_half's signs
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self._rot_basis: tuple[torch.Tensor, torch.Tensor] | None = None  # built by step() on first use
         self.compiled_step = None  # decode.compile_step's function, which step() then runs instead
         self.apply(self._init)
@@ -275,17 +291,21 @@ class Llama(nn.Module):
         if self.compiled_step is not None:
             return self.compiled_step(token, cache, pos)
         x = self.embed(torch.tensor([token], device=self.cos.device))[0]  # (C,)
-        # Rotary at POS as one (hd, hd) matrix for every layer: q @ rot = q * cos + rotate_half(q) * sin. The
-        # roll that rope() uses is the permutation matrix `perm`; sin already carries rotate_half's signs.
+        rot = self._rotation(pos, x)  # (hd, hd)
+        for block, kv in zip(self.layers, cache, strict=True):
+            x = STEP.block(block, x, rot, kv, pos)  # (C,)
+        x = rms_norm(x, self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
+        return matvec(self.embed if self.lm_head is None else self.lm_head, x)  # (V,)
+
+    def _rotation(self, pos: int, x: torch.Tensor) -> torch.Tensor:
+        """Rotary at POS as one (hd, hd) matrix for every layer: q @ rot = q * cos + rotate_half(q) * sin, one
+        product (StepOps.rotary) instead of rope()'s four ops. The roll that rope() uses is the permutation matrix
+        `perm`; sin already carries rotate_half's signs."""
         if self._rot_basis is None or self._rot_basis[0].device != x.device:
             eye = torch.eye(self.head_dim, device=x.device)
             self._rot_basis = (eye, eye.roll(self.head_dim // 2, dims=1))  # perm[i, j] = 1 for i = j - hd/2 mod hd
         eye, perm = self._rot_basis
-        rot = (eye * self.cos[pos] + perm * self.sin[pos]).to(x.dtype)  # (hd, hd)
-        for block, (k_cache, v_cache) in zip(self.layers, cache, strict=True):
-            x = block.step(x, rot, k_cache, v_cache, pos)
-        x = rms_norm(x, self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
-        return matvec(self.embed if self.lm_head is None else self.lm_head, x)  # (V,)
+        return (eye * self.cos[pos] + perm * self.sin[pos]).to(x.dtype)  # (hd, hd)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list:
         """Preallocated key/value tensors, one pair per layer: (B, nkv, max_len, hd). Dtype and device follow the final
@@ -301,11 +321,6 @@ def set_dropout(model: nn.Module, p: float) -> None:
     for block in model.modules():  # through DDP and torch.compile wrappers too
         if isinstance(block, Block):
             block.dropout = p
-
-
-def rope_theta(c: dict) -> float:
-    """transformers 5 moved rope_theta into rope_parameters; read either."""
-    return float((c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
 # decode_layout's rule for reading a weight with all threads at once (matvec's `split_rows`). It only pays when the

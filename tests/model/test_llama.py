@@ -59,6 +59,22 @@ def test_one_token_decode_step_equals_full_forward():
         torch.testing.assert_close(steps, full[0, 12:], rtol=1e-4, atol=1e-5)
 
 
+def test_every_consumer_runs_the_one_block_definition():
+    """The training forward, the eager step, the compiled step and the ONNX graph supply primitives only (products,
+    rotary, attention with its cache); the block's sequence is BlockOps' alone. The compiled step wraps attn_in to
+    cast to the cache's dtype inside its kernel, around the shared one."""
+    from slmkit.edge.export_onnx import OnnxOps
+    from slmkit.infer.decode import CompiledStepOps
+    from slmkit.model.block import BlockOps
+    from slmkit.model.llama import ForwardOps, StepOps
+
+    for ops in (ForwardOps, StepOps, OnnxOps, CompiledStepOps):
+        assert ops.block is BlockOps.block and ops.attn_out_mlp is BlockOps.attn_out_mlp
+        for primitive in ("project", "add_product", "rotary", "attend"):
+            assert getattr(ops, primitive) is not getattr(BlockOps, primitive), (ops, primitive)
+    assert all(ops.attn_in is BlockOps.attn_in for ops in (ForwardOps, StepOps, OnnxOps))
+
+
 def test_decode_layout_keeps_the_function(tmp_path):
     # Inference relays weights out as (in, out) storage for faster matrix-vector products and folds each block's
     # RMSNorm weights into the matrix they feed: same shapes, same logits from forward() and step(), idempotent, and
