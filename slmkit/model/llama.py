@@ -4,7 +4,7 @@ slmkit trains Llama-architecture decoders with its own compact module (`Llama` b
 projections and PyTorch's fused attention make it faster than `transformers`' LlamaForCausalLM on small shapes,
 where per-op overhead dominates. The weights map one-to-one onto LlamaForCausalLM, so the folder we write is a
 plain Hugging Face model folder (config.json + model.safetensors + tokenizer.json) and opens in `transformers`
-with the same logits (`tests/test_models.py` checks it). Other architectures (GPT-Neo, anything imported) run as
+with the same logits (`tests/model/test_llama.py` checks it). Other architectures (GPT-Neo, anything imported) run as
 `transformers` models.
 """
 
@@ -287,7 +287,7 @@ class Llama(nn.Module):
 
     def step(self, token: int, cache: list, pos: int) -> torch.Tensor:
         """One decode step of one sequence: TOKEN at position POS -> logits (V,). The same maths as
-        forward(tensor([[token]]), cache, pos)[0, -1] (tests/test_models.py checks it) in fewer, cheaper ops."""
+        forward(tensor([[token]]), cache, pos)[0, -1] (tests/model/test_llama.py checks it) in fewer, cheaper ops."""
         if self.compiled_step is not None:
             return self.compiled_step(token, cache, pos)
         x = self.embed(torch.tensor([token], device=self.cos.device))[0]  # (C,)
