@@ -17,7 +17,8 @@ Why primitives and not one code path: the consumers' costs differ (a training st
 step is per-op overhead, ~20 us an op on cold caches, so its norm rides on the product; the compiled step fuses all
 between two attention calls; ONNX needs ops its opset has), but a change to the block itself is made here, for all
 four. The indirection costs the eager step a few Python calls per layer (~0.1 us each against 80-400 us for a
-layer); the splits use tensor_split, which at any leading dims costs what the step's plain slices cost.
+layer); the splits use tensor_split, which at any leading dims costs what the step's plain slices cost
+(A/B: docs/benchmarks.md, 2026-12-06).
 
 Shapes: x is (..., C), the leading dims (B, T) in the forward and the ONNX graph, none in the one-token steps.
 """
