@@ -80,12 +80,13 @@ class RunConfig:
         return {"eval_every_s": parse_duration(every) if every else max(10.0, (budget.seconds or 300.0) / 8)}
 
     @classmethod
-    def from_options(cls, **options):
-        """The config from a verb's keyword options: those it does not know are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+    def from_options(cls, what: str, **options):
+        """The config from a verb's keyword options; an option it has no field for is one line naming the flag it
+        came from and WHAT refuses it (e.g. '--task classify')."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
         if unknown:
-            raise TypeError(f"{cls.__name__} has no option {', '.join(unknown)}")
+            raise SystemExit(f"error: {', '.join('--' + k.replace('_', '-') for k in unknown)} cannot be used with "
+                             f"{what}")
         return cls(**options)
 
 

@@ -73,21 +73,12 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     if task == "classify":
         from slmkit.training import classify
 
-        return classify.run(_config(ClassifyConfig, "--task classify", **common, **options))
+        return classify.run(ClassifyConfig.from_options("--task classify", **common, **options))
     given = [k for k in CLASSIFY_ONLY if k in options]
     if given:
         raise SystemExit(f"error: {', '.join('--' + k.replace('_', '-') for k in given)} are for --task classify; "
                          "causal and sft hold out the end of --data (--val-fraction) and use --block-size")
-    return run(_config(TuneConfig, f"--task {task}", task=task, **common, **options))
-
-
-def _config(kind, what: str, **options):
-    """KIND(**OPTIONS), with an option KIND has no field for named as the flag it came from."""
-    unknown = sorted(set(options) - set(kind.__dataclass_fields__))
-    if unknown:
-        raise SystemExit(f"error: {', '.join('--' + k.replace('_', '-') for k in unknown)} cannot be used with "
-                         f"{what}")
-    return kind(**options)
+    return run(TuneConfig.from_options(f"--task {task}", task=task, **common, **options))
 
 
 def run(cfg: TuneConfig) -> dict:

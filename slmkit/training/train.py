@@ -205,7 +205,7 @@ def main(**options) -> dict:
     the final norm by models.scale_logits).
     Returns a summary dict (parameters, steps, tokens, train_seconds, final_eval, best_step, out).
     """
-    return run(TrainConfig.from_options(**options))
+    return run(TrainConfig.from_options("slm train", **options))
 
 
 def run(cfg: TrainConfig) -> dict:
