@@ -20,6 +20,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("slmkit.edge.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
     "finetune": ("slmkit.training.finetune",
                  "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
+    "distill": ("slmkit.distill.run",
+                "a smaller student trained on a teacher's distributions (KD, DistilBERT, drafts)"),
     "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
     "export": ("slmkit.edge.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),

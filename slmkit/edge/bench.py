@@ -100,13 +100,14 @@ def _torch_runner(path: Path):
 
 
 def _llama_cpp_runner(path: Path, threads: int):
-    import llama_cpp
     from gguf import GGUFReader
+
+    from slmkit.edge.export_gguf import llama_cpp_model
 
     field = GGUFReader(path).fields["llama.context_length"]
     ctx = int(field.parts[field.data[0]][0])
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+    llm = llama_cpp_model(path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
                           verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
 

@@ -191,11 +191,40 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
 def open_llama_cpp(path: Path, n_ctx: int, threads: int | None = None):
     """A llama_cpp.Llama with every position's logits kept, or None when llama-cpp-python is not installed."""
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+    return llama_cpp_model(path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
                            n_threads=threads or torch.get_num_threads(), n_batch=min(512, n_ctx))
+
+
+def llama_cpp_model(path: Path, **options):
+    """llama_cpp.Llama(model_path=PATH, **OPTIONS), without weight repacking ("extra buffer types") on CPUs with AMX:
+    there llama-cpp-python 0.3.36's repacked q8_0/q4_0 kernels segfault (Xeon Sapphire Rapids and later)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    if not cpu_has_amx():
+        return llama_cpp.Llama(model_path=str(path), **options)
+    defaults = low.llama_model_default_params  # the only way in: Llama() takes the struct from this function
+
+    def no_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = no_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), **options)
+    finally:
+        low.llama_model_default_params = defaults
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:

@@ -271,9 +271,12 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.get("initializer_range", 0.02))
 
-    def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: list | None = None, pos: int | torch.Tensor = 0,
+                head: bool = True) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, V). With `cache`, positions start at `pos`; a LongTensor POS (B,)
-        (with T = 1) puts each row at its own position, so sequences of different lengths decode in one batch."""
+        (with T = 1) puts each row at its own position, so sequences of different lengths decode in one batch.
+        HEAD False: the final hidden states (B, T, C) instead, for losses that apply the head chunk by chunk
+        (training.chunked)."""
         T = idx.shape[1]
         x = self.embed(idx)  # (B, T, C)
         if isinstance(pos, torch.Tensor):
@@ -283,6 +286,8 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.layers[0].eps if len(self.layers) else 1e-5)
+        if not head:
+            return x
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
 
     def step(self, token: int, cache: list, pos: int) -> torch.Tensor:

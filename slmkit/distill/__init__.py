@@ -1,0 +1,1 @@
+"""Distillation: a smaller student trained on a teacher's distributions (`slm distill`, docs/distill.md)."""
