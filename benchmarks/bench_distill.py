@@ -83,12 +83,13 @@ def encoder(args, work: Path) -> dict:
     unlabelled = unlabelled_rest(work, train, groups)
     base = minilm_folder(work)
     t0 = time.perf_counter()
-    tsum = finetune(base, train, work / "teacher", eval_data=str(test), epochs=args.epochs_teacher,
+    # both keep their best weights by a held-out tenth of train.csv; test.csv is only predicted, at the end
+    tsum = finetune(base, train, work / "teacher", epochs=args.epochs_teacher,
                     max_length=args.max_length, lr=1e-4, batch_size=32, overwrite=True, progress=False)
     teacher_minutes = (time.perf_counter() - t0) / 60
     t0 = time.perf_counter()
     ssum = distill(work / "teacher", [str(train)], work / "student", student_layers=3, unlabelled=[str(unlabelled)],
-                   eval_data=str(test), epochs=args.epochs_student, max_length=args.max_length, lr=args.student_lr,
+                   epochs=args.epochs_student, max_length=args.max_length, lr=args.student_lr,
                    overwrite=True, progress=False)
     student_minutes = (time.perf_counter() - t0) / 60
     xe, ye = read_csv(test)

@@ -69,6 +69,46 @@ def kd_topk(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor
     return t * t * divergence(log_p, log_q, kind, beta)
 
 
+def kd_topk_and_grad(z: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, temperature: float, kind: str,
+                     beta: float, alpha: float, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALPHA x kd_topk + (1 - ALPHA) x summed next-token cross-entropy against TARGETS, and its gradient with respect
+    to the logits Z (n, V), computed in two (n, V) buffers (Z's, reused, and one more) where autograd keeps ~six.
+
+    Autograd differentiates the divergence on the (n, k) top-k log-probabilities alone (the rest bucket is a function
+    of them); the gradient is carried to the logits in closed form: with q = softmax(z / T) and g = dL/dlog q_top,
+    d log q_i / d z_j = (1[i = j] - q_j) / T, so dL/dz_j = (g_j - q_j sum_i g_i) / T (g_j = 0 outside the top-k).
+    Z is overwritten."""
+    t = temperature
+    z = z.detach()
+    q = z * (1.0 / t)  # (n, V): the one extra buffer, softmax(z / T) in the end; each pass below is in place
+    m_t = q.amax(-1, keepdim=True)
+    s_t = q.sub_(m_t).exp_().sum(-1, keepdim=True)  # q = exp(z / T - max), s_t its row sums
+    log_q_top = (z.gather(-1, top_ids.long()) * (1.0 / t) - m_t - s_t.log()).requires_grad_()  # (n, k)
+    with torch.enable_grad():
+        log_q = torch.cat([log_q_top, _log_rest(log_q_top)], dim=-1)  # (n, k + 1); the rest is 1 - the top-k
+        log_p = torch.cat([top_logp.float(), _log_rest(top_logp.float())], dim=-1)
+        soft = t * t * divergence(log_p, log_q, kind, beta)
+        (g_top,) = torch.autograd.grad(soft, log_q_top)  # (n, k)
+    grad = q.mul_(-g_top.sum(-1, keepdim=True) * (alpha / t) / s_t)  # -q_j sum_i g_i / T (q normalised here)
+    grad.scatter_add_(-1, top_ids.long(), g_top * (alpha / t))
+    loss = alpha * soft.detach()
+    if alpha < 1.0:
+        ce, probs, norm = _softmax_in_place(z, targets)
+        loss = loss + (1.0 - alpha) * ce
+        grad.addcmul_(probs, (1.0 - alpha) / norm)  # + (1 - alpha) softmax(z)
+        grad[torch.arange(len(targets), device=z.device), targets] -= 1.0 - alpha
+    return loss, grad
+
+
+def _softmax_in_place(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (summed cross-entropy of logits Z against TARGETS, exp(z - max) in Z's memory, its row sums (n, 1)):
+    softmax(z) = the second / the third. One exp pass and no new (n, V) buffer."""
+    picked = z[torch.arange(len(targets), device=z.device), targets]  # (n,), before Z is overwritten
+    m = z.amax(-1, keepdim=True)
+    norm = z.sub_(m).exp_().sum(-1, keepdim=True)
+    return (norm.log().squeeze(-1) + m.squeeze(-1) - picked).sum(), z, norm
+
+
 def _log_rest(log_top: torch.Tensor) -> torch.Tensor:
     """log(1 - sum(exp(LOG_TOP))) per row (n, 1): the probability of every token outside the top-k. Clamped away from
     log 0: a top-k that holds all the mass (k = V, or rounding) leaves a bucket of ~1e-7, which barely counts."""

@@ -135,7 +135,8 @@ def run(cfg: DistillConfig) -> dict:
     start_folder(session, cfg, tok)
     budget = budget_for(cfg, task)
     lr = session.optimizer.param_groups[0]["lr"]
-    print(f"distill ({cfg.task}, {cfg.loss}, T={cfg.temperature:g}): {cfg.teacher.name} "
+    how = "alpha 0: the labels alone" if cfg.alpha == 0 and cfg.task != "mlm" else f"{cfg.loss}, T={cfg.temperature:g}"
+    print(f"distill ({cfg.task}, {how}): {cfg.teacher.name} "
           f"({count_parameters(teacher):,} parameters) -> student {cfg.origin} ({count_parameters(student):,}) | "
           f"block {cfg.block_size} | batch {cfg.batch_size}x{cfg.grad_accum} | lr {lr:g} | {dev} "
           f"{precision_name(autocast)} | {task.note}")

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from slmkit.data.corpus import EpochSampler, epoch_rows, expand_paths, load_tokens, split_tokens, tokenize_to_memmap
 from slmkit.distill import teacher as teachers
-from slmkit.distill.losses import kd_full, kd_topk, soft_cross_entropy
+from slmkit.distill.losses import kd_full, kd_topk_and_grad, soft_cross_entropy
 from slmkit.infer.evaluate import evaluate_tokens
 from slmkit.model.folder import logits_of
 from slmkit.model.tokenizer import token_byte_lengths
-from slmkit.training.chunked import IGNORE, head_loss, hidden_and_head
+from slmkit.training.chunked import IGNORE, cross_entropy_and_grad, head_loss, hidden_and_head
 from slmkit.training.stages import Task
 
 
@@ -67,23 +67,21 @@ def causal_task(cfg, tok, teacher, data, block: int, kd: KD, dev: str, cache=Non
 
     def loss_fn(model, x, y):
         targets = y.flatten()
-        if kd.alpha == 0.0:  # the hard labels alone: training without a teacher, on the same windows
-
-            def soft(z, rows):
-                return z.new_zeros(())
-        elif cache is not None:
+        if cache is not None:
             ids, logp = cache.rows(drawn["w"], dev)
-
-            def soft(z, rows):
-                return kd_topk(z, ids[rows], logp[rows], kd.temperature, kd.kind, kd.beta)
-        else:
+        elif kd.alpha > 0.0:  # (alpha 0: the data's labels alone, training without a teacher on the same windows)
             th, tw = teachers.teacher_hidden(teacher, x)
 
             def soft(z, rows):
                 return kd_full(z, teachers.teacher_logits(th, tw, rows), kd.temperature, kd.kind, kd.beta)
 
         def chunk_loss(z, rows):
-            loss = kd.alpha * soft(z, rows) if kd.alpha else 0.0
+            if kd.alpha == 0.0:
+                return cross_entropy_and_grad(z, targets[rows])
+            if cache is not None:  # loss and gradient in one pass over the chunk's logits
+                return kd_topk_and_grad(z, ids[rows], logp[rows], kd.temperature, kd.kind, kd.beta, kd.alpha,
+                                        targets[rows])
+            loss = kd.alpha * soft(z, rows)
             if kd.alpha < 1.0:
                 loss = loss + (1.0 - kd.alpha) * F.cross_entropy(z, targets[rows], reduction="sum")
             return loss
@@ -103,7 +101,12 @@ def _over_head(model, x, chunk_loss, n: int) -> torch.Tensor:
     """The mean of CHUNK_LOSS over the N positions, the student's head applied chunk by chunk where it can be."""
     found = hidden_and_head(model, x)
     if found is None:  # a head that is not a plain linear map: its logits whole
-        return chunk_loss(logits_of(model, x).float().flatten(0, 1), slice(0, n)) / n
+        z = logits_of(model, x).float().flatten(0, 1)
+        loss = chunk_loss(z.clone(), slice(0, n))  # a copy: the fused losses overwrite their logits
+        if isinstance(loss, tuple):  # (value, its gradient in the logits): a surrogate with that value and gradient
+            value, g = loss
+            loss = value + (z * g).sum() - (z * g).sum().detach()
+        return loss / n
     h, w = found
     return head_loss(h.flatten(0, 1), w, chunk_loss, scale=1.0 / n)
 

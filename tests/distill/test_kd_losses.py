@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slmkit.distill.losses import divergence, kd_full, kd_topk, soft_cross_entropy
+from slmkit.distill.losses import divergence, kd_full, kd_topk, kd_topk_and_grad, soft_cross_entropy
 
 
 def _softmax(xs, t):
@@ -70,3 +70,22 @@ def test_gradient_flows_to_the_student_only_and_unknown_kind():
     assert s.grad is not None and s.grad.abs().sum() > 0
     with pytest.raises(SystemExit, match="unknown --loss"):
         divergence(torch.zeros(1, 2), torch.zeros(1, 2), "l2")
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("temperature,alpha", [(2.0, 0.5), (1.0, 1.0), (3.0, 0.0)])
+def test_fused_top_k_gradient_equals_autograd(kind, temperature, alpha):
+    """The cached-teacher path's loss and closed-form gradient (what training uses) against autograd on kd_topk + CE."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    z, teacher = torch.randn(6, 40, generator=g) * 3, torch.randn(6, 40, generator=g) * 3
+    top = torch.log_softmax(teacher / temperature, -1).topk(5, -1)
+    targets = torch.randint(0, 40, (6,), generator=g)
+    zz = z.clone().requires_grad_()
+    want = alpha * kd_topk(zz, top.indices, top.values, temperature, kind, 0.3) + \
+        (1 - alpha) * F.cross_entropy(zz, targets, reduction="sum")
+    want.backward()
+    loss, grad = kd_topk_and_grad(z.clone(), top.indices, top.values, temperature, kind, 0.3, alpha, targets)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    assert torch.allclose(grad, zz.grad, atol=1e-5)
