@@ -31,7 +31,8 @@ def _grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk_elements", [97 * 5, 1 << 23])  # 5 rows a chunk (26 chunks, a ragged last), or one
+@pytest.mark.parametrize("chunk_elements", [97 * 5, 97 * 32, 1 << 23])  # 5 rows a chunk (26, a ragged last), 32
+# rows (4 chunks), or the whole logits (a step under 2 chunks)
 def test_cross_entropy_matches_whole_logits(monkeypatch, chunk_elements):
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk_elements)
     model = _llama()
@@ -47,9 +48,10 @@ def test_cross_entropy_matches_whole_logits(monkeypatch, chunk_elements):
         torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_tied_head_and_all_ignored():
+def test_tied_head_and_all_ignored(monkeypatch):
     from slmkit.model.llama import Llama
 
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 50 * 7)  # chunks of 7 rows
     torch.manual_seed(1)
     model = Llama({**TINY, "vocab_size": 50})  # tied: the head is the embedding, its gradient sums both uses
     x, y = torch.randint(50, (2, 16)), torch.randint(50, (2, 16))
@@ -68,6 +70,7 @@ def test_transformers_model_uses_the_chunked_path(monkeypatch):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64 * 10)
     x, y = torch.randint(64, (2, 24)), torch.randint(64, (2, 24))
     h, w = chunked.hidden_and_head(model, x)
     assert h.shape == (2, 24, 32) and w is model.lm_head.weight
