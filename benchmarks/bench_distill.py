@@ -108,7 +108,7 @@ def encoder(args, work: Path) -> dict:
     out = {"groups": groups, "train_rows": len(read_csv(train)[0]), "unlabelled_rows": ssum["unlabelled_rows"],
            "test_rows": len(xe), "max_length": args.max_length,
            "teacher": {"accuracy": acc["teacher"], "examples_per_s": statistics.median(rates["teacher"]),
-                       "parameters": ssum_parameters(work / "teacher"), "minutes": teacher_minutes,
+                       "parameters": classifier_parameters(work / "teacher"), "minutes": teacher_minutes,
                        "steps": tsum["steps"]},
            "student": {"accuracy": acc["student"], "examples_per_s": statistics.median(rates["student"]),
                        "parameters": ssum["parameters"], "minutes": student_minutes, "steps": ssum["step"],
@@ -128,11 +128,11 @@ def encoder(args, work: Path) -> dict:
     return out
 
 
-def ssum_parameters(folder: Path) -> int:
+def classifier_parameters(folder: Path) -> int:
     from slmkit.infer.classify import load_classifier
+    from slmkit.model.folder import count_parameters
 
-    model, _, _ = load_classifier(folder)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(load_classifier(folder)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The chunked head loss (training/chunked.py) against whole logits, at a large vocabulary: slm-3m with SmolLM2's
 49,152-token vocabulary, 16 x 256 tokens a step, the step `slm train` runs (Muon, clipping), same run.
 
+"chunked" is `slm train`'s loss (training/losses.py), which chunks when a step's logits exceed two chunks: at the
+default --vocab it does; at a small --vocab both variants run the whole logits.
 "whole logits" is the loss `slm train` used before the chunked one: logits (B, T, V) from the model, then
 F.cross_entropy. Steps of every variant are interleaved: each round runs --steps steps of each in turn, a ratio is the
 median over rounds of the two variants' medians in that round, so a busy minute slows both sides alike.
@@ -22,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_throughput import training_step  # noqa: E402
 
 from slmkit.hardware import cpu_bf16_speedup, cpu_has_bf16  # noqa: E402
 from slmkit.model.folder import build_model, count_parameters  # noqa: E402
@@ -42,17 +47,7 @@ def make_step(preset: str, vocab: int, loss_fn, dtype):
     torch.manual_seed(1337)
     model = build_model(build_config(preset, vocab, block_size=BLOCK))
     opt = make_optimizer(model, 1e-3, 0.1, "cpu", "muon", ns_bf16=dtype == torch.bfloat16)
-
-    def step(x, y) -> float:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, count_parameters(model)
+    return training_step(model, opt, loss_fn, dtype), count_parameters(model)
 
 
 def main() -> None:

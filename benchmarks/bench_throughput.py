@@ -68,6 +68,11 @@ def slmkit_train_step(compile: bool = False, dtype: torch.dtype | None = None, o
     # Muon's Newton-Schulz in the step's precision, as `slm train` runs it on a CPU
     opt = make_optimizer(model, 1e-3, 0.1, "cpu", optimizer, ns_bf16=dtype == torch.bfloat16)
     loss_fn = torch.compile(causal_lm_loss) if compile else causal_lm_loss  # as `slm train --compile` does
+    return training_step(model, opt, loss_fn, dtype), count_parameters(model)
+
+
+def training_step(model, opt, loss_fn, dtype) -> Step:
+    """The step `slm train` runs: the loss under autocast in DTYPE (None: fp32), backward, clipping at 1, OPT."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -78,7 +83,7 @@ def slmkit_train_step(compile: bool = False, dtype: torch.dtype | None = None, o
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, count_parameters(model)
+    return step
 
 
 def time_steps(step: Step, n: int) -> list[float]:

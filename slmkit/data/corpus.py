@@ -164,8 +164,9 @@ def fingerprint(files: list[Path], extra: str) -> str:
     return h.hexdigest()[:24]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "tokens"
+def cache_dir(kind: str = "tokens") -> Path:
+    """slmkit's cache folder for KIND (tokens: tokenized corpora; teacher: distillation caches)."""
+    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / kind
 
 
 def tokenize_to_memmap(files: list[Path], tokenizer, text_col: str = "text", replace_errors: bool = False,

@@ -60,7 +60,8 @@ def kd_full(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ki
 def kd_topk(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, temperature: float, kind: str,
             beta: float = 0.5) -> torch.Tensor:
     """T^2 x divergence over k + 1 buckets between a cached teacher (TOP_IDS (n, k), TOP_LOGP (n, k): its top-k tokens
-    and their log-probabilities at TEMPERATURE) and student logits STUDENT (n, V)."""
+    and their log-probabilities at TEMPERATURE) and student logits STUDENT (n, V). The definition, through autograd;
+    training runs kd_topk_and_grad, its loss and gradient in closed form (tested equal)."""
     t = temperature
     log_q_all = torch.log_softmax(student.float() / t, dim=-1)  # (n, V)
     log_q_top = log_q_all.gather(-1, top_ids.long())  # (n, k)

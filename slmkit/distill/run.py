@@ -31,7 +31,7 @@ from slmkit.distill.student import (
 from slmkit.files import atomic_write_json
 from slmkit.hardware import pick_device, pick_dtype, precision_name
 from slmkit.infer.load import read_config
-from slmkit.model.folder import count_parameters, unwrap
+from slmkit.model.folder import config_value, count_parameters, unwrap
 from slmkit.model.llama import Llama
 from slmkit.model.tokenizer import load_tokenizer
 from slmkit.options import check_numbers
@@ -45,7 +45,7 @@ RUN_FILE = "distill_args.json"
 # what a --resume must share with the saved run (budgets may grow; output settings are this invocation's)
 SAME_ON_RESUME = ("teacher", "task", "student", "student_layers", "temperature", "alpha", "loss", "beta",
                   "block_size", "batch_size", "cache_k", "alpha_ce", "alpha_mlm", "alpha_cos")
-DEFAULTS = {  # per task: (block or max length, batch, lr for a student taken from a model, warmup)
+DEFAULTS = {  # per task: (block or max length, batch, lr for a student taken from a model)
     "causal": (256, 16, 3e-4), "mlm": (128, 16, 5e-4), "classify": (128, 32, 1e-4)}
 
 
@@ -121,8 +121,7 @@ def run(cfg: DistillConfig) -> dict:
     cfg.block_size = min(cfg.block_size or block, context)
     cfg.batch_size = cfg.batch_size or bsz
     kd = tasks.KD(cfg.temperature, cfg.alpha, cfg.loss, cfg.beta)
-    width = unwrap(teacher).config["hidden_size"] if isinstance(unwrap(teacher), Llama) else teacher.config.hidden_size
-    autocast = pick_dtype(cfg.dtype, dev, width)
+    autocast = pick_dtype(cfg.dtype, dev, config_value(teacher, "hidden_size"))
     student, cfg.origin = make_student(cfg.student, cfg.student_layers, cfg.task, teacher, cfg.teacher, tok,
                                        cfg.block_size)
     if cfg.task != "classify":
@@ -169,8 +168,7 @@ def new_session(cfg: DistillConfig, task, student, dev: str) -> Session:
     train` trains one), AdamW at the task's fine-tuning lr for a student taken from a model."""
     fresh = cfg.student is not None and not Path(cfg.student).is_dir()
     name = cfg.optimizer or ("muon" if fresh and isinstance(unwrap(student), Llama) else "adamw")
-    width = student.config["hidden_size"] if isinstance(student, Llama) else student.config.hidden_size
-    lr = cfg.lr or (recipe.peak_lr(width, name) if fresh else DEFAULTS[cfg.task][2])
+    lr = cfg.lr or (recipe.peak_lr(config_value(student, "hidden_size"), name) if fresh else DEFAULTS[cfg.task][2])
     optimizer = make_optimizer(student, lr, cfg.weight_decay, dev, name)
     classify = cfg.task == "classify"
     early = EarlyStop(cfg.patience, worse_by=0.0, min_step=task.batches_per_pass) if classify else \

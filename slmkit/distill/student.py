@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slmkit.infer.classify import is_classifier, quiet_transformers
-from slmkit.model.folder import build_model, load_model, read_config, unwrap
+from slmkit.model.folder import build_model, config_value, load_model, read_config, unwrap
 from slmkit.model.llama import Llama
 from slmkit.model.presets import PRESETS, build_config, is_encoder
 from slmkit.model.tokenizer import load_tokenizer
@@ -113,9 +113,7 @@ def preset_student(preset: str, task: str, teacher: nn.Module, tok, block: int, 
     if is_encoder(preset) != (task != "causal"):
         kind = "an encoder (bert-*, distilbert)" if task != "causal" else "a decoder (slm-*)"
         raise SystemExit(f"error: --student {preset}: --task {task} needs {kind} preset")
-    vocab = int(unwrap(teacher).config["vocab_size"] if isinstance(unwrap(teacher), Llama)
-                else unwrap(teacher).config.vocab_size)
-    cfg = build_config(preset, vocab, block_size=block)
+    cfg = build_config(preset, int(config_value(teacher, "vocab_size")), block_size=block)
     cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if task != "classify":
         return build_model(cfg)
@@ -158,12 +156,8 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def vocab_of(model: nn.Module) -> int:
-    m = unwrap(model)
-    return int(m.config["vocab_size"]) if isinstance(m, Llama) else int(m.config.vocab_size)
-
-
 def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
-    if vocab_of(teacher) != vocab_of(student):
-        raise SystemExit(f"error: the student's logits cover {vocab_of(student):,} tokens, the teacher's "
-                         f"{vocab_of(teacher):,}; a student needs the teacher's tokenizer and vocabulary size")
+    t, s = int(config_value(teacher, "vocab_size")), int(config_value(student, "vocab_size"))
+    if t != s:
+        raise SystemExit(f"error: the student's logits cover {s:,} tokens, the teacher's {t:,}; a student needs the "
+                         "teacher's tokenizer and vocabulary size")

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slmkit.data.corpus import EpochSampler, epoch_rows, expand_paths, load_tokens, split_tokens, tokenize_to_memmap
+from slmkit.data.corpus import (
+    EpochSampler,
+    cache_dir,
+    epoch_rows,
+    expand_paths,
+    load_tokens,
+    split_tokens,
+    tokenize_to_memmap,
+)
 from slmkit.distill import teacher as teachers
 from slmkit.distill.losses import kd_full, kd_topk_and_grad, soft_cross_entropy
 from slmkit.infer.evaluate import evaluate_tokens
@@ -114,7 +122,7 @@ def _over_head(model, x, chunk_loss, n: int) -> torch.Tensor:
 def cache_for(cfg, teacher, data, block: int, kd: KD, dev: str, autocast) -> tuple[object, dict]:
     """--cache-teacher: the teacher's top-k over the training windows, built now or found -> (cache, its report)."""
     train, _, data_key = data
-    root = teachers.default_cache_root() if cfg.cache_teacher == "auto" else teachers.Path(cfg.cache_teacher)
+    root = cache_dir("teacher") if cfg.cache_teacher == "auto" else teachers.Path(cfg.cache_teacher)
     key = teachers.cache_key(teacher, data_key, block, cfg.cache_k, kd.temperature,
                              teachers.grid_windows(len(train), block))
     found = teachers.open_cache(root, key)

@@ -88,10 +88,6 @@ def cache_key(teacher: nn.Module, data_key: str, block: int, k: int, temperature
     return hashlib.sha256(what.encode()).hexdigest()[:24]
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "teacher"
-
-
 def open_cache(root: Path, key: str) -> TopKCache | None:
     folder = root / key
     if not (folder / "meta.json").is_file():

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmkit.hardware import cpu_has_amx
+
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 and q4_0 quantize rows in blocks of 32 values
 # Relative perplexity rise the parity check accepts per quant type (the goals: int8 <= 1%, 4-bit <= 5%).
@@ -218,13 +220,6 @@ def llama_cpp_model(path: Path, **options):
         return llama_cpp.Llama(model_path=str(path), **options)
     finally:
         low.llama_model_default_params = defaults
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:

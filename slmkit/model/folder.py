@@ -51,6 +51,14 @@ def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return model(input_ids=idx).logits
 
 
+def config_value(model: nn.Module, key: str, default=None):
+    """A config field of our module (a dict) or a transformers / peft model (an attribute), through any wrapper."""
+    m = unwrap(model)
+    if isinstance(m, Llama):
+        return m.config.get(key, default)
+    return getattr(getattr(m, "config", None), key, default)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slmkit.model.folder import logits_of, unwrap
+from slmkit.data.chat import IGNORE
+from slmkit.model.folder import config_value, logits_of, unwrap
 from slmkit.model.llama import Llama
 
-IGNORE = -100
 # Logits per chunk: 8M floats (32 MB; 170 rows at a 49k vocabulary). Smaller chunks measured slower on 2 CPU cores:
 # each chunk's head gradient g^T @ h is a matmul over its rows only, slow when they are few (docs/benchmarks.md,
 # "chunked head loss").
@@ -55,15 +55,6 @@ def hidden_and_head(model: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, 
             or head.bias is not None or getattr(config, "final_logit_softcapping", None)):
         return None
     return base.base_model(input_ids=idx)[0], head.weight
-
-
-def vocab_of(model: nn.Module) -> int:
-    """The number of logits MODEL gives per position."""
-    m = unwrap(model)
-    if isinstance(m, Llama):
-        return int(m.config["vocab_size"])
-    base = m.get_base_model() if hasattr(m, "get_base_model") else m
-    return int(getattr(getattr(base, "config", None), "vocab_size", 0) or 0)
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -125,7 +116,8 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     that count (0 when there are none), the value of F.cross_entropy(logits, y, ignore_index=-100) where that is
     defined. Chunk by chunk when the step's logits exceed 2 x CHUNK_ELEMENTS (a large vocabulary); below that the
     logits whole, as before chunking (one chunk would gain nothing, and `--compile` fuses the whole loss)."""
-    found = hidden_and_head(model, x) if y.numel() * vocab_of(model) > 2 * CHUNK_ELEMENTS else None
+    large = y.numel() * (config_value(model, "vocab_size") or 0) > 2 * CHUNK_ELEMENTS
+    found = hidden_and_head(model, x) if large else None
     if found is None:  # a small step (the whole logits are cheap, and compile into one graph) or an unsplittable head
         logits = logits_of(model, x).float()
         total = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
