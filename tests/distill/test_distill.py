@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slmkit.distill.run import main as distill
-from tests.tiny_models import bpe_tokenizer, tiny_llama_folder
+from tests.tiny_models import tiny_llama_folder
 
 FAST = dict(block_size=32, batch_size=4, progress=False, eval_tokens=256)
 
@@ -51,7 +51,6 @@ def test_causal_distill_writes_a_model_folder_with_a_card(teacher, tmp_path):
 def test_distillation_moves_the_student_toward_the_teacher(teacher, tmp_path):
     """A fresh student trained on the teacher's soft targets alone (alpha 1) ends closer to it in KL than it began."""
     from slmkit.distill.losses import kd_full
-    from slmkit.distill.teacher import window_batch
     from slmkit.model.folder import load_model
     from slmkit.model.llama import Llama
 
@@ -65,7 +64,7 @@ def test_distillation_moves_the_student_toward_the_teacher(teacher, tmp_path):
     with torch.no_grad():
         far, near = (kd_full(m(x).flatten(0, 1), t(x).flatten(0, 1), 1.0, "kl").item() for m in (fresh, st))
     assert near < 0.7 * far, (near, far)
-    assert s["loss"] == "kl" and window_batch is not None
+    assert s["loss"] == "kl" and s["alpha"] == 1.0
 
 
 def test_loss_kinds_and_cached_teacher_agree_with_live(teacher, tmp_path):
@@ -115,7 +114,7 @@ def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
     other = tiny_llama_folder(tmp_path / "other", tokenizer=train_bpe(["other words entirely " * 40], 280))
     with pytest.raises(SystemExit, match="slm train --tokenizer-from"):
         distill(teacher_dir, [str(text)], tmp_path / "s", student=str(other), steps=1, **FAST)
-    assert bpe_tokenizer is not None
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 def test_classify_task_distillation_with_unlabelled_text(tmp_path):
