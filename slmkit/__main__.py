@@ -23,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "distill": ("slmkit.distill.run",
                 "a smaller student trained on a teacher's distributions (KD, DistilBERT, drafts)"),
     "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
+    "cascade": ("slmkit.compose.cascade_cli",
+                "a small model that hands unsure requests to a large one (folder or URL), calibrated on held-out data"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
     "export": ("slmkit.edge.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
     "quantize": ("slmkit.edge.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),
@@ -47,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_args(parser)
     options = vars(parser.parse_args(argv[1:]))
+    run = module.main
+    if argv[0] in ("classify", "eval", "generate", "chat"):  # a cascade folder answers these verbs itself
+        from slmkit.compose.cascade_verbs import for_cascade
+
+        run = for_cascade(argv[0], options.get("model_dir")) or run
     try:
-        module.main(**options)
+        run(**options)
     except SystemExit as e:  # expected mistakes: one line, no traceback, non-zero exit
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

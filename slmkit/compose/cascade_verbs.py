@@ -1,0 +1,186 @@
+"""`slm classify`, `slm eval`, `slm generate` and `slm chat` on a cascade folder: the same options as on a model
+folder, answered through the cascade, each answer saying which model produced it.
+
+The CLI (slmkit/__main__.py) asks `for_cascade` before running one of these verbs: a cascade folder gets the
+functions here, anything else the verb's own main(). (Dispatching from inside the verbs' modules would make them
+import this package, which imports them: an import cycle.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from slmkit.compose.cascade import Cascade, RemoteError, is_cascade, load_cascade
+
+
+def for_cascade(verb: str, model_dir) -> Callable | None:
+    """The function answering VERB when MODEL_DIR is a cascade folder; None otherwise."""
+    if not is_cascade(model_dir):
+        return None
+    return {"classify": classify, "eval": evaluate, "generate": generate, "chat": chat}.get(verb)
+
+
+def _open(model_dir: Path, kind: str, verb: str, device: str = "auto") -> Cascade:
+    cascade = load_cascade(Path(model_dir), device)
+    if cascade.kind != kind:
+        raise SystemExit(f"error: {model_dir} is a {cascade.kind} cascade; `slm {verb}` needs a {kind} cascade")
+    return cascade
+
+
+def _remote_failed(e: RemoteError) -> SystemExit:
+    return SystemExit(f"error: the cascade's large model: {e}")
+
+
+def classify(model_dir: Path, text: str | None = None, data: Path | None = None, text_col: str = "text",
+             top_k: int = 1, as_json: bool = False, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
+    """`slm classify CASCADE`: top-k labels per text and the model that answered ("small" or "large")."""
+    from slmkit.data.labelled import read_texts
+    from slmkit.options import check_numbers
+
+    check_numbers(dict(top_k=top_k, batch_size=batch_size, max_length=max_length),
+                  {"top_k": "labels to show per text", "batch_size": "texts per forward pass"})
+    if (text is None) == (data is None):
+        raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
+    if text is not None and not text.strip():
+        raise SystemExit("error: --text is empty; give the text to classify")
+    texts = [text] if text is not None else read_texts(Path(data), text_col)
+    cascade = _open(model_dir, "classifier", "classify")
+    try:
+        rows = cascade.classify(texts, top_k, batch_size, max_length)
+    except RemoteError as e:
+        raise _remote_failed(e) from None
+    results = [{"text": t, "labels": r["labels"], "model": r["model"], "confidence": r["confidence"]}
+               for t, r in zip(texts, rows, strict=True)]
+    for r in results:
+        if as_json:
+            print(json.dumps(r, ensure_ascii=False))
+        elif text is not None:
+            print("\n".join(f"{x['label']}\t{x['score']:.4f}" for x in r["labels"]) + f"\t[{r['model']}]")
+        else:
+            labels = "\t".join(f"{x['label']} {x['score']:.3f}" for x in r["labels"])
+            print(f"{labels}\t[{r['model']}]\t{r['text'][:80]!r}")
+    return results
+
+
+def evaluate(model_dir: Path, data: list[str], text_col: str = "text", label_col: str = "label",
+             batch_size: int = 8, as_json: bool = False, **_unused) -> dict:
+    """`slm eval CASCADE --data labelled.csv`: accuracy, macro-F1, the escalation rate and the per-model split
+    (how many rows each model answered, and its accuracy on them)."""
+    from slmkit.data.labelled import read_labelled
+    from slmkit.infer.classify import classification_metrics
+
+    cascade = load_cascade(Path(model_dir))
+    if cascade.kind != "classifier":
+        raise SystemExit(f"error: {model_dir} is a decoder cascade; `slm eval` scores classifier cascades only "
+                         "(for now): try it on a few prompts with `slm generate`")
+    texts, labels = [], []
+    for path in data:
+        t, ls = read_labelled(Path(path), text_col, label_col)
+        unknown = sorted(set(ls) - set(cascade.labels))
+        if unknown:
+            raise SystemExit(f"error: {path}: label {unknown[0]!r} is not one of the cascade's labels "
+                             f"({', '.join(cascade.labels[:20])}); check --label-col or the data")
+        texts += t
+        labels += ls
+    try:
+        rows = cascade.classify(texts, 1, max(32, batch_size))
+    except RemoteError as e:
+        raise _remote_failed(e) from None
+    pred = [r["labels"][0]["label"] for r in rows]
+    index = {name: i for i, name in enumerate(cascade.labels)}
+    m = classification_metrics([index[y] for y in labels], [index[p] for p in pred], cascade.labels)
+    per_model = {}
+    for who in ("small", "large"):
+        mine = [i for i, r in enumerate(rows) if r["model"] == who]
+        right = sum(pred[i] == labels[i] for i in mine)
+        per_model[who] = {"model": cascade.names[who], "n": len(mine),
+                          "accuracy": right / len(mine) if mine else None}
+    result = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "escalation_rate": per_model["large"]["n"] /
+              len(rows), "per_model": per_model, "threshold": cascade.threshold, "examples": len(rows)}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        split = " | ".join(f"{w} {d['n']:,} rows" + (f" at {d['accuracy']:.4f}" if d["n"] else "")
+                           for w, d in per_model.items())
+        print(f"accuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | escalated "
+              f"{result['escalation_rate']:.1%} | {split} | examples {len(rows):,}")
+    return result
+
+
+def generate(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: list[str] | None = None, num_samples: int = 1, stream: bool = True, as_json: bool = False,
+             device: str = "auto", **unsupported) -> list[str]:
+    """`slm generate CASCADE`: the small model's continuation, or the large one's when the small one is unsure.
+    Nothing streams: the small answer is needed whole before the decision."""
+    from slmkit.infer.generate import NonFiniteLogits, checked_sampling
+    from slmkit.options import check_numbers
+
+    if unsupported.get("draft"):
+        raise SystemExit("error: --draft does not apply to a cascade folder; give it a model folder")
+    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=list(stop or []))
+    checked_sampling(**params)
+    check_numbers(dict(num_samples=num_samples), {"num_samples": "texts to sample"})
+    cascade = _open(model_dir, "decoder", "generate", device)
+    texts = []
+    for i in range(num_samples):
+        t0 = time.perf_counter()
+        try:
+            out = cascade.generate(prompt=prompt, seed=None if seed is None else seed + i, **params)
+        except RemoteError as e:
+            raise _remote_failed(e) from None
+        except NonFiniteLogits as e:
+            raise SystemExit(f"error: {model_dir}: {e}") from None
+        seconds = time.perf_counter() - t0
+        texts.append(out["text"])
+        if as_json:  # generate's keys, plus the model that answered and the small model's confidence
+            print(json.dumps({"prompt": prompt, "text": out["text"], "tokens": out["tokens"],
+                              "seconds": round(seconds, 3), "first_token_seconds": round(seconds, 3),
+                              "tokens_per_s": round(out["tokens"] / max(1e-9, seconds), 1), "model": out["model"],
+                              "confidence": round(out["confidence"], 4)}))
+        else:
+            print(prompt + out["text"])
+            print(f"[{out['model']} ({cascade.names[out['model']]}) answered: mean log-prob {out['confidence']:.3f}, "
+                  f"threshold {cascade.threshold:.3f}; {out['tokens']} tokens in {seconds:.2f} s]", file=sys.stderr)
+    return texts
+
+
+def chat(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+         top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
+         device: str = "auto", **_unused) -> None:
+    """`slm chat CASCADE`: each reply from the small model, or from the large one when the small one is unsure; the
+    answering model is shown after each reply. A failed escalation is one line, and the conversation goes on."""
+    from slmkit.infer.generate import checked_sampling
+
+    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, seed=seed)
+    checked_sampling(**params)
+    cascade = _open(model_dir, "decoder", "chat", device)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    print(f"chatting with the cascade {Path(model_dir).name} ({cascade.names['small']} -> "
+          f"{cascade.names['large']}); /reset clears, /quit leaves", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            print()
+            return
+        if user.strip() in ("/quit", "/exit"):
+            return
+        if user.strip() == "/reset":
+            messages = list(base)
+            continue
+        try:
+            out = cascade.generate(messages=messages + [{"role": "user", "content": user}], **params)
+        except RemoteError as e:
+            print(f"error: the cascade's large model: {e}", file=sys.stderr)
+            continue
+        print(f"model> {out['text'].strip()}")
+        print(f"[{out['model']}: {cascade.names[out['model']]}]", file=sys.stderr)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": out["text"].strip()}]
