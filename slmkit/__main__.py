@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
     "cascade": ("slmkit.compose.cascade_cli",
                 "a small model that hands unsure requests to a large one (folder or URL), calibrated on held-out data"),
+    "route": ("slmkit.compose.route_cli", "fit a router (text -> which model answers) on labelled prompts"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with batching, keys, metrics and a web chat page"),
     "export": ("slmkit.edge.export", "a model folder -> GGUF (llama.cpp/Ollama), ONNX or Hugging Face, parity-checked"),
     "quantize": ("slmkit.edge.quantize", "a model folder -> an int8 model folder for in-process PyTorch inference"),

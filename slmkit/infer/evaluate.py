@@ -105,6 +105,7 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
 
     On chat JSONL ({"messages": [...]} or {"prompt", "response"} rows): loss and perplexity on assistant tokens.
     On a classifier folder (labelled CSV/JSONL/Parquet rows): loss, accuracy, macro-F1 and a per-class report.
+    On a router folder (`slm route train`; rows {"text", "label": ROUTE}): routing accuracy and the confusion matrix.
     """
     from slmkit.data.chat import is_chat_jsonl
     from slmkit.data.corpus import expand_paths, load_tokens, tokenize_to_memmap
@@ -120,6 +121,10 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
                   {"block_size": "tokens per window; leave it out for the model's context",
                    "batch_size": "windows per forward pass", "max_tokens": "tokens to score; leave it out for all"})
     model_dir = Path(model_dir)
+    from slmkit.compose.router import evaluate_router, is_router
+
+    if is_router(model_dir):  # a router: routing accuracy and the confusion matrix (slmkit/compose/router.py)
+        return evaluate_router(model_dir, data, text_col, label_col, as_json)
     cfg = read_config(model_dir)
     if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)
         return evaluate_file(model_dir, data, text_col, label_col, batch_size, as_json)
