@@ -132,7 +132,8 @@ class RemoteModel:
             except json.JSONDecodeError:
                 raise RemoteError(f"{url} answered something that is not JSON; is the URL an OpenAI-compatible API "
                                   "base (…/v1)?") from None
-        raise RemoteError(f"{url} {problem} after {self.retries} tries; is the server running? check the URL "
+        tries = f"{self.retries} {'try' if self.retries == 1 else 'tries'}"
+        raise RemoteError(f"{url} {problem} after {tries}; is the server running? check the URL "
                           "(the API base, e.g. http://host:8000/v1) and that the server is up")
 
 

@@ -38,6 +38,7 @@ class Metrics:
         self.ttft = Histogram()
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.completion_tokens: dict[str, int] = defaultdict(int)
+        self.cascade_answers: dict[tuple[str, str], int] = defaultdict(int)  # (cascade, small|large|large_failed)
 
     def request(self, path: str, status: int, seconds: float) -> None:
         if path not in API_PATHS:  # pages, probes and unknown paths: one label, so scanners can't blow up the series
@@ -54,6 +55,11 @@ class Metrics:
         with self.lock:
             self.prompt_tokens[model] += prompt
             self.completion_tokens[model] += completion
+
+    def cascade(self, model: str, answered_by: str, n: int = 1) -> None:
+        """N answers of the cascade MODEL by its "small" or "large" model, or N escalations that "large_failed"."""
+        with self.lock:
+            self.cascade_answers[(model, answered_by)] += n
 
     def render(self, engines: dict) -> str:
         with self.lock:
@@ -72,6 +78,18 @@ class Metrics:
                                    ("slm_completion_tokens_total", self.completion_tokens, "Tokens generated.")):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
                 out += [f'{name}{{model="{m}"}} {n}' for m, n in sorted(d.items())]
+            if self.cascade_answers:  # only when a cascade is served (and has answered)
+                escalated: dict[str, int] = defaultdict(int)
+                for (m, who), n in self.cascade_answers.items():
+                    escalated[m] += n if who != "small" else 0
+                out += ["# HELP slm_cascade_answers_total Cascade answers (texts, for classify) by the model that "
+                        "gave them; large_failed: escalations the large model could not answer.",
+                        "# TYPE slm_cascade_answers_total counter"]
+                out += [f'slm_cascade_answers_total{{model="{m}",answered_by="{w}"}} {n}'
+                        for (m, w), n in sorted(self.cascade_answers.items())]
+                out += ["# HELP slm_cascade_escalations_total Answers a cascade's small model handed to its large one.",
+                        "# TYPE slm_cascade_escalations_total counter"]
+                out += [f'slm_cascade_escalations_total{{model="{m}"}} {n}' for m, n in sorted(escalated.items())]
         out += ["# HELP slm_queue_depth Requests waiting for a free batch row.", "# TYPE slm_queue_depth gauge"]
         out += [f'slm_queue_depth{{model="{m}"}} {e.queue_depth}' for m, e in engines.items()]
         out += ["# HELP slm_active_sequences Sequences being decoded.", "# TYPE slm_active_sequences gauge"]

@@ -26,19 +26,23 @@ class Served:
     tokenizer: Any = None
     labels: list[str] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cascade: Any = None  # compose.cascade.Cascade: a cascade folder, answered through compose/cascade_serve.py
 
 
 def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32",
                 device: str = "cpu", compile: bool = False) -> Served:
     """Open MODEL_DIR as whatever kind it is, on DEVICE ("auto": a GPU when there is one); decoders get a (not yet
     started) batching engine."""
+    from slmkit.compose.cascade import is_cascade
     from slmkit.hardware import pick_device
     from slmkit.infer.classify import is_classifier, load_classifier
     from slmkit.infer.load import read_config
     from slmkit.model.presets import is_encoder
 
-    cfg = read_config(Path(model_dir))
     device = pick_device(device)
+    if is_cascade(model_dir):  # the small model's kind; answers go through the cascade (cascade_serve.py)
+        return cascade_served(name, Path(model_dir), device)
+    cfg = read_config(Path(model_dir))
     if is_classifier(cfg):
         model, tok, labels = load_classifier(Path(model_dir), device)
         return Served(name, Path(model_dir), "classifier", int(getattr(model.config, "max_position_embeddings", 512)),
@@ -57,3 +61,15 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
     lm = load(Path(model_dir), dtype=dtype, device=device, compile=compile)  # compile: batch-1 steps only
     return Served(name, Path(model_dir), "decoder", lm.context, device, lm=lm,
                   engine=Engine(lm, max_batch=max_batch, max_queue=max_queue))
+
+
+def cascade_served(name: str, folder: Path, device: str = "cpu") -> Served:
+    """A cascade folder as a classifier or a decoder: the small model's tokenizer and context, no batching engine
+    (each request runs the small model, then maybe the large one, in a worker thread)."""
+    from slmkit.compose.cascade import load_cascade
+
+    c = load_cascade(folder, device)
+    if c.kind == "classifier":
+        return Served(name, folder, "classifier", int(getattr(c.small.model.config, "max_position_embeddings", 512)),
+                      device, model=c.small.model, tokenizer=c.small.tokenizer, labels=c.labels, cascade=c)
+    return Served(name, folder, "decoder", c.small.lm.context, device, lm=c.small.lm, cascade=c)

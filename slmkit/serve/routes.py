@@ -23,6 +23,7 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
+from slmkit.compose.cascade_serve import cascade_classify, cascade_reply
 from slmkit.infer.generate import SamplingParams, TextStream
 from slmkit.serve.batching import Finish, Overloaded, Token
 from slmkit.serve.metrics import Metrics
@@ -127,6 +128,8 @@ async def completions(req: CompletionRequest, request: Request, models: Models, 
     if isinstance(req.prompt, list) and len(req.prompt) > 1:
         raise APIError(400, "one prompt per request (use n for several choices)", param="prompt")
     job = check_prompt(req, m, prompt, req.max_tokens, False, req.logprobs, settings)
+    if m.cascade is not None:  # the small model, then maybe the large one (compose/cascade_serve.py)
+        return await cascade_reply(job, None, metrics)
     return await reply(request, job, metrics)
 
 
@@ -144,6 +147,8 @@ async def chat_completions(req: ChatRequest, request: Request, models: Models, s
         raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
     top = (req.top_logprobs or 0) if req.logprobs else None
     job = check_prompt(req, m, prompt, req.max_completion_tokens or req.max_tokens, True, top, settings)
+    if m.cascade is not None:
+        return await cascade_reply(job, messages, metrics)
     return await reply(request, job, metrics)
 
 
@@ -401,6 +406,8 @@ async def classify(req: ClassifyRequest, models: Models, settings: ServerSetting
 
     m = lookup(models, req.model, "classifier")
     texts = texts_of(req.input, settings)
+    if m.cascade is not None:
+        return await cascade_classify(req, m, texts, metrics)
     seqs = encode(m.tokenizer, texts, max_length_for(m.model.config, m.tokenizer, None))
     async with m.lock:
         logits = await asyncio.to_thread(predict_logits, m.model, seqs, pad_id_for(m.tokenizer), 32, m.device)
