@@ -67,16 +67,33 @@ def classify(model_dir: Path, text: str | None = None, data: Path | None = None,
 
 
 def evaluate(model_dir: Path, data: list[str], text_col: str = "text", label_col: str = "label",
-             batch_size: int = 8, as_json: bool = False, **_unused) -> dict:
-    """`slm eval CASCADE --data labelled.csv`: accuracy, macro-F1, the escalation rate and the per-model split
-    (how many rows each model answered, and its accuracy on them)."""
+             batch_size: int = 8, as_json: bool = False, skip_bad_lines: bool = False, device: str = "auto",
+             **_unused) -> dict:
+    """`slm eval CASCADE --data ...`: a classifier cascade on labelled rows (accuracy, macro-F1), a decoder cascade on
+    chat JSONL (loss); both with the escalation rate and the per-model split."""
+    cascade = load_cascade(Path(model_dir), device)
+    if cascade.kind == "classifier":
+        result = _evaluate_classifier(cascade, data, text_col, label_col, batch_size)
+        head = f"accuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f}"
+        score = "accuracy"
+    else:
+        result = _evaluate_decoder(cascade, data, batch_size, skip_bad_lines)
+        head = f"assistant-token loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+        score = "loss"
+    if as_json:
+        print(json.dumps(result))
+    else:
+        split = " | ".join(f"{w} {d['n']:,} rows" + (f" at {score} {d[score]:.4f}" if d["n"] else "")
+                           for w, d in result["per_model"].items())
+        print(f"{head} | escalated {result['escalation_rate']:.1%} | {split} | examples {result['examples']:,}")
+    return result
+
+
+def _evaluate_classifier(cascade: Cascade, data: list[str], text_col: str, label_col: str, batch_size: int) -> dict:
+    """Accuracy and macro-F1 of the cascade's answers; per model: the rows it answered and its accuracy on them."""
     from slmkit.data.labelled import read_labelled
     from slmkit.infer.classify import classification_metrics
 
-    cascade = load_cascade(Path(model_dir))
-    if cascade.kind != "classifier":
-        raise SystemExit(f"error: {model_dir} is a decoder cascade; `slm eval` scores classifier cascades only "
-                         "(for now): try it on a few prompts with `slm generate`")
     texts, labels = [], []
     for path in data:
         t, ls = read_labelled(Path(path), text_col, label_col)
@@ -99,16 +116,49 @@ def evaluate(model_dir: Path, data: list[str], text_col: str = "text", label_col
         right = sum(pred[i] == labels[i] for i in mine)
         per_model[who] = {"model": cascade.names[who], "n": len(mine),
                           "accuracy": right / len(mine) if mine else None}
-    result = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "escalation_rate": per_model["large"]["n"] /
-              len(rows), "per_model": per_model, "threshold": cascade.threshold, "examples": len(rows)}
-    if as_json:
-        print(json.dumps(result))
-    else:
-        split = " | ".join(f"{w} {d['n']:,} rows" + (f" at {d['accuracy']:.4f}" if d["n"] else "")
-                           for w, d in per_model.items())
-        print(f"accuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | escalated "
-              f"{result['escalation_rate']:.1%} | {split} | examples {len(rows):,}")
-    return result
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "escalation_rate": per_model["large"]["n"] /
+            len(rows), "per_model": per_model, "threshold": cascade.threshold, "examples": len(rows)}
+
+
+def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_bad_lines: bool) -> dict:
+    """Each conversation goes where the cascade would send it (the small model answers its last assistant turn
+    greedily, as at calibration; the mean log-prob of that answer decides), and the model it goes to scores it: the
+    loss on its assistant tokens, as `slm eval` computes on chat JSONL. The loss is the mean over all scored tokens
+    (each conversation in its own model's tokens)."""
+    import math
+
+    import torch
+
+    from slmkit.compose.cascade import mean_logprob
+    from slmkit.data.chat import build_examples, evaluate_chat, pad_id_of, read_conversations
+    from slmkit.data.corpus import expand_paths
+
+    if cascade.large.remote is not None:
+        raise SystemExit(f"error: the loss of a cascade needs its large model's token probabilities; "
+                         f"{cascade.large.name} is a URL: evaluate with a local large model folder")
+    conversations = read_conversations(expand_paths(data), skip_bad_lines)
+    greedy = dict(max_new_tokens=int(cascade.spec["calibration"].get("max_new_tokens") or 64), temperature=0.0,
+                  top_k=0)
+    routed: dict[str, list] = {"small": [], "large": []}
+    for messages in conversations:
+        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        _, prompt_ids, answer_ids, _ = cascade.small.answer(messages=messages[:last], **greedy)
+        conf = mean_logprob(cascade.small.lm, prompt_ids, answer_ids)
+        routed["small" if conf >= cascade.threshold else "large"].append(messages)
+    per_model, total, tokens = {}, 0.0, 0
+    for who, convs in routed.items():
+        lm = getattr(cascade, who).lm
+        r = {"loss": None, "tokens": 0}
+        if convs:
+            with torch.no_grad():
+                r = evaluate_chat(lm.model, build_examples(convs, lm.tokenizer, lm.context),
+                                  pad_id_of(lm.tokenizer), batch_size, str(next(lm.model.parameters()).device))
+            total, tokens = total + r["loss"] * r["tokens"], tokens + r["tokens"]
+        per_model[who] = {"model": cascade.names[who], "n": len(convs), "loss": r["loss"], "tokens": r["tokens"]}
+    loss = total / max(1, tokens)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+            "escalation_rate": len(routed["large"]) / len(conversations), "per_model": per_model,
+            "threshold": cascade.threshold, "examples": len(conversations)}
 
 
 def generate(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,

@@ -199,10 +199,26 @@ def test_decoder_cascade_generates_with_the_model_its_confidence_picks(dec, caps
     (r,) = run_json(capsys, "generate", d / "casc", *greedy)
     assert r["model"] == "large"
     assert r["text"] == load(d / "large").generate("the cat", max_new_tokens=5, temperature=0)
-    with pytest.raises(SystemExit, match="decoder cascade; `slm eval` scores classifier cascades only"):
-        from slmkit.compose.cascade_verbs import evaluate
 
-        evaluate(d / "casc", [str(dec["chats"])])
+
+def test_eval_on_a_decoder_cascade_scores_each_conversation_with_the_model_it_goes_to(dec, capsys):
+    d = dec["dir"]
+    build(d / "small", str(d / "large"), dec["chats"], d / "casc-eval", max_new_tokens=4)
+    alone = {who: run_json(capsys, "eval", d / who, "--data", dec["chats"], "--json")[0] for who in ("small", "large")}
+    for threshold, who in ((-1e9, "small"), (1.0, "large")):
+        set_threshold(d / "casc-eval", threshold)
+        (r,) = run_json(capsys, "eval", d / "casc-eval", "--data", dec["chats"], "--json")
+        assert r["loss"] == pytest.approx(alone[who]["loss"], rel=1e-5) and r["tokens"] == alone[who]["tokens"]
+        assert r["escalation_rate"] == (1.0 if who == "large" else 0.0) and r["per_model"][who]["n"] == len(CHATS)
+    spec = json.loads((d / "casc-eval" / "cascade.json").read_text())
+    spec["threshold"] = sorted(json.loads((d / "casc-eval" / "curve.json").read_text())["points"],
+                               key=lambda p: p["escalation_rate"])[2]["threshold"]  # two of four escalated
+    (d / "casc-eval" / "cascade.json").write_text(json.dumps(spec))
+    (r,) = run_json(capsys, "eval", d / "casc-eval", "--data", dec["chats"], "--json")
+    split = r["per_model"]
+    assert r["escalation_rate"] == 0.5 and split["small"]["n"] == split["large"]["n"] == 2
+    mixed = (split["small"]["loss"] * split["small"]["tokens"] + split["large"]["loss"] * split["large"]["tokens"])
+    assert r["loss"] == pytest.approx(mixed / r["tokens"])
 
 
 # -- serve -----------------------------------------------------------------------------------------------------------
