@@ -16,7 +16,8 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
-         threads: int | None = None, device: str = "auto", compile: bool = False) -> None:
+         threads: int | None = None, device: str = "auto", compile: bool = False, draft: Path | None = None,
+         draft_tokens: int | None = None) -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
     from slmkit.infer.generate import NonFiniteLogits, checked_sampling, load
     from slmkit.options import check_numbers
@@ -25,6 +26,10 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
                      repetition_penalty=repetition_penalty)
     check_numbers(dict(threads=threads))
     lm = load(model_dir, threads=threads, device=device, compile=compile)
+    if draft is not None:  # speculative decoding (compose/speculative.py)
+        from slmkit.compose.speculative import attach_draft
+
+        attach_draft(lm, load(draft, device=device, compile=compile), draft_tokens)
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
@@ -72,3 +77,6 @@ def add_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels (see slm generate "
                    "--help): a few seconds of compiling, then faster replies from ~7M parameters")
+    from slmkit.infer.generate import add_draft_args
+
+    add_draft_args(p)

@@ -63,15 +63,33 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
     With top-k on (the default), temperature, top-p, softmax and the draw work on the k best logits only, not on all
     V (49k at 135M): the same distribution (renormalised over the top k) at ~1/10 of the cost per token
     (docs/benchmarks.md)."""
-    logits = logits.float()
-    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    logits = penalized(logits, p, seen)
     if p.temperature <= 0:  # greedy; numpy's argmax is vectorised, torch's CPU argmax ~10x slower at V = 49k
         i = int(logits.detach().numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
         if not math.isfinite(logits[i]):  # argmax lands on a NaN when there is one: one scalar read checks them all
             raise NonFiniteLogits()
         return i
+    probs, ids = candidates(logits, p)
+    try:
+        i = draw(probs, gen)
+    except ValueError:  # softmax of finite logits sums to 1: a NaN/inf score made it NaN
+        raise NonFiniteLogits() from None
+    return i if ids is None else int(ids[i])
+
+
+def penalized(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """LOGITS (V,) as fp32, with the repetition penalty applied to the SEEN ids (a copy when it changes them)."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        logits = logits.clone()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    return logits
+
+
+def candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution sample_next draws from (temperature > 0): weights over the candidates and their token ids
+    (None: the weights cover all V, in id order). Not normalised after top-p: draw() takes weights."""
     ids = None  # the candidates' token ids, once probs holds only the candidates (sorted, best first)
     if p.top_k and p.top_k < logits.numel():
         logits, ids = torch.topk(logits, p.top_k)  # (k,)
@@ -83,11 +101,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
             if float(probs.sum()) <= p.top_p and probs.numel() < every.numel():
                 probs, ids = torch.sort(every, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)  # the smallest set reaching top_p
-    try:
-        i = draw(probs, gen)
-    except ValueError:  # softmax of finite logits sums to 1: a NaN/inf score made it NaN
-        raise NonFiniteLogits() from None
-    return i if ids is None else int(ids[i])
+    return probs, ids
 
 
 def draw(weights: torch.Tensor, gen: torch.Generator | None = None) -> int:
@@ -156,6 +170,10 @@ class LoadedModel:
 
     def __init__(self, model_dir: Path, model: torch.nn.Module, tokenizer, context: int):
         self.path, self.model, self.tokenizer, self.context = Path(model_dir), model, tokenizer, context
+        # The decode loop: generate_ids, or another with its contract (compose.speculative.attach_draft's).
+        self.decode: Callable[..., Iterator[int]] = generate_ids
+        self.draft: LoadedModel | None = None  # with a draft: speculative decoding, its last SpecStats in spec_stats
+        self.spec_stats = None
         eos = {tokenizer.eos_token_id}
         for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
             tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
@@ -172,7 +190,7 @@ class LoadedModel:
         sampled (a piece can hold several tokens, or none yet: incomplete UTF-8 and possible stop strings wait)."""
         p = SamplingParams(**sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        tokens = generate_ids(self.model, ids, p, self.eos_ids, self.context)
+        tokens = self.decode(self.model, ids, p, self.eos_ids, self.context)
         if on_token is not None:
             tokens = _tap(tokens, on_token)
         yield from stream_text(self.tokenizer, tokens, p.stop)
@@ -279,8 +297,10 @@ def load(model_dir: Path, threads: int | None = None, dtype: str = "fp32", devic
 def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
          top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
          num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None,
-         dtype: str = "fp32", device: str = "auto", compile: bool = False) -> list[str]:
-    """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts."""
+         dtype: str = "fp32", device: str = "auto", compile: bool = False, draft: Path | None = None,
+         draft_tokens: int | None = None) -> list[str]:
+    """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts.
+    With --draft, a small model with the same tokenizer guesses tokens that MODEL_DIR checks (speculative decoding)."""
     from slmkit.options import check_numbers
 
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -288,6 +308,10 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
     checked_sampling(**params)
     check_numbers(dict(num_samples=num_samples, threads=threads), {"num_samples": "texts to sample"})
     lm = load(model_dir, threads=threads, dtype=dtype, device=device, compile=compile)
+    if draft is not None:
+        from slmkit.compose.speculative import attach_draft
+
+        attach_draft(lm, load(draft, dtype=dtype, device=device, compile=compile), draft_tokens)
     try:
         return _print_samples(lm, prompt, params, seed, num_samples, stream, as_json)
     except NonFiniteLogits as e:
@@ -317,10 +341,12 @@ def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None,
         first = (stamps[0] if stamps else t0 + seconds) - t0
         rate = (n - 1) / (seconds - first) if n > 1 and seconds > first else n / max(1e-9, seconds)
         if as_json:
+            spec = lm.spec_stats.as_dict() if lm.spec_stats else {}  # with --draft
             print(json.dumps({"prompt": prompt, "text": text, "tokens": n, "seconds": round(seconds, 3),
-                              "first_token_seconds": round(first, 3), "tokens_per_s": round(rate, 1)}))
+                              "first_token_seconds": round(first, 3), "tokens_per_s": round(rate, 1), **spec}))
         elif stream:
-            print(f"\n[{n} tokens in {seconds:.2f} s: first after {first:.2f} s, then {rate:.1f} tokens/s]",
+            spec = f", draft acceptance {lm.spec_stats.acceptance_rate:.0%}" if lm.spec_stats else ""
+            print(f"\n[{n} tokens in {seconds:.2f} s: first after {first:.2f} s, then {rate:.1f} tokens/s{spec}]",
                   file=sys.stderr)
         else:
             print(prompt + text)
@@ -348,3 +374,13 @@ def add_args(p) -> None:
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd kernels: a few seconds of "
                    "compiling, then ~1.3x the tokens/s in fp32 and 2-3x in bf16 on CPU from ~7M parameters (slmkit's "
                    "Llama models; needs a C++ compiler on CPU)")
+    add_draft_args(p)
+
+
+def add_draft_args(p) -> None:
+    """--draft and --draft-tokens, for generate, chat and serve."""
+    p.add_argument("--draft", type=Path, default=None, metavar="DIR", help="speculative decoding: a small model "
+                   "folder with the same tokenizer (e.g. from slm distill) guesses tokens that the model checks in one "
+                   "pass; greedy text is the model's own, sampled text follows its distribution (docs/compose.md)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens the draft guesses per check "
+                   "(default: adaptive, 0-12, from the measured acceptance rate and speeds)")

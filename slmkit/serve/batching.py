@@ -9,7 +9,10 @@ aggregate tokens/s grow with the number of clients. Sequences join and leave bet
   (`Llama.forward(..., pos=LongTensor)`; a lone row takes `Llama.step`, the batch-1 decode step), and samples each
   row with `generate.sample_next`,
 - the active rows are kept at the front of the cache (a finished row is replaced by the last one), so the step
-  only touches `cache[:n]` views, never copies.
+  only touches `cache[:n]` views, never copies,
+- with a draft model (`slm serve --draft`), a request that arrives while nothing else is running decodes
+  speculatively in a row of its own (compose/speculative.py: several tokens per target pass); requests that arrive
+  under load, or ask for logprobs, join the batch as usual: batching already amortises the weight reads there.
 
 The engine knows nothing about HTTP: `Engine.generate()` is a plain iterator of `Token`s, and `submit()` delivers
 the same events to any callback (the server's asyncio queues). Text, stop strings and JSON live in the callers.
@@ -84,10 +87,10 @@ class Engine:
     """Batches the decoding of one model. `start()` launches the thread; `stop()` ends it (pending requests get
     Finish("cancelled"))."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64, draft_tokens: int | None = None):
         from slmkit.model.llama import Llama
 
-        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
+        self.lm, self.max_batch, self.max_queue, self.draft_tokens = lm, max_batch, max_queue, draft_tokens
         self.fast = isinstance(lm.model, Llama)
         self.cache = lm.model.new_cache(max_batch, lm.context) if self.fast else None
         self.waiting: collections.deque[Request] = collections.deque()
@@ -97,6 +100,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0  # batched forward passes so far (tests and metrics)
         self.max_seen_batch = 0
+        self.spec_rows: list[_Row] = []  # speculative rows (with a draft): own caches, tokens from row.ids_iter
+        self.spec_stats = None  # compose.speculative.SpecStats summed over every speculative request
 
     # -- public API --------------------------------------------------------------------------------------------
     @property
@@ -105,7 +110,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.spec_rows)
 
     def start(self) -> Engine:
         if not self.running:
@@ -159,12 +164,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while self.running and not self.waiting and not self.rows:
+                while self.running and not self.waiting and not self.rows and not self.spec_rows:
                     self.cond.wait()
                 if not self.running:
                     break
                 admitted = []
-                while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
+                while self.waiting and self.active + len(admitted) < self.max_batch:
                     req = self.waiting.popleft()
                     if not req.cancelled:
                         admitted.append(req)
@@ -174,12 +179,12 @@ class Engine:
                         self._admit(req)
                     self._step()
             except Exception as e:  # a bug must not kill the thread silently: fail the requests in flight
-                for row in self.rows:
+                for row in self.rows + self.spec_rows:
                     row.req.sink(Finish("error", len(row.req.prompt_ids), row.made, f"{type(e).__name__}: {e}"))
-                self.rows = []
+                self.rows, self.spec_rows = [], []
         with self.cond:  # shutting down: nobody is left waiting forever
-            pending = [r.req for r in self.rows] + list(self.waiting)
-            self.rows, self.waiting = [], collections.deque()
+            pending = [r.req for r in self.rows + self.spec_rows] + list(self.waiting)
+            self.rows, self.spec_rows, self.waiting = [], [], collections.deque()
         for req in pending:
             req.sink(Finish("cancelled", len(req.prompt_ids), 0, "the server is shutting down"))
 
@@ -187,7 +192,14 @@ class Engine:
         p, ids, ctx = req.params, req.prompt_ids, self.lm.context
         limit = min(p.max_new_tokens, ctx - len(ids))
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-        if self.fast:
+        if self._speculate(req):
+            from slmkit.compose.speculative import SpecStats, speculative_ids
+
+            self.spec_stats = self.spec_stats or SpecStats()
+            it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
+                                 self.lm.draft.context, self.draft_tokens, self.spec_stats)
+            self.spec_rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
+        elif self.fast:
             i = len(self.rows)
             view = [(k[i:i + 1], v[i:i + 1]) for k, v in self.cache]  # this row of every layer's cache
             device = self.lm.model.cos.device  # a buffer every Llama module has (int8 ones too)
@@ -197,26 +209,43 @@ class Engine:
             it = generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx)
             self.rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
 
+    def _speculate(self, req: Request) -> bool:
+        """Decode REQ speculatively: there is a draft, nothing else is running or waiting, no logprobs asked."""
+        return (getattr(self.lm, "draft", None) is not None and self.fast and req.top_logprobs is None
+                and not self.rows and not self.spec_rows and not self.waiting)
+
+    def _next_of(self, rows: list[_Row]) -> list[_Row]:
+        """One token from each iterator row (generate.py's batch-1 loop, or the speculative one); the rows left."""
+        keep = []
+        for row in rows:
+            req = row.req
+            if req.cancelled:
+                req.sink(Finish("cancelled", len(req.prompt_ids), row.made))
+                continue
+            tok = next(row.ids_iter, None) if row.made < row.limit else None
+            if tok is None:
+                req.sink(Finish("stop" if row.made < row.limit else "length", len(req.prompt_ids), row.made))
+                continue
+            row.made += 1
+            req.sink(Token(tok))
+            keep.append(row)
+        return keep
+
     def _step(self) -> None:
         """Sample one token for every active row, retire finished rows, then one batched forward pass."""
+        self.spec_rows = self._next_of(self.spec_rows)
         feed: list[int] = []
         keep: list[_Row] = []
         for row in self.rows:
             req = row.req
+            if row.ids_iter is not None:  # fallback for models without our cache: generate.py's loop
+                keep += self._next_of([row])
+                continue
             if req.cancelled:
                 req.sink(Finish("cancelled", len(req.prompt_ids), row.made))
                 continue
             if row.made >= row.limit:
                 req.sink(Finish("length", len(req.prompt_ids), row.made))
-                continue
-            if row.ids_iter is not None:  # fallback: the batch-1 loop of generate.py, one token per step
-                tok = next(row.ids_iter, None)
-                if tok is None:
-                    req.sink(Finish("stop" if row.made < row.limit else "length", len(req.prompt_ids), row.made))
-                    continue
-                row.made += 1
-                req.sink(Token(tok))
-                keep.append(row)
                 continue
             tok = sample_next(row.logits.clone(), req.params, None, row.gen)
             if tok in self.lm.eos_ids:

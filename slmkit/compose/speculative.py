@@ -1,0 +1,273 @@
+"""Speculative decoding: a small draft model proposes K tokens, the target checks them all in one forward pass.
+
+Why it pays: at batch 1 a decoder's step is bound by reading its weights, so the target scores K+1 tokens in one
+pass for little more than the price of one. The draft (same tokenizer, ~10x cheaper) guesses the next K tokens one at
+a time; the target keeps the longest prefix it agrees with and adds one token of its own, so every cycle yields
+between 1 and K+1 tokens for one target pass (Leviathan et al. 2023; Chen et al. 2023).
+
+Exactness:
+- greedy (temperature 0): a draft token is kept only when it is the target's argmax at that position (penalty
+  included), and the first disagreement emits the target's own argmax: the text is the target's, token for token
+  (up to the float rounding of a K+1-token forward pass vs the one-token step);
+- sampled: draft token d (drawn from the draft's distribution Q) is kept with probability min(1, P(d)/Q(d)); on a
+  rejection the token is drawn from max(0, P - Q), renormalised. P and Q are the distributions sample_next draws
+  from (temperature, top-k, top-p, repetition penalty), so the output follows the target's sampling distribution.
+
+Both key/value caches are the models' preallocated ones: "rolling back" a rejected suffix is moving the position
+back; the stale entries past it are overwritten by the next tokens and never attended to.
+
+K adapts (when not fixed): the acceptance rate a per token is estimated as it goes, the draft step and the verify pass
+are timed, and each cycle takes the K that maximises expected tokens per second, (1 - a^(K+1)) / (1 - a) tokens for
+K draft steps plus one verify pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slmkit.infer.generate import NonFiniteLogits, SamplingParams, candidates, draw, penalized, sample_next
+
+K_MAX = 12  # the longest guess the adaptive policy tries; beyond it a small draft's acceptance has long decayed
+PROBE = 16  # while the draft sits out (K = 0), it guesses one token every PROBE cycles to re-measure its acceptance
+
+
+@dataclass
+class SpecStats:
+    """What the draft achieved: tokens proposed and accepted, verify passes (cycles), tokens emitted."""
+
+    proposed: int = 0
+    accepted: int = 0
+    cycles: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def as_dict(self) -> dict:
+        return {"acceptance_rate": round(self.acceptance_rate, 4), "draft_proposed": self.proposed,
+                "draft_accepted": self.accepted, "verify_passes": self.cycles,
+                "tokens_per_pass": round(self.emitted / self.cycles, 3) if self.cycles else 0.0}
+
+
+class DraftLength:
+    """How many tokens the draft guesses next. FIXED: always that many; None: the K that maximises expected tokens per
+    second under the running estimates of the per-token acceptance rate and of the draft-step and verify times."""
+
+    def __init__(self, fixed: int | None = None, start: int = 4, decay: float = 0.9):
+        self.fixed, self.best, self.decay = fixed, fixed or start, decay
+        self.hits, self.trials = 2.0, 3.0  # a prior of 2/3 acceptance, forgotten within ~10 cycles
+        self.t_draft: float | None = None  # seconds per draft step
+        self.t_verify: float | None = None  # seconds per verify pass
+        self.idle = 0  # cycles the target has decoded alone since the draft last guessed
+
+    @property
+    def k(self) -> int:
+        """The next cycle's guess length. When guessing does not pay (K = 0: the target alone), one guess every
+        PROBE cycles keeps the acceptance estimate current: the text may move to where the draft does well."""
+        if self.best == 0 and self.idle >= PROBE:
+            return 1
+        return self.best
+
+    def update(self, proposed: int, accepted: int, t_draft: float, t_verify: float) -> None:
+        """One cycle's outcome. Accepted tokens come before the first rejection: accepted successes in
+        accepted + (1 if a rejection happened) trials, the maximum-likelihood count for a per-token rate."""
+        if proposed == 0:
+            self.idle += 1
+            return
+        self.idle = 0
+        d = self.decay
+        self.hits = d * self.hits + accepted
+        self.trials = d * self.trials + accepted + (accepted < proposed)
+        ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
+        self.t_draft = ema(self.t_draft, t_draft / proposed)
+        self.t_verify = ema(self.t_verify, t_verify)
+        if self.fixed is None:
+            self.best = self.best_k()
+
+    def best_k(self) -> int:
+        a = min(self.hits / max(self.trials, 1e-9), 0.999)
+        ratio = self.t_draft / max(self.t_verify, 1e-9)  # a draft step, in verify passes
+        rate = lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * ratio + 1)  # noqa: E731
+        return max(range(K_MAX + 1), key=rate)  # 0: the draft costs more than its guesses save
+
+
+def dense_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """The distribution sample_next draws from, as a normalised (VOCAB,) vector (zeros outside its candidates)."""
+    probs, ids = candidates(penalized(logits, p, seen), p)
+    out = torch.zeros(vocab)
+    if ids is None:
+        n = min(vocab, probs.numel())
+        out[:n] = probs[:n]
+    else:
+        keep = ids < vocab
+        out[ids[keep]] = probs[keep]
+    total = float(out.sum())
+    if not total > 0:
+        raise NonFiniteLogits()
+    return out / total
+
+
+def _seen(ids: list[int], p: SamplingParams) -> torch.Tensor | None:
+    return torch.tensor(sorted(set(ids)), dtype=torch.long) if p.repetition_penalty != 1.0 else None
+
+
+def judge(target_rows: torch.Tensor, drafted: list[int], draft_probs: list[torch.Tensor], ids: list[int],
+          p: SamplingParams, gen: torch.Generator | None) -> tuple[int, int]:
+    """The rejection rule. TARGET_ROWS (k+1, V): the target's logits after ids, ids+d1, ..., ids+d1..dk. Returns
+    (how many drafted tokens are kept, the target's own next token after them)."""
+    vocab = target_rows.shape[-1]
+    for j, d in enumerate(drafted):
+        seen = _seen(ids + drafted[:j], p)
+        if p.temperature <= 0:
+            t = sample_next(target_rows[j], p, seen, gen)
+            if t != d:
+                return j, t
+            continue
+        P = dense_probs(target_rows[j], p, seen, vocab)
+        Q = draft_probs[j]
+        if float(torch.rand((), generator=gen)) * float(Q[d]) < float(P[d]):  # u < P(d)/Q(d), without dividing by 0
+            continue
+        residual = (P - Q).clamp_min(0)
+        return j, draw(residual if float(residual.sum()) > 0 else P, gen)
+    k = len(drafted)
+    return k, sample_next(target_rows[k], p, _seen(ids + drafted, p), gen)
+
+
+class _Runner:
+    """One model's side of the loop: its cache and how many tokens of the sequence it has processed (its position).
+    Rolling back is lowering `pos`; the cache rows past it are overwritten before anything attends to them."""
+
+    def __init__(self, model: torch.nn.Module, size: int):
+        self.model, self.pos = model, 0
+        self.cache = model.new_cache(1, size)
+        self.device = model.cos.device  # a buffer every Llama module has
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        """Process TOKENS at the current position -> logits (len(tokens), V) in fp32 on the CPU. One token takes the
+        model's decode step (the compiled one under --compile), several one forward pass."""
+        if len(tokens) == 1:
+            logits = self.model.step(tokens[0], self.cache, self.pos)[None]
+        else:
+            x = torch.tensor([tokens], device=self.device)
+            logits = self.model(x, cache=self.cache, pos=self.pos)[0]
+        self.pos += len(tokens)
+        return logits.float().cpu()
+
+
+def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], p: SamplingParams,
+                    eos_ids: set[int], context: int, draft_context: int, draft_tokens: int | None = None,
+                    stats: SpecStats | None = None) -> Iterator[int]:
+    """generate_ids' contract (new token ids, one at a time, until EOS, max_new_tokens or the context end), decoded
+    speculatively with DRAFT guessing DRAFT_TOKENS tokens a cycle (None: adaptive). Both are slmkit Llama modules with
+    the same vocabulary. Where the sequence outgrows the draft's context the target goes on alone."""
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+    stats = stats if stats is not None else SpecStats()
+    ids = list(prompt_ids)[-(context - 1):]
+    limit = min(p.max_new_tokens, context - len(ids))
+    if limit <= 0 or not ids:
+        return
+    size = len(ids) + limit + 1
+    tgt, dft = _Runner(target, size), _Runner(draft, min(size + K_MAX, draft_context))
+    length = DraftLength(draft_tokens)
+    with torch.inference_mode():
+        if len(ids) > 1:  # both models process all but the last token, which each cycle's verify pass feeds
+            tgt.feed(ids[:-1])
+            if len(ids) - 1 <= draft_context - 2:
+                dft.feed(ids[:-1])
+        made = 0
+        while made < limit:
+            k = min(length.k, limit - made - 1, context - len(ids), draft_context - len(ids) - 1)
+            new, accepted, t_draft, t_verify = _cycle(tgt, dft, ids, max(k, 0), p, gen)
+            stats.cycles, stats.proposed, stats.accepted = stats.cycles + 1, stats.proposed + max(k, 0), \
+                stats.accepted + accepted
+            length.update(max(k, 0), accepted, t_draft, t_verify)
+            for tok in new:
+                if tok in eos_ids or made >= limit:
+                    return
+                made += 1
+                stats.emitted += 1
+                ids.append(tok)
+                yield tok
+
+
+def _cycle(tgt: _Runner, dft: _Runner, ids: list[int], k: int, p: SamplingParams,
+           gen: torch.Generator | None) -> tuple[list[int], int, float, float]:
+    """One draft-and-verify cycle from IDS (the target has processed all but the last token). Returns the new tokens
+    (the kept guesses, then the target's own), how many guesses were kept, and the draft and verify times."""
+    t0 = time.perf_counter()
+    drafted: list[int] = []
+    q_probs: list[torch.Tensor] = []
+    vocab = tgt.model.config["vocab_size"]
+    if k > 0:
+        dft.pos = min(dft.pos, len(ids) - 1)  # forget guesses the target rejected
+        q = dft.feed(ids[dft.pos:])[-1]  # catch up: the last cycle's correction or bonus token (and maybe one more)
+        for j in range(k):
+            seen = _seen(ids + drafted, p)
+            if p.temperature <= 0:
+                d = sample_next(q, p, seen)
+            else:
+                q_probs.append(dense_probs(q, p, seen, vocab))
+                d = draw(q_probs[-1], gen)
+            drafted.append(d)
+            if j < k - 1:
+                q = dft.feed([d])[0]
+    t1 = time.perf_counter()
+    rows = tgt.feed([ids[-1]] + drafted)  # (k+1, V): the target's logits after ids, ids+d1, ..., ids+d1..dk
+    kept, own = judge(rows, drafted, q_probs, ids, p, gen)
+    tgt.pos = len(ids) + kept  # the target keeps ids + the kept guesses; its own token is fed next cycle
+    return drafted[:kept] + [own], kept, t1 - t0, time.perf_counter() - t1
+
+
+def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
+    """Make LM (a generate.LoadedModel) decode speculatively with DRAFT (another LoadedModel): every caller of
+    lm.stream / lm.generate (slm generate, slm chat) then gets it. The last call's SpecStats land in lm.spec_stats.
+    One line, naming the fix, when the pair cannot work together."""
+    from slmkit.model.llama import Llama
+
+    for role, m in (("target", lm), ("--draft", draft)):
+        if not isinstance(m.model, Llama):
+            raise SystemExit(f"error: {role} {m.path}: speculative decoding needs slmkit Llama decoders; bring a "
+                             f"Hugging Face folder in with `slm import {m.path} --out DIR` first")
+    if draft.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+        raise SystemExit(f"error: --draft {draft.path}: its tokenizer ({len(draft.tokenizer):,} tokens) differs from "
+                         f"{lm.path}'s ({len(lm.tokenizer):,}); a draft must share the target's. Make one from it: "
+                         f"slm distill --teacher {lm.path} --student slm-3m --data TEXT --cache-teacher --out DRAFT")
+    if draft_tokens is not None and not 1 <= draft_tokens <= 64:
+        raise SystemExit(f"error: --draft-tokens {draft_tokens} must be 1-64 (or leave it out: adaptive)")
+    lm.draft, lm.spec_stats = draft, SpecStats()
+
+    def decode(model, ids, p, eos_ids, context):
+        lm.spec_stats = SpecStats()
+        return speculative_ids(model, draft.model, ids, p, eos_ids, context, draft.context, draft_tokens,
+                               lm.spec_stats)
+
+    lm.decode = decode
+
+
+def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = None, dtype: str = "fp32",
+                 device: str = "cpu", compile: bool = False) -> None:
+    """`slm serve --draft [NAME=]DIR`: give the served decoder NAME (the only decoder, without NAME=) a draft. Its
+    engine then decodes a request that arrives while it is idle speculatively (serve/batching.py)."""
+    from slmkit.infer.generate import load
+
+    decoders = [n for n, m in served.items() if m.kind == "decoder" and m.lm is not None]
+    for spec in drafts:
+        name, sep, folder = spec.rpartition("=")
+        if not sep or Path(spec).exists():
+            if len(decoders) != 1:
+                raise SystemExit(f"error: --draft {spec}: say which model it drafts for, --draft NAME=DIR (NAME one "
+                                 f"of {', '.join(decoders) or 'no decoder served'})")
+            name, folder = decoders[0], spec
+        if name not in decoders:
+            raise SystemExit(f"error: --draft {spec}: {name!r} is not a decoder served here ({', '.join(decoders)})")
+        if not Path(folder).is_dir():
+            raise SystemExit(f"error: --draft {spec}: {folder} is not a model folder")
+        m = served[name]
+        attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens)
+        m.engine.draft_tokens = draft_tokens

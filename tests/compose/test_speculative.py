@@ -1,0 +1,219 @@
+"""Speculative decoding (slmkit/compose/speculative.py): greedy identity, the rejection rule's distribution, both
+caches rolled back, adaptive K, the CLI, chat and serve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TINY, bpe_tokenizer
+
+from slmkit.compose.speculative import DraftLength, SpecStats, attach_draft, judge, speculative_ids
+from slmkit.infer.generate import SamplingParams, candidates, load
+
+
+def llama_folder(path: Path, tok, seed: int, noise_of: Path | None = None, noise: float = 0.0,
+                 blank_head: bool = False) -> Path:
+    """A random 2-layer Llama whose next token depends on its context (untied head, wide init). NOISE_OF: start from
+    that folder's weights plus Gaussian noise: a draft that agrees with it part of the time. BLANK_HEAD: every logit
+    0, so greedy always says token 0: a draft that is always wrong where the target never says 0."""
+    from slmkit.infer.load import load_model
+    from slmkit.model.folder import save_model
+    from slmkit.model.llama import Llama
+
+    torch.manual_seed(seed)
+    model = Llama({**TINY, "vocab_size": len(tok), "tie_word_embeddings": False, "initializer_range": 0.3,
+                   "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id})
+    if noise_of is not None:
+        model.load_state_dict(load_model(noise_of).state_dict())
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(torch.randn_like(w) * noise * w.std())
+    if blank_head:
+        torch.nn.init.zeros_(model.lm_head.weight)
+    save_model(model, path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("spec")
+    tok = bpe_tokenizer()
+    target = llama_folder(root / "target", tok, 0)
+    return {"target": target, "wrong": llama_folder(root / "wrong", tok, 1, blank_head=True),
+            "near": llama_folder(root / "near", tok, 2, noise_of=target, noise=0.05),
+            "other_tok": llama_folder(root / "other_tok", _other_tokenizer(), 3)}
+
+
+def _other_tokenizer():
+    from slmkit.model.tokenizer import train_bpe
+
+    return train_bpe(["completely different words for another vocabulary entirely " * 20], 280)
+
+
+PROMPT = "the cat sat on"
+GREEDY = SamplingParams(max_new_tokens=80, temperature=0)
+
+
+def alone(lm, p: SamplingParams = GREEDY, prompt: str = PROMPT) -> list[int]:
+    return list(lm.decode(lm.model, lm.encode(prompt), p, lm.eos_ids, lm.context))
+
+
+@pytest.mark.parametrize("draft,k,acceptance", [("target", 4, 1.0), ("wrong", 4, 0.0), ("near", 3, None),
+                                                ("near", None, None), ("target", None, 1.0)])
+def test_greedy_text_is_the_targets_token_for_token(folders, draft, k, acceptance):
+    ref = alone(load(folders["target"]))
+    assert 0 not in ref  # the blank-headed draft's only guess
+    lm = load(folders["target"])
+    attach_draft(lm, load(folders[draft]), k)
+    out = alone(lm)
+    assert out == ref and len(out) == 80
+    stats = lm.spec_stats
+    if acceptance is not None:
+        assert stats.acceptance_rate == acceptance
+    else:  # the noisy copy agrees sometimes: some guesses kept, some rolled back
+        assert 0.1 < stats.acceptance_rate < 0.95
+    if acceptance == 1.0:  # an always-right draft: K+1 tokens per target pass (the last pass may be shorter)
+        assert stats.cycles <= math.ceil(80 / ((k or 4) + 1)) + 2
+    assert stats.emitted == 80
+
+
+def test_adaptive_k_stops_guessing_when_the_draft_is_always_wrong(folders):
+    lm = load(folders["target"])
+    attach_draft(lm, load(folders["wrong"]))
+    alone(lm)
+    # 80 tokens: a few guesses while the prior fades, then one probe every PROBE cycles
+    assert lm.spec_stats.proposed < 20 and lm.spec_stats.cycles == 80
+
+
+def test_draft_length_policy_follows_acceptance_and_cost():
+    good, bad = DraftLength(), DraftLength()
+    for _ in range(30):
+        good.update(6, 6, t_draft=6 * 0.001, t_verify=0.02)  # every guess kept, a draft step 1/20 of a pass
+        bad.update(6, 0, t_draft=6 * 0.01, t_verify=0.02)  # none kept, a draft step half a pass
+    assert good.k >= 8 and bad.k == 0
+    assert DraftLength(fixed=3).k == 3
+
+
+def test_rolls_back_when_the_sequence_outgrows_the_drafts_context(folders, tmp_path):
+    """A draft with a 40-token context: past it, the target goes on alone, with the same text."""
+    cfg = json.loads((folders["near"] / "config.json").read_text())
+    short = tmp_path / "short"
+    short.mkdir()
+    for f in folders["near"].iterdir():
+        (short / f.name).write_bytes(f.read_bytes())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 40}))
+    lm = load(folders["target"])
+    attach_draft(lm, load(short), 4)
+    assert alone(lm) == alone(load(folders["target"]))
+    assert 0 < lm.spec_stats.proposed < 80
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0  # nothing drawn where the target puts no mass
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=0), dict(temperature=0.7, top_k=4, top_p=0.9)])
+def test_rejection_rule_draws_from_the_targets_distribution(settings):
+    """judge() on a 6-token vocabulary, draft tokens drawn from a very different Q: the first emitted token (kept
+    guess or correction) follows the target's sampling distribution P (chi-square, p = 0.001)."""
+    p = SamplingParams(**settings)
+    target = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    draft = torch.tensor([-1.0, 0.0, 2.0, 1.0, 1.5, -2.0])
+    from slmkit.compose.speculative import dense_probs
+    from slmkit.infer.generate import draw
+
+    P, Q = dense_probs(target, p, None, 6), dense_probs(draft, p, None, 6)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(6000):
+        d = draw(Q, gen)
+        kept, own = judge(torch.stack([target, target]), [d], [Q], [], p, gen)
+        counts[d if kept else own] += 1
+    support = int((P > 0).sum())
+    critical = {6: 20.52, 4: 16.27, 3: 13.82, 2: 10.83}[support]  # chi-square, support - 1 dof, p = 0.001
+    assert chi_square(counts, P) < critical
+    probs, ids = candidates(target.clone(), p)
+    assert torch.allclose(P[ids] if ids is not None else P, probs / probs.sum())
+
+
+def test_sampled_decoding_follows_the_target_end_to_end(folders):
+    """The first token of 600 seeded speculative runs with a draft that often disagrees (top-k 4, T = 1) follows the
+    target's next-token distribution; the same seed gives the same text."""
+    target, draft = load(folders["target"]), load(folders["near"])
+    p = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=4)
+    ids = target.encode(PROMPT)
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([ids]))[0, -1]
+    probs, top = candidates(logits.float(), p)
+    counts = torch.zeros(4)
+    for seed in range(600):
+        p.seed = seed
+        first = next(speculative_ids(target.model, draft.model, ids, p, set(), target.context, draft.context, 2))
+        counts[top.tolist().index(first)] += 1
+    assert chi_square(counts, probs / probs.sum()) < 16.27  # 3 dof, p = 0.001
+    p.seed = 7
+    run = lambda: list(speculative_ids(target.model, draft.model, ids, p, set(), 256, 256, 2))  # noqa: E731
+    assert run() == run()
+
+
+def test_a_draft_with_another_tokenizer_is_one_line_naming_distill(folders):
+    lm = load(folders["target"])
+    with pytest.raises(SystemExit, match=r"tokenizer .* differs .*slm distill --teacher"):
+        attach_draft(lm, load(folders["other_tok"]))
+
+
+def test_compiled_draft_and_bf16(folders):
+    """The draft's numerics never change the greedy text (only the target's do): a compiled draft gives the target's
+    text. In bf16 both models run and a self-draft is accepted."""
+    ref = alone(load(folders["target"]))
+    lm = load(folders["target"])
+    attach_draft(lm, load(folders["near"], compile=True), 3)
+    assert lm.draft.model.compiled_step is not None
+    assert alone(lm) == ref
+    lm = load(folders["target"], dtype="bf16")
+    attach_draft(lm, load(folders["target"], dtype="bf16"), 3)
+    assert len(alone(lm)) == 80 and lm.spec_stats.acceptance_rate > 0.8
+
+
+def test_generate_cli_json_reports_acceptance(folders, capsys):
+    from slmkit.infer.generate import main
+
+    args = dict(prompt=PROMPT, max_new_tokens=30, temperature=0, as_json=True, device="cpu")
+    plain = main(folders["target"], **args)
+    capsys.readouterr()
+    texts = main(folders["target"], draft=folders["near"], draft_tokens=3, **args)
+    row = json.loads(capsys.readouterr().out)
+    assert texts == plain and 0 < row["acceptance_rate"] < 1 and row["draft_proposed"] > 0
+    assert row["tokens"] == 30
+
+
+def test_serve_decodes_a_lone_request_speculatively(folders):
+    import openai
+    from tiny_server import running, serve_folders
+
+    from slmkit.compose.speculative import serve_drafts
+
+    app = serve_folders({"t": folders["target"]})
+    served = app.state.models
+    with pytest.raises(SystemExit, match="not a decoder served here"):
+        serve_drafts(served, [f"nope={folders['near']}"])
+    serve_drafts(served, [str(folders["near"])], draft_tokens=3)
+    ref = load(folders["target"])
+    want = ref.tokenizer.decode(alone(ref, SamplingParams(max_new_tokens=20, temperature=0)), skip_special_tokens=True)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model="t", prompt=PROMPT, max_tokens=20, temperature=0)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="t", prompt=PROMPT, max_tokens=20, temperature=0, stream=True))
+    assert got.choices[0].text == want == streamed
+    assert got.usage.completion_tokens == 20
+    stats: SpecStats = served["t"].engine.spec_stats
+    assert stats is not None and stats.proposed > 0 and stats.emitted == 40
