@@ -244,6 +244,7 @@ class Cascade:
     and `confidence`: the small model's, that decided."""
 
     def __init__(self, folder: Path, device: str = "cpu", timeout: float = 60.0):
+        """TIMEOUT: seconds per remote answer, unless cascade.json sets one (`slm cascade --timeout`)."""
         self.folder, self.spec = Path(folder), read_spec(folder)
         self.kind, self.threshold = self.spec["kind"], float(self.spec["threshold"])
         self.temperature = float(self.spec.get("temperature") or 1.0)
@@ -254,7 +255,8 @@ class Cascade:
                                  "back or rebuild the cascade with `slm cascade`")
         if is_url(str(small)):
             raise SystemExit(f"error: {self.folder / CASCADE_FILE}: small must be a model folder, not a URL")
-        remote = dict(model=self.spec.get("large_model"), api_key_env=self.spec.get("api_key_env"), timeout=timeout)
+        remote = dict(model=self.spec.get("large_model"), api_key_env=self.spec.get("api_key_env"),
+                      timeout=float(self.spec.get("timeout") or timeout))
         if self.kind == "classifier":
             self.small = open_classifier(small, device=device)
             self.large = open_classifier(large, device=device, **remote)

@@ -234,6 +234,7 @@ def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: fl
         figures["max_new_tokens"] = cal["max_new_tokens"]
     spec = {"format": FORMAT, "version": 1, "kind": kind, "small": stored_ref(out, small),
             "large": stored_ref(out, large), "large_model": large_model, "api_key_env": api_key_env,
+            "timeout": timeout if is_url(large) else None,
             "confidence": cal["confidence_method"], "temperature": cal["temperature"],
             "threshold": chosen["threshold"], "max_length": max_length, "rule": "escalate when confidence < threshold",
             "calibration": figures}
@@ -269,8 +270,8 @@ def add_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="classifiers: texts per forward pass (default: 32)")
     p.add_argument("--max-length", type=int, help="classifiers: tokens read per text, at calibration and after "
                    "(default: the model's context; `slm classify --max-length` overrides it)")
-    p.add_argument("--timeout", type=float, default=60.0, help="URL only: seconds to wait for each answer "
-                   "(default: 60; 3 tries with backoff)")
+    p.add_argument("--timeout", type=float, default=60.0, help="URL only: seconds to wait for each answer, at "
+                   "calibration and after (default: 60; 3 tries with backoff)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--skip-bad-lines", action="store_true", help="chat JSONL: skip malformed rows (with a warning)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

@@ -80,15 +80,19 @@ class RemoteModel:
         return {"text": (choice.get("message") or {}).get("content") or "", "model": out.get("model") or self._model(),
                 "finish_reason": choice.get("finish_reason"), "usage": out.get("usage") or {}}
 
-    def classify(self, texts: list[str], top_k: int = 1) -> list[list[dict]]:
+    def classify(self, texts: list[str], top_k: int = 1, batch_size: int = 32) -> list[list[dict]]:
         """Top-K labels for each of TEXTS: rows of {"label", "score"}, most probable first (slm serve's
-        /v1/classify)."""
-        out = self._request("POST", "/classify", {"model": self._model(), "input": list(texts), "top_k": top_k})
-        rows = sorted(out.get("data") or [], key=lambda r: r.get("index", 0))
-        if len(rows) != len(texts):
-            raise RemoteError(f"{self.url}/classify answered {len(rows)} rows for {len(texts)} texts; is it an "
-                              "slm serve classifier?")
-        return [[{"label": x["label"], "score": float(x["score"])} for x in r["labels"]] for r in rows]
+        /v1/classify), asked BATCH_SIZE texts per request (servers cap the inputs of one request: slm serve at 64)."""
+        out: list[list[dict]] = []
+        for i in range(0, len(texts), batch_size):
+            chunk = list(texts[i:i + batch_size])
+            answer = self._request("POST", "/classify", {"model": self._model(), "input": chunk, "top_k": top_k})
+            rows = sorted(answer.get("data") or [], key=lambda r: r.get("index", 0))
+            if len(rows) != len(chunk):
+                raise RemoteError(f"{self.url}/classify answered {len(rows)} rows for {len(chunk)} texts; is it an "
+                                  "slm serve classifier?")
+            out += [[{"label": x["label"], "score": float(x["score"])} for x in r["labels"]] for r in rows]
+        return out
 
     # -- plumbing --------------------------------------------------------------------------------------------------
     def _model(self) -> str:

@@ -137,6 +137,27 @@ def test_classify_says_which_model_answered_and_escalates_below_the_threshold(cl
     assert {r["model"] for r in rows} == {"small", "large"}
 
 
+def test_a_large_model_behind_a_url_calibrates_and_answers_as_the_local_folder_does(clf, tmp_path, capsys):
+    from tiny_server import running, serve_folders
+
+    d = clf["dir"]
+    local = build(d / "small", str(d / "large"), clf["cal"], tmp_path / "local", max_escalation=0.5)
+    with running(serve_folders({"big": d / "large"})) as url:
+        remote = build(d / "small", url, clf["cal"], tmp_path / "remote", max_escalation=0.5, large_model="big")
+        assert remote["large"] == url and remote["threshold"] == local["threshold"]
+        assert remote["calibration"]["cascade"] == local["calibration"]["cascade"]
+        rows = run_json(capsys, "classify", tmp_path / "remote", "--data", clf["test"], "--json")
+        want = run_json(capsys, "classify", tmp_path / "local", "--data", clf["test"], "--json")
+    assert [(r["model"], r["labels"][0]["label"]) for r in rows] == [(r["model"], r["labels"][0]["label"])
+                                                                      for r in want]
+    assert any(r["model"] == "large" for r in rows)
+    with pytest.raises(SystemExit) as e:  # the server is gone: escalated rows cannot be answered
+        from slmkit.compose.cascade_verbs import classify
+
+        classify(tmp_path / "remote", data=clf["test"])
+    assert "the cascade's large model" in str(e.value) and url in str(e.value)
+
+
 def test_cascade_refuses_bad_input_in_one_line(clf, tmp_path):
     d = clf["dir"]
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
