@@ -222,6 +222,28 @@ def test_decoder_cascade_generates_with_the_model_its_confidence_picks(dec, caps
     assert r["text"] == load(d / "large").generate("the cat", max_new_tokens=5, temperature=0)
 
 
+def test_chat_through_a_cascade_shows_the_answering_model_and_survives_a_failed_escalation(dec, capsys,
+                                                                                           monkeypatch):
+    from slmkit.compose.cascade_verbs import chat
+
+    d = dec["dir"]
+    build(d / "small", str(d / "large"), dec["chats"], d / "casc-chat", max_new_tokens=4)
+    spec = json.loads((d / "casc-chat" / "cascade.json").read_text())
+    spec.update(large="http://127.0.0.1:9", large_model="gone", threshold=-1e9)
+    (d / "casc-chat" / "cascade.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    lines = iter(["hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat(d / "casc-chat", max_new_tokens=3, temperature=0)
+    out = capsys.readouterr()
+    assert out.out.startswith("model> ") and "[small: small]" in out.err
+    set_threshold(d / "casc-chat", 1.0)  # every reply escalated to a URL nobody serves: one line, then go on
+    lines = iter(["hello", "again", "/quit"])
+    chat(d / "casc-chat", max_new_tokens=3, temperature=0)
+    err = capsys.readouterr().err
+    assert err.count("error: the cascade's large model: http://127.0.0.1:9/v1/chat/completions cannot be") == 2
+
+
 def test_eval_on_a_decoder_cascade_scores_each_conversation_with_the_model_it_goes_to(dec, capsys):
     d = dec["dir"]
     build(d / "small", str(d / "large"), dec["chats"], d / "casc-eval", max_new_tokens=4)
