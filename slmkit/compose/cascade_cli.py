@@ -170,31 +170,13 @@ def write_folder(out: Path, spec: dict, points: list[dict], chosen: dict, overwr
             shutil.rmtree(tmp)
 
 
-def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: float | None = None,
-         min_quality: float | None = None, large_model: str | None = None, api_key_env: str | None = None,
-         text_col: str = "text", label_col: str = "label", max_new_tokens: int = 64, batch_size: int = 32,
-         max_length: int | None = None, timeout: float = 60.0, device: str = "auto", skip_bad_lines: bool = False,
-         overwrite: bool = False,
-         as_json: bool = False) -> dict:
-    """Build a cascade: SMALL answers, LARGE (a model folder or an OpenAI-compatible URL) takes the requests SMALL is
-    unsure of. The threshold is calibrated on --calibrate DATA (held-out rows, not your test set).
-
-    Classifiers: DATA is labelled CSV/TSV/JSONL/Parquet; confidence = SMALL's top probability after temperature
-    scaling fitted on DATA; quality = accuracy. Decoders: DATA is chat JSONL ({"messages": [...]} or {"prompt",
-    "response"} rows); both models answer greedily, confidence = the mean log-probability of SMALL's answer tokens,
-    quality = ROUGE-L F1 against the reference reply.
-
-    --max-escalation F: the best quality escalating at most a fraction F of the calibration rows. --min-quality F:
-    the fewest escalations whose quality is >= F x LARGE's quality on DATA. Neither: --min-quality 0.99.
-    """
-    from slmkit.hardware import pick_device
+def check_inputs(small: Path, large: str, out: Path, max_escalation: float | None, min_quality: float | None,
+                 timeout: float, overwrite: bool) -> str:
+    """The cascade's kind ("classifier" or "decoder", SMALL's), or a one-line error for a setting that cannot work."""
     from slmkit.infer.classify import is_classifier
     from slmkit.infer.load import read_config
-    from slmkit.options import check_numbers
+    from slmkit.model.presets import is_encoder
 
-    check_numbers(dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length),
-                  {"max_new_tokens": "reply tokens at most per calibration row", "batch_size": "texts per pass"})
-    out = Path(out)
     if max_escalation is not None and min_quality is not None:
         raise SystemExit("error: give --max-escalation or --min-quality, not both")
     if max_escalation is not None and not 0 <= max_escalation <= 1:
@@ -209,10 +191,39 @@ def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: fl
         raise SystemExit(f"error: LARGE {large} is neither a model folder nor an http(s) URL")
     if out.exists() and not overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    cfg = read_config(Path(small))
+    if is_encoder(cfg) and not is_classifier(cfg):
+        raise SystemExit(f"error: {small} is an encoder without a classifier head; a cascade takes classifiers "
+                         "(`slm finetune --task classify`) or decoders")
+    return "classifier" if is_classifier(cfg) else "decoder"
+
+
+def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: float | None = None,
+         min_quality: float | None = None, large_model: str | None = None, api_key_env: str | None = None,
+         text_col: str = "text", label_col: str = "label", max_new_tokens: int = 64, batch_size: int = 32,
+         max_length: int | None = None, timeout: float = 60.0, device: str = "auto", skip_bad_lines: bool = False,
+         overwrite: bool = False, as_json: bool = False) -> dict:
+    """Build a cascade: SMALL answers, LARGE (a model folder or an OpenAI-compatible URL) takes the requests SMALL is
+    unsure of. The threshold is calibrated on --calibrate DATA (held-out rows, not your test set).
+
+    Classifiers: DATA is labelled CSV/TSV/JSONL/Parquet; confidence = SMALL's top probability after temperature
+    scaling fitted on DATA; quality = accuracy. Decoders: DATA is chat JSONL ({"messages": [...]} or {"prompt",
+    "response"} rows); both models answer greedily, confidence = the mean log-probability of SMALL's answer tokens,
+    quality = ROUGE-L F1 against the reference reply.
+
+    --max-escalation F: the best quality escalating at most a fraction F of the calibration rows. --min-quality F:
+    the fewest escalations whose quality is >= F x LARGE's quality on DATA. Neither: --min-quality 0.99.
+    """
+    from slmkit.hardware import pick_device
+    from slmkit.options import check_numbers
+
+    check_numbers(dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length),
+                  {"max_new_tokens": "reply tokens at most per calibration row", "batch_size": "texts per pass"})
+    out = Path(out)
+    kind = check_inputs(small, large, out, max_escalation, min_quality, timeout, overwrite)
     if min_quality is None and max_escalation is None:
         min_quality = DEFAULT_MIN_QUALITY
     device = pick_device(device)
-    kind = "classifier" if is_classifier(read_config(Path(small))) else "decoder"
     remote = dict(model=large_model, api_key_env=api_key_env, timeout=timeout)
     try:
         if kind == "classifier":

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_encoders import tiny_bert_config, toy_rows, wordpiece, write_csv
+from tiny_encoders import tiny_base_folder, tiny_bert_config, toy_rows, wordpiece, write_csv
 from tiny_models import CHATS, tiny_llama_folder, write_chats
 
 from slmkit.__main__ import main as slm
@@ -172,7 +172,9 @@ def test_cascade_refuses_bad_input_in_one_line(clf, tmp_path):
         build(d / "small", str(d / "large"), clf["cal"], tmp_path / "c2", max_escalation=0.3, min_quality=0.9)
     with pytest.raises(SystemExit, match=r"127\.0\.0\.1:9/v1/classify cannot be reached .* is the server running"):
         build(d / "small", "http://127.0.0.1:9", clf["cal"], tmp_path / "c3", large_model="x")
-    assert not (tmp_path / "c1").exists() and not (tmp_path / "c3").exists()
+    with pytest.raises(SystemExit, match="is an encoder without a classifier head"):
+        build(tiny_base_folder(tmp_path / "enc", wordpiece()), str(d / "large"), clf["cal"], tmp_path / "c4")
+    assert not any((tmp_path / c).exists() for c in ("c1", "c3", "c4"))
 
 
 # -- decoder cascades ----------------------------------------------------------------------------------------------
