@@ -37,11 +37,13 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
-         device: str = "auto", compile: bool = False) -> None:
+         device: str = "auto", compile: bool = False, router: Path | None = None) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
-    A model is named after its folder, or NAME=DIR. Binds 127.0.0.1 unless --host says otherwise.
+    A model is named after its folder, or NAME=DIR; NAME=URL serves a model behind an OpenAI-compatible URL.
+    --router ROUTER adds the model `auto`, which sends each request to the served model the router picks.
+    Binds 127.0.0.1 unless --host says otherwise.
     """
     try:
         import fastapi  # noqa: F401
@@ -50,6 +52,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SystemExit("error: slm serve needs FastAPI and uvicorn: pip install 'slmkit[serve]'") from None
     import torch
 
+    from slmkit.compose.router_serve import ROUTER_NAME, remote_served, router_served, url_spec
     from slmkit.options import check_numbers
     from slmkit.serve.app import create_app
     from slmkit.serve.protocol import Settings
@@ -68,12 +71,18 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
     keys = [api_key] if api_key else read_keys(api_keys_file) if api_keys_file else []
     served: dict[str, Served] = {}
     for spec in models:
-        name, d = parse_spec(spec)
+        remote = url_spec(spec)  # NAME=URL: asked per request (compose/router_serve.py)
+        name, d = remote or parse_spec(spec)
         if name in served:
             raise SystemExit(f"error: two models are named {name!r}; name them with NAME=DIR")
+        if remote:
+            served[name] = remote_served(name, str(d))
+            continue
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
         served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile)
+    if router is not None:  # the model `auto`: its route labels must be the names served above
+        served[ROUTER_NAME] = router_served(Path(router), served, "cpu")
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
                         cors_origins=list(cors_origin or []))
@@ -85,7 +94,8 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
 
 def add_args(p) -> None:
     p.add_argument("models", nargs="+", metavar="DIR", help="model folders to serve: DIR (named after the folder) or "
-                   "NAME=DIR; decoders, encoders and classifiers")
+                   "NAME=DIR; decoders, encoders and classifiers; NAME=URL: a model behind an OpenAI-compatible URL "
+                   "(e.g. big=http://host:8000/v1), asked per request")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                    "0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -106,5 +116,7 @@ def add_args(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="decoder weight precision")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1 …")
+    p.add_argument("--router", type=Path, help="router folder (slm route train): adds the model `auto`, which sends "
+                   "each request to the model the router picks; its route labels must be the names served here")
     p.add_argument("--compile", action="store_true", help="decode single requests with torch.compile'd kernels (see "
                    "slm generate --help; batched steps stay eager)")

@@ -39,6 +39,7 @@ class Metrics:
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.completion_tokens: dict[str, int] = defaultdict(int)
         self.cascade_answers: dict[tuple[str, str], int] = defaultdict(int)  # (cascade, small|large|large_failed)
+        self.routed: dict[tuple[str, str, str], int] = defaultdict(int)  # (router, route, rule|router|fallback)
 
     def request(self, path: str, status: int, seconds: float) -> None:
         if path not in API_PATHS:  # pages, probes and unknown paths: one label, so scanners can't blow up the series
@@ -60,6 +61,11 @@ class Metrics:
         """N answers of the cascade MODEL by its "small" or "large" model, or N escalations that "large_failed"."""
         with self.lock:
             self.cascade_answers[(model, answered_by)] += n
+
+    def route(self, router: str, route: str, reason: str) -> None:
+        """A request to ROUTER sent to ROUTE, decided by a rule, the router's classifier or its fallback."""
+        with self.lock:
+            self.routed[(router, route, reason)] += 1
 
     def render(self, engines: dict) -> str:
         with self.lock:
@@ -90,6 +96,11 @@ class Metrics:
                 out += ["# HELP slm_cascade_escalations_total Answers a cascade's small model handed to its large one.",
                         "# TYPE slm_cascade_escalations_total counter"]
                 out += [f'slm_cascade_escalations_total{{model="{m}"}} {n}' for m, n in sorted(escalated.items())]
+            if self.routed:  # only when a router is served (and has routed)
+                out += ["# HELP slm_routed_requests_total Requests to a router by the route that answered them and "
+                        "what chose it (rule, router, fallback).", "# TYPE slm_routed_requests_total counter"]
+                out += [f'slm_routed_requests_total{{model="{m}",route="{r}",reason="{w}"}} {n}'
+                        for (m, r, w), n in sorted(self.routed.items())]
         out += ["# HELP slm_queue_depth Requests waiting for a free batch row.", "# TYPE slm_queue_depth gauge"]
         out += [f'slm_queue_depth{{model="{m}"}} {e.queue_depth}' for m, e in engines.items()]
         out += ["# HELP slm_active_sequences Sequences being decoded.", "# TYPE slm_active_sequences gauge"]

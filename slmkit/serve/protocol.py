@@ -112,8 +112,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "slmkit"
-    kind: Literal["decoder", "encoder", "classifier"]
-    context_length: int
+    kind: Literal["decoder", "encoder", "classifier", "remote", "router"]  # remote: NAME=URL; router: `auto`
+    context_length: int  # 0 for a remote model (its server knows)
 
 
 class ModelList(BaseModel):

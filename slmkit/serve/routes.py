@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from slmkit.compose.cascade_serve import cascade_classify, cascade_reply
+from slmkit.compose.router_serve import chat_text, remote_of, remote_reply, route_request, routed_reply
 from slmkit.infer.generate import SamplingParams, TextStream
 from slmkit.serve.batching import Finish, Overloaded, Token
 from slmkit.serve.metrics import Metrics
@@ -43,7 +44,8 @@ from slmkit.serve.protocol import (
 from slmkit.serve.registry import Served
 
 STATIC = Path(__file__).parent / "static"
-USED_WITH = {"decoder": "completions and chat", "encoder": "/v1/embeddings", "classifier": "/v1/classify"}
+USED_WITH = {"decoder": "completions and chat", "encoder": "/v1/embeddings", "classifier": "/v1/classify",
+             "remote": "completions and chat", "router": "completions and chat"}
 
 router = APIRouter()
 
@@ -123,14 +125,17 @@ async def list_models(request: Request, models: Models) -> dict:
 @router.post("/v1/completions", dependencies=AUTH, response_model=Completion)
 async def completions(req: CompletionRequest, request: Request, models: Models, settings: ServerSettings,
                       metrics: ServerMetrics):
-    m = lookup(models, req.model, "decoder")
     prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
     if isinstance(req.prompt, list) and len(req.prompt) > 1:
         raise APIError(400, "one prompt per request (use n for several choices)", param="prompt")
+    routed = await route_request(models, req, prompt, metrics)  # model `auto`: req.model becomes the chosen route
+    if (remote := remote_of(models, req.model)) is not None:  # NAME=URL (compose/router_serve.py)
+        return await remote_reply(req, remote, prompt, None, settings, routed)
+    m = lookup(models, req.model, "decoder")
     job = check_prompt(req, m, prompt, req.max_tokens, False, req.logprobs, settings)
     if m.cascade is not None:  # the small model, then maybe the large one (compose/cascade_serve.py)
-        return await cascade_reply(job, None, metrics)
-    return await reply(request, job, metrics)
+        return routed_reply(await cascade_reply(job, None, metrics), routed)
+    return routed_reply(await reply(request, job, metrics), routed)
 
 
 @router.post("/v1/chat/completions", dependencies=AUTH, response_model=ChatCompletion)
@@ -138,9 +143,12 @@ async def chat_completions(req: ChatRequest, request: Request, models: Models, s
                            metrics: ServerMetrics):
     from slmkit.infer.chat import render_prompt
 
-    m = lookup(models, req.model, "decoder")
     messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.content or ""}
                 for x in req.messages]
+    routed = await route_request(models, req, chat_text(messages), metrics)  # `auto`: on the last user message
+    if (remote := remote_of(models, req.model)) is not None:
+        return await remote_reply(req, remote, None, messages, settings, routed)
+    m = lookup(models, req.model, "decoder")
     try:
         prompt = render_prompt(m.lm.tokenizer, messages)
     except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
@@ -148,8 +156,8 @@ async def chat_completions(req: ChatRequest, request: Request, models: Models, s
     top = (req.top_logprobs or 0) if req.logprobs else None
     job = check_prompt(req, m, prompt, req.max_completion_tokens or req.max_tokens, True, top, settings)
     if m.cascade is not None:
-        return await cascade_reply(job, messages, metrics)
-    return await reply(request, job, metrics)
+        return routed_reply(await cascade_reply(job, messages, metrics), routed)
+    return routed_reply(await reply(request, job, metrics), routed)
 
 
 @dataclass

@@ -16,12 +16,12 @@ FILLER = ["the", "a", "of", "and", "to", "in", "is", "it", "that", "this"]
 
 
 def route_rows(n: int, seed: int = 0) -> list[dict]:
-    """{"text", "label"} rows: filler words plus two or three words of the route's own vocabulary."""
+    """{"text", "label"} rows: up to two filler words and two to four words of the route's own vocabulary."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = list(WORDS)[i % 3]
-        words = rng.choices(FILLER, k=rng.randint(2, 5)) + rng.choices(WORDS[label], k=rng.randint(2, 3))
+        words = rng.choices(FILLER, k=rng.randint(0, 2)) + rng.choices(WORDS[label], k=rng.randint(2, 4))
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return rows
@@ -42,7 +42,7 @@ def router_dir(toy):
 
     out = toy["dir"] / "router"
     summary = train([toy["train"]], out, encoder=toy["encoder"], rule=[r"code=\bdef\s+\w+\("], fallback="general",
-                    min_confidence=0.4, epochs=20, lr=1e-3, progress=False)
+                    min_confidence=0.4, epochs=15, lr=2e-3, progress=False)
     return out, summary
 
 
@@ -116,3 +116,111 @@ def test_cli_train_and_pick(toy, tmp_path, capsys):
     assert rows[1]["reason"] == "router" and rows[1]["route"] in ("code", "news", "poem")  # two steps: any route
     assert main(["route", "pick", str(out)]) == 1  # neither --text nor --data: one line, exit 1
     assert "give --text TEXT or --data FILE" in capsys.readouterr().err
+
+
+# -- slm serve --router: the model `auto`, remote routes ---------------------------------------------------------
+DEAD_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the connection is refused at once
+
+
+@pytest.fixture(scope="module")
+def routed_server(router_dir, toy):
+    """`slm serve code=DIR news=DIR poem=DIR general=URL --router ROUTER` over tiny decoders, general unreachable."""
+    from tiny_models import tiny_llama_folder
+    from tiny_server import running
+
+    from slmkit.compose.router_serve import remote_served, router_served
+    from slmkit.serve import load_served
+    from slmkit.serve.app import create_app
+
+    tiny = tiny_llama_folder(toy["dir"] / "tiny")
+    served = {name: load_served(name, tiny) for name in ("code", "news", "poem")}
+    served["general"] = remote_served("general", DEAD_URL)
+    served["auto"] = router_served(router_dir[0], served)
+    with running(create_app(served)) as url:
+        yield url, served
+
+
+def test_auto_answers_as_the_chosen_route_through_the_openai_client(routed_server):
+    openai = pytest.importorskip("openai")
+    url, _ = routed_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    listed = {m.id: m.kind for m in client.models.list().data}
+    assert listed == {"code": "decoder", "news": "decoder", "poem": "decoder", "general": "remote", "auto": "router"}
+    r = client.completions.create(model="auto", prompt="thou sweet heart of the moon", max_tokens=4, temperature=0)
+    assert r.model == "poem" and r.choices[0].text == client.completions.create(
+        model="poem", prompt="thou sweet heart of the moon", max_tokens=4, temperature=0).choices[0].text
+    chat = client.chat.completions.create(model="auto", max_tokens=4, messages=[
+        {"role": "user", "content": "thou sweet moon"}, {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "the nation and the economy budget"}])
+    assert chat.model == "news"  # routed on the last user message
+    raw = client.chat.completions.with_raw_response.create(model="auto", max_tokens=2, messages=[
+        {"role": "user", "content": "def main(): return"}])
+    assert raw.headers["x-slm-model"] == "code" and raw.headers["x-slm-route-reason"] == "rule"
+
+
+def test_streaming_to_auto_streams_from_the_route(routed_server):
+    openai = pytest.importorskip("openai")
+    url, _ = routed_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="auto", max_tokens=6, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "thou doth love the night"}]))
+    assert chunks and {c.model for c in chunks} == {"poem"} and chunks[-1].choices[0].finish_reason is not None
+
+
+def test_an_unreachable_route_fails_its_requests_only(routed_server):
+    import httpx
+
+    url, served = routed_server
+    router = served["auto"].model
+    r = httpx.post(url + "/v1/completions", json={"model": "general", "prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 502 and DEAD_URL in r.json()["error"]["message"]
+    old = router.min_confidence
+    router.min_confidence = 0.999  # every text the rule does not catch now goes to the (dead) fallback
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "the tax law"}], "max_tokens": 2}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "remote_model_unavailable"
+        assert "'general'" in r.json()["error"]["message"] and DEAD_URL in r.json()["error"]["message"]
+        ok = httpx.post(url + "/v1/chat/completions", timeout=30, json={**body, "messages": [
+            {"role": "user", "content": "DEF f(): pass"}]})  # the rule's route keeps answering
+        assert ok.status_code == 200 and ok.json()["model"] == "code"
+    finally:
+        router.min_confidence = old
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'slm_routed_requests_total{model="auto",route="general",reason="fallback"} 1' in metrics
+    assert 'slm_routed_requests_total{model="auto",route="code",reason="rule"}' in metrics
+
+
+def test_a_remote_route_that_answers(routed_server, toy):
+    """A route behind a URL (another slm serve) answers as itself: model = the route's name here."""
+    import httpx
+    from tiny_server import running
+
+    from slmkit.compose.router_serve import remote_served
+    from slmkit.serve import load_served
+    from slmkit.serve.app import create_app
+
+    with running(create_app({"tiny": load_served("tiny", toy["dir"] / "tiny")})) as far:
+        app = create_app({"far": remote_served("far", far)})
+        with running(app) as url:
+            body = {"model": "far", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                    "temperature": 0}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            direct = httpx.post(far + "/v1/chat/completions", json={**body, "model": "tiny"}, timeout=30).json()
+            assert r.status_code == 200 and r.json()["model"] == "far"
+            assert r.json()["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as s:
+                lines = [x for x in s.iter_lines() if x]
+            assert lines[-1] == "data: [DONE]" and all('"model": "far"' in x for x in lines[:-1])
+
+
+def test_serve_start_up_checks_the_route_names(router_dir, toy):
+    from slmkit.compose.router_serve import router_served, url_spec
+    from slmkit.serve import load_served
+
+    served = {"code": load_served("code", toy["dir"] / "tiny")}
+    with pytest.raises(SystemExit, match="routes news, poem, general are not served"):
+        router_served(router_dir[0], served)
+    with pytest.raises(SystemExit, match="name a model behind a URL"):
+        url_spec("http://127.0.0.1:8000/v1")
+    assert url_spec("big=https://example.org/v1") == ("big", "https://example.org/v1") and url_spec("a=dir") is None
