@@ -18,6 +18,9 @@ from slmkit.compose.router import FORMAT, ROUTER_FILE, Router, format_report, pa
 
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]  # the calibration table's confidence thresholds
 DEFAULT_MIN_CONFIDENCE = 0.5  # with --fallback and no --min-confidence
+TRAIN_DESCRIPTION = ("Fit a router (text -> route) on labelled prompts with an encoder and write a router folder: a "
+                     "classifier folder (slm finetune --task classify's pipeline, early-stopped on a held-out split) "
+                     "plus router.json (routes, rules, fallback, min-confidence, held-out routing and calibration).")
 
 
 def train(data: list[Path], out: Path, encoder: Path | None = None, rule: list[str] | None = None,
@@ -120,19 +123,20 @@ def main(command: str, **options):
 
 def add_args(p) -> None:
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,pick}")
-    t = sub.add_parser("train", help="fit a router on labelled prompts", description=train.__doc__.split("\n")[0])
+    t = sub.add_parser("train", help="fit a router on labelled prompts", description=TRAIN_DESCRIPTION)
     t.add_argument("--data", nargs="+", type=Path, required=True, help="labelled prompts: JSONL rows {\"text\": …, "
                    "\"label\": ROUTE} (or CSV/TSV/Parquet); route labels = the model names given to slm serve")
     t.add_argument("--out", type=Path, required=True, help="router folder to write (a classifier folder + router.json)")
-    t.add_argument("--encoder", type=Path, help="encoder folder to fit the router on (required): slm train --preset "
-                   "bert-*, or a sentence encoder imported with slm import (e.g. all-MiniLM-L6-v2)")
+    t.add_argument("--encoder", type=Path, metavar="DIR", help="encoder folder to fit the router on (required): slm "
+                   "train --preset bert-*, or a sentence encoder imported with slm import (e.g. all-MiniLM-L6-v2)")
     g = t.add_argument_group("rules and fallback (stored in router.json)")
     g.add_argument("--rule", action="append", metavar="ROUTE=REGEX", help="send texts matching REGEX "
                    "(case-insensitive, anywhere in the text) to ROUTE, before the classifier; repeatable, first "
                    "match wins")
-    g.add_argument("--rules", type=Path, help="file of rules, one ROUTE=REGEX per line (# comments), checked after "
-                   "the --rule ones")
-    g.add_argument("--fallback", help="route that answers when the classifier's confidence is under --min-confidence")
+    g.add_argument("--rules", type=Path, metavar="FILE", help="file of rules, one ROUTE=REGEX per line (# comments), "
+                   "checked after the --rule ones")
+    g.add_argument("--fallback", metavar="ROUTE", help="route that answers when the classifier's confidence is under "
+                   "--min-confidence")
     g.add_argument("--min-confidence", type=float, help=f"with --fallback: the classifier's top probability below "
                    f"which the fallback answers (default: {DEFAULT_MIN_CONFIDENCE}); the training output lists "
                    "accuracy and coverage per threshold")

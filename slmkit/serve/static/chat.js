@@ -26,7 +26,8 @@ async function loadModels() {
   if (!r.ok) { $("status").textContent = body.error ? body.error.message : "cannot list models"; return; }
   const sel = $("model");
   sel.innerHTML = "";
-  for (const m of body.data.filter((m) => m.kind === "decoder")) {
+  const chats = ["decoder", "router", "remote"];  // router: the model `auto` (slm serve --router); remote: NAME=URL
+  for (const m of body.data.filter((m) => chats.includes(m.kind))) {
     const o = document.createElement("option");
     o.value = o.textContent = m.id;
     sel.appendChild(o);
