@@ -38,10 +38,13 @@ def url_spec(spec: str) -> tuple[str, str] | None:
     return None
 
 
-def remote_served(name: str, url: str, timeout: float = 60.0) -> Served:
-    """A model behind an OpenAI-compatible URL (its first listed model), asked per request; nothing is contacted
-    now, so a server that is down fails its own requests only."""
-    remote = RemoteModel(url, timeout=timeout, retries=2)
+def remote_served(name: str, url: str, api_key_env: str | None = None, timeout: float = 60.0) -> Served:
+    """A model behind an OpenAI-compatible URL (its first listed model), asked per request with the API key in the
+    environment variable API_KEY_ENV; nothing is contacted now, so a server that is down fails its own requests."""
+    try:
+        remote = RemoteModel(url, api_key_env=api_key_env, timeout=timeout, retries=2)
+    except RemoteError as e:  # the key's variable is not set
+        raise SystemExit(f"error: --remote-key-env: {e}") from None
     return Served(name, Path(url), "remote", 0, remote.url, model=remote)  # device: where it runs
 
 

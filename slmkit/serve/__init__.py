@@ -37,7 +37,8 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
-         device: str = "auto", compile: bool = False, router: Path | None = None) -> None:
+         device: str = "auto", compile: bool = False, router: Path | None = None,
+         remote_key_env: str | None = None) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
@@ -76,7 +77,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         if name in served:
             raise SystemExit(f"error: two models are named {name!r}; name them with NAME=DIR")
         if remote:
-            served[name] = remote_served(name, str(d))
+            served[name] = remote_served(name, str(d), remote_key_env)
             continue
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
@@ -118,5 +119,7 @@ def add_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1 …")
     p.add_argument("--router", type=Path, help="router folder (slm route train): adds the model `auto`, which sends "
                    "each request to the model the router picks; its route labels must be the names served here")
+    p.add_argument("--remote-key-env", metavar="VAR", help="environment variable holding the API key sent to the "
+                   "NAME=URL models (read from the environment, never from a flag: flags show in ps)")
     p.add_argument("--compile", action="store_true", help="decode single requests with torch.compile'd kernels (see "
                    "slm generate --help; batched steps stay eager)")

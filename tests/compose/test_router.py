@@ -191,22 +191,25 @@ def test_an_unreachable_route_fails_its_requests_only(routed_server):
     assert 'slm_routed_requests_total{model="auto",route="code",reason="rule"}' in metrics
 
 
-def test_a_remote_route_that_answers(routed_server, toy):
-    """A route behind a URL (another slm serve) answers as itself: model = the route's name here."""
+def test_a_remote_route_that_answers(routed_server, toy, monkeypatch):
+    """A route behind a URL (another slm serve, with an API key) answers as itself: model = the route's name here."""
     import httpx
-    from tiny_server import running
+    from tiny_server import running, serve_folders
 
     from slmkit.compose.router_serve import remote_served
-    from slmkit.serve import load_served
     from slmkit.serve.app import create_app
 
-    with running(create_app({"tiny": load_served("tiny", toy["dir"] / "tiny")})) as far:
-        app = create_app({"far": remote_served("far", far)})
+    with pytest.raises(SystemExit, match="SLM_UNSET_KEY"):  # a key variable that is not set: one line at start-up
+        remote_served("far", "http://127.0.0.1:9", "SLM_UNSET_KEY")
+    monkeypatch.setenv("SLM_FAR_KEY", "sekrit")
+    with running(serve_folders({"tiny": toy["dir"] / "tiny"}, api_keys=["sekrit"])) as far:
+        app = create_app({"far": remote_served("far", far, "SLM_FAR_KEY")})
         with running(app) as url:
             body = {"model": "far", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
                     "temperature": 0}
             r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
-            direct = httpx.post(far + "/v1/chat/completions", json={**body, "model": "tiny"}, timeout=30).json()
+            direct = httpx.post(far + "/v1/chat/completions", json={**body, "model": "tiny"}, timeout=30,
+                                headers={"Authorization": "Bearer sekrit"}).json()
             assert r.status_code == 200 and r.json()["model"] == "far"
             assert r.json()["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
             with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as s:
