@@ -26,11 +26,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from slmkit.infer.generate import NonFiniteLogits, SamplingParams, candidates, draw, penalized, sample_next
+from slmkit.infer.sampling import NonFiniteLogits, SamplingParams, candidates, draw, penalized, sample_next
 
 K_MAX = 12  # the longest guess the adaptive policy tries; beyond it a small draft's acceptance has long decayed
 PROBE = 16  # while the draft sits out (K = 0), it guesses one token every PROBE cycles to re-measure its acceptance
@@ -249,25 +248,3 @@ def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
 
     lm.decode = decode
 
-
-def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = None, dtype: str = "fp32",
-                 device: str = "cpu", compile: bool = False) -> None:
-    """`slm serve --draft [NAME=]DIR`: give the served decoder NAME (the only decoder, without NAME=) a draft. Its
-    engine then decodes a request that arrives while it is idle speculatively (serve/batching.py)."""
-    from slmkit.infer.generate import load
-
-    decoders = [n for n, m in served.items() if m.kind == "decoder" and m.lm is not None]
-    for spec in drafts:
-        name, sep, folder = spec.rpartition("=")
-        if not sep or Path(spec).exists():
-            if len(decoders) != 1:
-                raise SystemExit(f"error: --draft {spec}: say which model it drafts for, --draft NAME=DIR (NAME one "
-                                 f"of {', '.join(decoders) or 'no decoder served'})")
-            name, folder = decoders[0], spec
-        if name not in decoders:
-            raise SystemExit(f"error: --draft {spec}: {name!r} is not a decoder served here ({', '.join(decoders)})")
-        if not Path(folder).is_dir():
-            raise SystemExit(f"error: --draft {spec}: {folder} is not a model folder")
-        m = served[name]
-        attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens)
-        m.engine.draft_tokens = draft_tokens

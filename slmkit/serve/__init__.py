@@ -37,8 +37,8 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          api_keys_file: Path | None = None, cors_origin: list[str] | None = None, max_batch: int = 16,
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
-         device: str = "auto", compile: bool = False, router: Path | None = None,
-         remote_key_env: str | None = None) -> None:
+         device: str = "auto", compile: bool = False, router: Path | None = None, remote_key_env: str | None = None,
+         draft: list[str] | None = None, draft_tokens: int | None = None) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
@@ -82,6 +82,10 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
         served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile)
+    if draft:  # speculative decoding for the decoder(s) named
+        from slmkit.serve.registry import serve_drafts
+
+        serve_drafts(served, draft, draft_tokens, dtype, device, compile)
     if router is not None:  # the model `auto`: its route labels must be the names served above
         served[ROUTER_NAME] = router_served(Path(router), served, "cpu")
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
@@ -123,3 +127,8 @@ def add_args(p) -> None:
                    "NAME=URL models (read from the environment, never from a flag: flags show in ps)")
     p.add_argument("--compile", action="store_true", help="decode single requests with torch.compile'd kernels (see "
                    "slm generate --help; batched steps stay eager)")
+    p.add_argument("--draft", action="append", metavar="[NAME=]DIR", help="speculative decoding for decoder NAME (or "
+                   "the only decoder): a small model folder with the same tokenizer; a request that arrives while the "
+                   "model is idle decodes several tokens per pass (repeatable; docs/compose.md)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens a draft guesses per check "
+                   "(default: adaptive)")

@@ -7,7 +7,7 @@ aggregate tokens/s grow with the number of clients. Sequences join and leave bet
 - a new request is prefilled alone (batch 1) into a free row of a preallocated key/value cache (B_max rows),
 - every step then runs the model once on the last token of all active rows, each at its own position
   (`Llama.forward(..., pos=LongTensor)`; a lone row takes `Llama.step`, the batch-1 decode step), and samples each
-  row with `generate.sample_next`,
+  row with `sampling.sample_next`,
 - the active rows are kept at the front of the cache (a finished row is replaced by the last one), so the step
   only touches `cache[:n]` views, never copies,
 - with a draft model (`slm serve --draft`), a request that arrives while nothing else is running decodes

@@ -73,3 +73,27 @@ def cascade_served(name: str, folder: Path, device: str = "cpu") -> Served:
         return Served(name, folder, "classifier", int(getattr(c.small.model.config, "max_position_embeddings", 512)),
                       device, model=c.small.model, tokenizer=c.small.tokenizer, labels=c.labels, cascade=c)
     return Served(name, folder, "decoder", c.small.lm.context, device, lm=c.small.lm, cascade=c)
+
+
+def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = None, dtype: str = "fp32",
+                 device: str = "cpu", compile: bool = False) -> None:
+    """`slm serve --draft [NAME=]DIR`: give the served decoder NAME (the only decoder, without NAME=) a draft. Its
+    engine then decodes a request that arrives while it is idle speculatively (serve/batching.py)."""
+    from slmkit.compose.speculative import attach_draft
+    from slmkit.infer.generate import load
+
+    decoders = [n for n, m in served.items() if m.kind == "decoder" and m.lm is not None]
+    for spec in drafts:
+        name, sep, folder = spec.rpartition("=")
+        if not sep or Path(spec).exists():
+            if len(decoders) != 1:
+                raise SystemExit(f"error: --draft {spec}: say which model it drafts for, --draft NAME=DIR (NAME one "
+                                 f"of {', '.join(decoders) or 'no decoder served'})")
+            name, folder = decoders[0], spec
+        if name not in decoders:
+            raise SystemExit(f"error: --draft {spec}: {name!r} is not a decoder served here ({', '.join(decoders)})")
+        if not Path(folder).is_dir():
+            raise SystemExit(f"error: --draft {spec}: {folder} is not a model folder")
+        m = served[name]
+        attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens)
+        m.engine.draft_tokens = draft_tokens

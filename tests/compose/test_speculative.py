@@ -12,7 +12,8 @@ import torch
 from tiny_models import TINY, bpe_tokenizer
 
 from slmkit.compose.speculative import DraftLength, SpecStats, attach_draft, judge, speculative_ids
-from slmkit.infer.generate import SamplingParams, candidates, load
+from slmkit.infer.generate import load
+from slmkit.infer.sampling import SamplingParams, candidates
 
 
 def llama_folder(path: Path, tok, seed: int, noise_of: Path | None = None, noise: float = 0.0,
@@ -128,7 +129,7 @@ def test_rejection_rule_draws_from_the_targets_distribution(settings):
     target = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
     draft = torch.tensor([-1.0, 0.0, 2.0, 1.0, 1.5, -2.0])
     from slmkit.compose.speculative import dense_probs
-    from slmkit.infer.generate import draw
+    from slmkit.infer.sampling import draw
 
     P, Q = dense_probs(target, p, None, 6), dense_probs(draft, p, None, 6)
     gen = torch.Generator().manual_seed(0)
@@ -199,7 +200,7 @@ def test_serve_decodes_a_lone_request_speculatively(folders):
     import openai
     from tiny_server import running, serve_folders
 
-    from slmkit.compose.speculative import serve_drafts
+    from slmkit.serve.registry import serve_drafts
 
     app = serve_folders({"t": folders["target"]})
     served = app.state.models

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from slmkit.infer.generate import NonFiniteLogits, SamplingParams, draw, generate_ids, load, sample_next, stream_text
+from slmkit.infer.generate import generate_ids, load, stream_text
+from slmkit.infer.sampling import NonFiniteLogits, SamplingParams, draw, sample_next
 
 
 def test_greedy_decode_matches_transformers_generate(tiny_model):
