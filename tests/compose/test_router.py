@@ -123,16 +123,21 @@ DEAD_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the con
 
 
 @pytest.fixture(scope="module")
-def routed_server(router_dir, toy):
-    """`slm serve code=DIR news=DIR poem=DIR general=URL --router ROUTER` over tiny decoders, general unreachable."""
+def tiny(toy):
     from tiny_models import tiny_llama_folder
+
+    return tiny_llama_folder(toy["dir"] / "tiny")
+
+
+@pytest.fixture(scope="module")
+def routed_server(router_dir, tiny):
+    """`slm serve code=DIR news=DIR poem=DIR general=URL --router ROUTER` over tiny decoders, general unreachable."""
     from tiny_server import running
 
     from slmkit.compose.router_serve import remote_served, router_served
     from slmkit.serve import load_served
     from slmkit.serve.app import create_app
 
-    tiny = tiny_llama_folder(toy["dir"] / "tiny")
     served = {name: load_served(name, tiny) for name in ("code", "news", "poem")}
     served["general"] = remote_served("general", DEAD_URL)
     served["auto"] = router_served(router_dir[0], served)
@@ -191,7 +196,7 @@ def test_an_unreachable_route_fails_its_requests_only(routed_server):
     assert 'slm_routed_requests_total{model="auto",route="code",reason="rule"}' in metrics
 
 
-def test_a_remote_route_that_answers(routed_server, toy, monkeypatch):
+def test_a_remote_route_that_answers(tiny, monkeypatch):
     """A route behind a URL (another slm serve, with an API key) answers as itself: model = the route's name here."""
     import httpx
     from tiny_server import running, serve_folders
@@ -202,7 +207,7 @@ def test_a_remote_route_that_answers(routed_server, toy, monkeypatch):
     with pytest.raises(SystemExit, match="SLM_UNSET_KEY"):  # a key variable that is not set: one line at start-up
         remote_served("far", "http://127.0.0.1:9", "SLM_UNSET_KEY")
     monkeypatch.setenv("SLM_FAR_KEY", "sekrit")
-    with running(serve_folders({"tiny": toy["dir"] / "tiny"}, api_keys=["sekrit"])) as far:
+    with running(serve_folders({"tiny": tiny}, api_keys=["sekrit"])) as far:
         app = create_app({"far": remote_served("far", far, "SLM_FAR_KEY")})
         with running(app) as url:
             body = {"model": "far", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
@@ -217,13 +222,17 @@ def test_a_remote_route_that_answers(routed_server, toy, monkeypatch):
             assert lines[-1] == "data: [DONE]" and all('"model": "far"' in x for x in lines[:-1])
 
 
-def test_serve_start_up_checks_the_route_names(router_dir, toy):
+def test_serve_start_up_checks_the_route_names(router_dir, tiny, capsys):
+    from slmkit.__main__ import main
     from slmkit.compose.router_serve import router_served, url_spec
     from slmkit.serve import load_served
 
-    served = {"code": load_served("code", toy["dir"] / "tiny")}
+    served = {"code": load_served("code", tiny)}
     with pytest.raises(SystemExit, match="routes news, poem, general are not served"):
         router_served(router_dir[0], served)
+    assert main(["serve", f"code={tiny}", f"news={tiny}", f"poem={tiny}", "--router", str(router_dir[0])]) == 1
+    err = capsys.readouterr().err  # one line naming the missing route, before anything binds a port
+    assert err.startswith("error: --router") and "routes general are not served" in err and err.count("\n") == 1
     with pytest.raises(SystemExit, match="name a model behind a URL"):
         url_spec("http://127.0.0.1:8000/v1")
     assert url_spec("big=https://example.org/v1") == ("big", "https://example.org/v1") and url_spec("a=dir") is None
