@@ -177,7 +177,8 @@ def add_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens (evenly spread)")
     p.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
-    p.add_argument("--label-col", default="label", help="classifier folders: label column (default: label)")
+    p.add_argument("--label-col", default="label", help="classifier and router folders: label (route) column "
+                   "(default: label)")
     p.add_argument("--skip-bad-lines", action="store_true", help="chat JSONL: skip malformed rows (with a warning)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--json", dest="as_json", action="store_true",
