@@ -131,7 +131,7 @@ async def remote_reply(req, m: Served, prompt: str | None, messages: list[dict] 
     base = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": m.name}
     usage = out.get("usage") or {}
-    usage = {k: int(usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     finish = out.get("finish_reason") or "stop"
     headers = {"X-Slm-Model": m.name, **headers}
     if req.stream:
