@@ -131,12 +131,17 @@ def measure(args, target: Path, draft: Path, prompts: list[str]) -> dict:
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     timed(alone, prompts[0], SamplingParams(max_new_tokens=8, temperature=0))  # warm both paths up
     timed(spec, prompts[0], SamplingParams(max_new_tokens=8, temperature=0))
+    draft_lm = spec.draft
+    policies = {}  # one per K, kept across prompts as attach_draft keeps one per target
+    for k in ks:
+        attach_draft(spec, draft_lm, k or None)
+        policies[k] = spec.draft_length
     for prompt in prompts:
         ref, s = timed(alone, prompt, greedy)
         rows["alone"]["tokens"] += len(ref) - 1
         rows["alone"]["seconds"] += s
         for k in ks:
-            attach_draft(spec, spec.draft, k or None)
+            spec.draft_length = policies[k]
             out, s = timed(spec, prompt, greedy)
             r = rows[k]
             r["tokens"] += len(out) - 1
@@ -145,7 +150,7 @@ def measure(args, target: Path, draft: Path, prompts: list[str]) -> dict:
             for f in ("proposed", "accepted", "cycles", "emitted"):
                 setattr(r["stats"], f, getattr(r["stats"], f) + getattr(spec.spec_stats, f))
     sampled = {"tokens": 0, "seconds": 0.0, "stats": SpecStats()}
-    attach_draft(spec, spec.draft, None)
+    attach_draft(spec, draft_lm, None)
     for i, prompt in enumerate(prompts):
         out, s = timed(spec, prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, seed=i))
         sampled["tokens"] += len(out) - 1

@@ -33,6 +33,7 @@ from slmkit.infer.sampling import NonFiniteLogits, SamplingParams, candidates, d
 
 K_MAX = 12  # the longest guess the adaptive policy tries; beyond it a small draft's acceptance has long decayed
 PROBE = 16  # while the draft sits out (K = 0), it guesses one token every PROBE cycles to re-measure its acceptance
+PASS_GROWTH = 0.1  # the prior cost of each extra token in a target pass, in one-token steps, until two are measured
 
 
 @dataclass
@@ -56,13 +57,15 @@ class SpecStats:
 
 class DraftLength:
     """How many tokens the draft guesses next. FIXED: always that many; None: the K that maximises expected tokens per
-    second under the running estimates of the per-token acceptance rate and of the draft-step and verify times."""
+    second under running estimates of the per-token acceptance rate, the draft's step time, and the target's pass
+    time as a function of the tokens it checks (measured, not assumed equal: on a CPU whose caches hold the model,
+    a step is bound by per-op overhead and a 5-token pass can cost 1.5x a one-token step)."""
 
     def __init__(self, fixed: int | None = None, start: int = 4, decay: float = 0.9):
         self.fixed, self.best, self.decay = fixed, fixed or start, decay
         self.hits, self.trials = 2.0, 3.0  # a prior of 2/3 acceptance, forgotten within ~10 cycles
         self.t_draft: float | None = None  # seconds per draft step
-        self.t_verify: float | None = None  # seconds per verify pass
+        self.t_pass: dict[int, float] = {}  # tokens checked in one target pass (1: a plain step) -> seconds
         self.idle = 0  # cycles the target has decoded alone since the draft last guessed
 
     @property
@@ -73,26 +76,39 @@ class DraftLength:
             return 1
         return self.best
 
-    def update(self, proposed: int, accepted: int, t_draft: float, t_verify: float) -> None:
+    def update(self, proposed: int, accepted: int, t_draft: float, t_pass: float) -> None:
         """One cycle's outcome. Accepted tokens come before the first rejection: accepted successes in
         accepted + (1 if a rejection happened) trials, the maximum-likelihood count for a per-token rate."""
+        ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
+        self.t_pass[proposed + 1] = ema(self.t_pass.get(proposed + 1), t_pass)
         if proposed == 0:
             self.idle += 1
-            return
-        self.idle = 0
-        d = self.decay
-        self.hits = d * self.hits + accepted
-        self.trials = d * self.trials + accepted + (accepted < proposed)
-        ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
-        self.t_draft = ema(self.t_draft, t_draft / proposed)
-        self.t_verify = ema(self.t_verify, t_verify)
-        if self.fixed is None:
+        else:
+            self.idle = 0
+            d = self.decay
+            self.hits = d * self.hits + accepted
+            self.trials = d * self.trials + accepted + (accepted < proposed)
+            self.t_draft = ema(self.t_draft, t_draft / proposed)
+        if self.fixed is None and self.t_draft is not None:
             self.best = self.best_k()
+
+    def pass_time(self, tokens: int) -> float:
+        """The target's pass over TOKENS tokens: measured, else a line through the measured ones (one measured point:
+        PASS_GROWTH of a step per extra token, a prior the measurements replace)."""
+        if tokens in self.t_pass:
+            return self.t_pass[tokens]
+        known = sorted(self.t_pass.items())
+        if len(known) == 1:
+            (t0, s0), = known
+            step = s0 / (1 + PASS_GROWTH * (t0 - 1))
+            return step * (1 + PASS_GROWTH * (tokens - 1))
+        (t0, s0), (t1, s1) = min(((p, q) for p in known for q in known if p[0] < q[0]),
+                                 key=lambda pq: abs(pq[0][0] - tokens) + abs(pq[1][0] - tokens))
+        return s0 + max(0.0, (s1 - s0) / (t1 - t0)) * (tokens - t0)  # never cheaper for checking more
 
     def best_k(self) -> int:
         a = min(self.hits / max(self.trials, 1e-9), 0.999)
-        ratio = self.t_draft / max(self.t_verify, 1e-9)  # a draft step, in verify passes
-        rate = lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * ratio + 1)  # noqa: E731
+        rate = lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.pass_time(k + 1))  # noqa: E731
         return max(range(K_MAX + 1), key=rate)  # 0: the draft costs more than its guesses save
 
 
@@ -161,7 +177,7 @@ class _Runner:
 
 def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], p: SamplingParams,
                     eos_ids: set[int], context: int, draft_context: int, draft_tokens: int | None = None,
-                    stats: SpecStats | None = None) -> Iterator[int]:
+                    stats: SpecStats | None = None, length: DraftLength | None = None) -> Iterator[int]:
     """generate_ids' contract (new token ids, one at a time, until EOS, max_new_tokens or the context end), decoded
     speculatively with DRAFT guessing DRAFT_TOKENS tokens a cycle (None: adaptive). Both are slmkit Llama modules with
     the same vocabulary. Where the sequence outgrows the draft's context the target goes on alone."""
@@ -173,7 +189,7 @@ def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids:
         return
     size = len(ids) + limit + 1
     tgt, dft = _Runner(target, size), _Runner(draft, min(size + K_MAX, draft_context))
-    length = DraftLength(draft_tokens)
+    length = length or DraftLength(draft_tokens)  # shared across calls, it starts from what earlier ones learnt
     with torch.inference_mode():
         if len(ids) > 1:  # both models process all but the last token, which each cycle's verify pass feeds
             tgt.feed(ids[:-1])
@@ -240,11 +256,12 @@ def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
     if draft_tokens is not None and not 1 <= draft_tokens <= 64:
         raise SystemExit(f"error: --draft-tokens {draft_tokens} must be 1-64 (or leave it out: adaptive)")
     lm.draft, lm.spec_stats = draft, SpecStats()
+    lm.draft_length = DraftLength(draft_tokens)  # this pair's acceptance and timings, carried from call to call
 
     def decode(model, ids, p, eos_ids, context):
         lm.spec_stats = SpecStats()
         return speculative_ids(model, draft.model, ids, p, eos_ids, context, draft.context, draft_tokens,
-                               lm.spec_stats)
+                               lm.spec_stats, lm.draft_length)
 
     lm.decode = decode
 

@@ -73,6 +73,7 @@ class LoadedModel:
         self.decode: Callable[..., Iterator[int]] = generate_ids
         self.draft: LoadedModel | None = None  # with a draft: speculative decoding, its last SpecStats in spec_stats
         self.spec_stats = None
+        self.draft_length = None  # compose.speculative.DraftLength: the pair's acceptance and timings, across calls
         eos = {tokenizer.eos_token_id}
         for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
             tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None

@@ -197,7 +197,8 @@ class Engine:
 
             self.spec_stats = self.spec_stats or SpecStats()
             it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
-                                 self.lm.draft.context, self.draft_tokens, self.spec_stats)
+                                 self.lm.draft.context, self.draft_tokens, self.spec_stats,
+                                 getattr(self.lm, "draft_length", None))
             self.spec_rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
         elif self.fast:
             i = len(self.rows)
