@@ -38,16 +38,9 @@ def _remote_failed(e: RemoteError) -> SystemExit:
 def classify(model_dir: Path, text: str | None = None, data: Path | None = None, text_col: str = "text",
              top_k: int = 1, as_json: bool = False, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
     """`slm classify CASCADE`: top-k labels per text and the model that answered ("small" or "large")."""
-    from slmkit.data.labelled import read_texts
-    from slmkit.options import check_numbers
+    from slmkit.infer.classify import texts_to_classify
 
-    check_numbers(dict(top_k=top_k, batch_size=batch_size, max_length=max_length),
-                  {"top_k": "labels to show per text", "batch_size": "texts per forward pass"})
-    if (text is None) == (data is None):
-        raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
-    if text is not None and not text.strip():
-        raise SystemExit("error: --text is empty; give the text to classify")
-    texts = [text] if text is not None else read_texts(Path(data), text_col)
+    texts = texts_to_classify(text, data, text_col, top_k, batch_size, max_length)
     cascade = _open(model_dir, "classifier", "classify")
     try:
         rows = cascade.classify(texts, top_k, batch_size, max_length)
@@ -91,18 +84,10 @@ def evaluate(model_dir: Path, data: list[str], text_col: str = "text", label_col
 
 def _evaluate_classifier(cascade: Cascade, data: list[str], text_col: str, label_col: str, batch_size: int) -> dict:
     """Accuracy and macro-F1 of the cascade's answers; per model: the rows it answered and its accuracy on them."""
-    from slmkit.data.labelled import read_labelled
+    from slmkit.data.labelled import read_labelled_files
     from slmkit.infer.classify import classification_metrics
 
-    texts, labels = [], []
-    for path in data:
-        t, ls = read_labelled(Path(path), text_col, label_col)
-        unknown = sorted(set(ls) - set(cascade.labels))
-        if unknown:
-            raise SystemExit(f"error: {path}: label {unknown[0]!r} is not one of the cascade's labels "
-                             f"({', '.join(cascade.labels[:20])}); check --label-col or the data")
-        texts += t
-        labels += ls
+    texts, labels = read_labelled_files(data, text_col, label_col, cascade.labels, ("label", "cascade's labels"))
     try:
         rows = cascade.classify(texts, 1, max(32, batch_size))
     except RemoteError as e:
@@ -205,27 +190,16 @@ def chat(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
          device: str = "auto", **_unused) -> None:
     """`slm chat CASCADE`: each reply from the small model, or from the large one when the small one is unsure; the
     answering model is shown after each reply. A failed escalation is one line, and the conversation goes on."""
+    from slmkit.infer.chat import user_turns
     from slmkit.infer.generate import checked_sampling
 
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, seed=seed)
     checked_sampling(**params)
     cascade = _open(model_dir, "decoder", "chat", device)
-    base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
     print(f"chatting with the cascade {Path(model_dir).name} ({cascade.names['small']} -> "
           f"{cascade.names['large']}); /reset clears, /quit leaves", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ")
-        except EOFError:
-            print()
-            return
-        if user.strip() in ("/quit", "/exit"):
-            return
-        if user.strip() == "/reset":
-            messages = list(base)
-            continue
+    for messages, user in user_turns(system):
         try:
             out = cascade.generate(messages=messages + [{"role": "user", "content": user}], **params)
         except RemoteError as e:

@@ -153,17 +153,10 @@ def routing_report(router: Router, texts: list[str], truth: list[str]) -> dict:
 def evaluate_router(folder: Path, data: list[str], text_col: str = "text", label_col: str = "label",
                     as_json: bool = False) -> dict:
     """`slm eval ROUTER --data labelled.jsonl`: routing accuracy and the confusion matrix on labelled rows."""
-    from slmkit.data.labelled import read_labelled
+    from slmkit.data.labelled import read_labelled_files
 
     router = load_router(Path(folder))
-    texts, truth = [], []
-    for path in data:
-        t, y = read_labelled(Path(path), text_col, label_col)
-        unknown = sorted(set(y) - set(router.routes))
-        if unknown:
-            raise SystemExit(f"error: {path}: route {unknown[0]!r} is not one of the router's routes "
-                             f"({', '.join(router.routes)}); check --label-col or the data")
-        texts, truth = texts + t, truth + y
+    texts, truth = read_labelled_files(data, text_col, label_col, router.routes, ("route", "router's routes"))
     result = routing_report(router, texts, truth)
     if as_json:
         print(json.dumps({k: result[k] for k in ("accuracy", "macro_f1", "examples", "labels", "confusion_matrix",

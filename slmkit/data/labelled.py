@@ -113,3 +113,19 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
         held += idx[:k].tolist()
         train += idx[k:].tolist()
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def read_labelled_files(paths: list, text_col: str, label_col: str, allowed: list[str],
+                        what: str) -> tuple[list[str], list[str]]:
+    """Texts and labels of every file in PATHS, each label one of ALLOWED: the first other is one line naming the file
+    and WHAT the labels are (e.g. "route", "router's routes")."""
+    texts, labels = [], []
+    for path in paths:
+        t, ls = read_labelled(Path(path), text_col, label_col)
+        unknown = sorted(set(ls) - set(allowed))
+        if unknown:
+            raise SystemExit(f"error: {path}: {what[0]} {unknown[0]!r} is not one of the {what[1]} "
+                             f"({', '.join(allowed[:20])}); check --label-col or the data")
+        texts += t
+        labels += ls
+    return texts, labels

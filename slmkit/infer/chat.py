@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -12,6 +13,26 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def user_turns(system: str | None) -> Iterator[tuple[list[dict], str]]:
+    """The terminal side of a chat: (the conversation so far, the user's next message) until /quit, /exit or Ctrl-D;
+    /reset starts a new conversation (from the --system message). The caller appends the turns it keeps to the list
+    it is given."""
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            print()
+            return
+        if user.strip() in ("/quit", "/exit"):
+            return
+        if user.strip() == "/reset":
+            messages = list(base)
+            continue
+        yield messages, user
 
 
 def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
@@ -30,22 +51,10 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
         from slmkit.compose.speculative import attach_draft
 
         attach_draft(lm, load(draft, device=device, compile=compile), draft_tokens)
-    base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
     template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
     print(f"chatting with {lm.path.name} ({template}); /reset clears, /quit leaves", file=sys.stderr)
     stop = [] if getattr(lm.tokenizer, "chat_template", None) else ["\nUser:"]
-    while True:
-        try:
-            user = input("you> ")
-        except EOFError:
-            print()
-            return
-        if user.strip() in ("/quit", "/exit"):
-            return
-        if user.strip() == "/reset":
-            messages = list(base)
-            continue
+    for messages, user in user_turns(system):
         messages.append({"role": "user", "content": user})
         prompt = render_prompt(lm.tokenizer, messages)
         print("model> ", end="", flush=True)

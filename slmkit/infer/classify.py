@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slmkit.data.labelled import read_labelled
+from slmkit.data.labelled import read_labelled_files
 
 
 def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
@@ -159,15 +159,8 @@ def evaluate_file(model_dir: Path, data: list[str], text_col: str = "text", labe
                   batch_size: int = 32, as_json: bool = False) -> dict:
     """`slm eval` on a classifier: loss, accuracy, macro-F1 (and per-class figures) on labelled DATA."""
     model, tokenizer, labels = load_classifier(model_dir)
-    texts, y = [], []
-    for path in data:
-        t, ls = read_labelled(Path(path), text_col, label_col)
-        unknown = sorted(set(ls) - set(labels))
-        if unknown:
-            raise SystemExit(f"error: {path}: label {unknown[0]!r} is not one of the model's labels "
-                             f"({', '.join(labels[:20])}); check --label-col or the data")
-        texts += t
-        y += [labels.index(v) for v in ls]
+    texts, names = read_labelled_files(data, text_col, label_col, labels, ("label", "model's labels"))
+    y = [labels.index(v) for v in names]
     seqs = encode(tokenizer, texts, max_length_for(model.config, tokenizer, None))
     result = evaluate_classifier(model, seqs, y, pad_id_for(tokenizer), labels, batch_size)
     if as_json:
@@ -178,11 +171,11 @@ def evaluate_file(model_dir: Path, data: list[str], text_col: str = "text", labe
     return result
 
 
-def main(model_dir: Path, text: str | None = None, data: Path | None = None, text_col: str = "text", top_k: int = 1,
-         as_json: bool = False, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
-    """Classify --text or every row of --data with the classifier in MODEL_DIR: top-k labels with probabilities."""
+def texts_to_classify(text: str | None, data: Path | None, text_col: str, top_k: int, batch_size: int,
+                      max_length: int | None) -> list[str]:
+    """`slm classify`'s input (--text or the rows of --data), its numbers checked: one line for each mistake. Shared
+    by classifier and cascade folders."""
     from slmkit.data.labelled import read_texts
-    from slmkit.infer.classify import predict
     from slmkit.options import check_numbers
 
     check_numbers(dict(top_k=top_k, batch_size=batch_size, max_length=max_length),
@@ -191,7 +184,13 @@ def main(model_dir: Path, text: str | None = None, data: Path | None = None, tex
         raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
     if text is not None and not text.strip():
         raise SystemExit("error: --text is empty; give the text to classify")
-    texts = [text] if text is not None else read_texts(Path(data), text_col)
+    return [text] if text is not None else read_texts(Path(data), text_col)
+
+
+def main(model_dir: Path, text: str | None = None, data: Path | None = None, text_col: str = "text", top_k: int = 1,
+         as_json: bool = False, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
+    """Classify --text or every row of --data with the classifier in MODEL_DIR: top-k labels with probabilities."""
+    texts = texts_to_classify(text, data, text_col, top_k, batch_size, max_length)
     results = [{"text": t, "labels": [{"label": label, "score": p} for label, p in top]}
                for t, top in zip(texts, predict(Path(model_dir), texts, top_k, batch_size, max_length), strict=True)]
     for r in results:
