@@ -223,7 +223,11 @@ def test_serve_decodes_a_lone_request_speculatively(folders):
         got = client.completions.create(model="t", prompt=PROMPT, max_tokens=20, temperature=0)
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model="t", prompt=PROMPT, max_tokens=20, temperature=0, stream=True))
+        import httpx
+
+        metrics = httpx.get(url + "/metrics").text
     assert got.choices[0].text == want == streamed
     assert got.usage.completion_tokens == 20
     stats: SpecStats = served["t"].engine.spec_stats
     assert stats is not None and stats.proposed > 0 and stats.emitted == 40
+    assert f'slm_draft_tokens_total{{model="t",outcome="proposed"}} {stats.proposed}' in metrics
