@@ -231,3 +231,37 @@ def test_serve_decodes_a_lone_request_speculatively(folders):
     stats: SpecStats = served["t"].engine.spec_stats
     assert stats is not None and stats.proposed > 0 and stats.emitted == 40
     assert f'slm_draft_tokens_total{{model="t",outcome="proposed"}} {stats.proposed}' in metrics
+
+
+def test_engine_mixes_a_speculative_row_with_batched_ones(folders):
+    """With a draft, a request that finds the engine idle decodes speculatively; requests arriving meanwhile are
+    batched together: every text is still the target's own."""
+    import threading
+    import time
+
+    from tiny_server import slowed
+
+    from slmkit.serve.batching import Engine
+
+    lm = load(folders["target"])
+    attach_draft(lm, load(folders["near"]), 3)
+    engine = Engine(lm, max_batch=4).start()
+    slowed(engine, 0.005)  # the first row is still decoding when the others arrive
+    p = SamplingParams(max_new_tokens=30, temperature=0)
+    prompts = [lm.encode(t) for t in (PROMPT, "the dog sat", "hello there", "how are you")]
+    got: list = [None] * 4
+    run = lambda i: got.__setitem__(i, [t.id for t in engine.generate(prompts[i], p)])  # noqa: E731
+    try:
+        first = threading.Thread(target=run, args=(0,))
+        first.start()
+        t0 = time.time()
+        while not engine.spec_rows and time.time() - t0 < 10:
+            time.sleep(0.001)
+        others = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3)]
+        [t.start() for t in others]
+        [t.join(60) for t in [first, *others]]
+    finally:
+        engine.stop()
+    ref = load(folders["target"])
+    assert got == [list(ref.decode(ref.model, ids, p, ref.eos_ids, ref.context)) for ids in prompts]
+    assert engine.spec_stats.emitted >= 30 and engine.max_seen_batch >= 2
