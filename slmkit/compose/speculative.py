@@ -197,11 +197,12 @@ def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids:
                 dft.feed(ids[:-1])
         made = 0
         while made < limit:
-            k = min(length.k, limit - made - 1, context - len(ids), draft_context - len(ids) - 1)
-            new, accepted, t_draft, t_verify = _cycle(tgt, dft, ids, max(k, 0), p, gen)
-            stats.cycles, stats.proposed, stats.accepted = stats.cycles + 1, stats.proposed + max(k, 0), \
-                stats.accepted + accepted
-            length.update(max(k, 0), accepted, t_draft, t_verify)
+            k = max(0, min(length.k, limit - made - 1, context - len(ids), draft_context - len(ids) - 1))
+            new, accepted, t_draft, t_verify = _cycle(tgt, dft, ids, k, p, gen)
+            stats.cycles += 1
+            stats.proposed += k
+            stats.accepted += accepted
+            length.update(k, accepted, t_draft, t_verify)
             for tok in new:
                 if tok in eos_ids or made >= limit:
                     return

@@ -87,10 +87,10 @@ class Engine:
     """Batches the decoding of one model. `start()` launches the thread; `stop()` ends it (pending requests get
     Finish("cancelled"))."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64, draft_tokens: int | None = None):
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64):
         from slmkit.model.llama import Llama
 
-        self.lm, self.max_batch, self.max_queue, self.draft_tokens = lm, max_batch, max_queue, draft_tokens
+        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
         self.fast = isinstance(lm.model, Llama)
         self.cache = lm.model.new_cache(max_batch, lm.context) if self.fast else None
         self.waiting: collections.deque[Request] = collections.deque()
@@ -196,9 +196,9 @@ class Engine:
             from slmkit.compose.speculative import SpecStats, speculative_ids
 
             self.spec_stats = self.spec_stats or SpecStats()
+            # the pair's DraftLength (attach_draft's: --draft-tokens, or adaptive) carries over from request to request
             it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
-                                 self.lm.draft.context, self.draft_tokens, self.spec_stats,
-                                 getattr(self.lm, "draft_length", None))
+                                 self.lm.draft.context, stats=self.spec_stats, length=self.lm.draft_length)
             self.spec_rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
         elif self.fast:
             i = len(self.rows)
@@ -212,7 +212,7 @@ class Engine:
 
     def _speculate(self, req: Request) -> bool:
         """Decode REQ speculatively: there is a draft, nothing else is running or waiting, no logprobs asked."""
-        return (getattr(self.lm, "draft", None) is not None and self.fast and req.top_logprobs is None
+        return (self.lm.draft is not None and self.fast and req.top_logprobs is None
                 and not self.rows and not self.spec_rows and not self.waiting)
 
     def _next_of(self, rows: list[_Row]) -> list[_Row]:

@@ -105,7 +105,7 @@ class Metrics:
         out += [f'slm_queue_depth{{model="{m}"}} {e.queue_depth}' for m, e in engines.items()]
         out += ["# HELP slm_active_sequences Sequences being decoded.", "# TYPE slm_active_sequences gauge"]
         out += [f'slm_active_sequences{{model="{m}"}} {e.active}' for m, e in engines.items()]
-        drafted = {m: e.spec_stats for m, e in engines.items() if getattr(e, "spec_stats", None) is not None}
+        drafted = {m: e.spec_stats for m, e in engines.items() if e.spec_stats is not None}
         if drafted:  # --draft: guesses made and kept (their ratio is the acceptance rate)
             out += ["# HELP slm_draft_tokens_total Draft guesses in speculative decoding: proposed, accepted.",
                     "# TYPE slm_draft_tokens_total counter"]

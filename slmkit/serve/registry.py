@@ -96,4 +96,3 @@ def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = Non
             raise SystemExit(f"error: --draft {spec}: {folder} is not a model folder")
         m = served[name]
         attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens)
-        m.engine.draft_tokens = draft_tokens
