@@ -153,12 +153,16 @@ def smollm2_folder(work: Path) -> Path:
     return out
 
 
-def sotu_text(work: Path, megabytes: float) -> Path:
-    """The most recent MEGABYTES of the State of the Union addresses (`slm quickstart`'s embedded corpus)."""
+def sotu_all() -> str:
+    """Every State of the Union address (`slm quickstart`'s embedded corpus), oldest first."""
     from slmkit.training.quickstart import corpus_dir
 
-    files = sorted(corpus_dir().glob("*.txt"))
-    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in sorted(corpus_dir().glob("*.txt")))
+
+
+def sotu_text(work: Path, megabytes: float) -> Path:
+    """The most recent MEGABYTES of the State of the Union addresses."""
+    text = sotu_all()
     path = work / "sotu.txt"
     path.write_text(text[-int(megabytes * 2**20):], encoding="utf-8")
     return path

@@ -37,15 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_distill import smollm2_folder  # noqa: E402
+from bench_distill import smollm2_folder, sotu_all  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "speculative.json"
-
-
-def sotu_all() -> str:
-    from slmkit.training.quickstart import corpus_dir
-
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in sorted(corpus_dir().glob("*.txt")))
 
 
 def passages(text: str, tok, n: int, tokens: int, start: int, stride: int) -> list[str]:
