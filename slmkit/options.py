@@ -55,6 +55,8 @@ def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negati
     for key in ("dropout", "lora_dropout", "dropout_start"):
         if args.get(key) is not None and not args[key] < 1:
             raise SystemExit(f"error: --{key.replace('_', '-')} {args[key]} must be below 1")
+    if args.get("draft_tokens") is not None and not 1 <= args["draft_tokens"] <= 64:
+        raise SystemExit(f"error: --draft-tokens {args['draft_tokens']} must be 1-64 (or leave it out: adaptive)")
     if args.get("min_lr_ratio") is not None and not 0 <= args["min_lr_ratio"] <= 1:
         raise SystemExit(f"error: --min-lr-ratio {args['min_lr_ratio']} must be in [0, 1]")
     if args.get("val_fraction") is not None and not (0.0 <= args["val_fraction"] < 0.5):

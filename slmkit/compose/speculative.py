@@ -245,6 +245,7 @@ def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
     lm.stream / lm.generate (slm generate, slm chat) then gets it. The last call's SpecStats land in lm.spec_stats.
     One line, naming the fix, when the pair cannot work together."""
     from slmkit.model.llama import Llama
+    from slmkit.options import check_numbers
 
     for role, m in (("target", lm), ("--draft", draft)):
         if not isinstance(m.model, Llama):
@@ -254,8 +255,7 @@ def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
         raise SystemExit(f"error: --draft {draft.path}: its tokenizer ({len(draft.tokenizer):,} tokens) differs from "
                          f"{lm.path}'s ({len(lm.tokenizer):,}); a draft must share the target's. Make one from it: "
                          f"slm distill --teacher {lm.path} --student slm-3m --data TEXT --cache-teacher --out DRAFT")
-    if draft_tokens is not None and not 1 <= draft_tokens <= 64:
-        raise SystemExit(f"error: --draft-tokens {draft_tokens} must be 1-64 (or leave it out: adaptive)")
+    check_numbers(dict(draft_tokens=draft_tokens))  # the verbs check it before loading; the Python API here
     lm.draft, lm.spec_stats = draft, SpecStats()
     lm.draft_length = DraftLength(draft_tokens)  # this pair's acceptance and timings, carried from call to call
 

@@ -45,7 +45,7 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
 
     checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty)
-    check_numbers(dict(threads=threads))
+    check_numbers(dict(threads=threads, draft_tokens=draft_tokens))
     lm = load(model_dir, threads=threads, device=device, compile=compile)
     if draft is not None:  # speculative decoding (compose/speculative.py)
         from slmkit.compose.speculative import attach_draft

@@ -206,7 +206,8 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=list(stop or []))
     checked_sampling(**params)
-    check_numbers(dict(num_samples=num_samples, threads=threads), {"num_samples": "texts to sample"})
+    check_numbers(dict(num_samples=num_samples, threads=threads, draft_tokens=draft_tokens),
+                  {"num_samples": "texts to sample"})
     lm = load(model_dir, threads=threads, dtype=dtype, device=device, compile=compile)
     if draft is not None:
         from slmkit.compose.speculative import attach_draft

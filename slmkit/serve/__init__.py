@@ -63,7 +63,8 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
     if not 0 < port < 65536:
         raise SystemExit(f"error: --port {port} must be in 1-65535")
     check_numbers(dict(max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
-                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, threads=threads),
+                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, threads=threads,
+                       draft_tokens=draft_tokens),
                   {"max_batch": "sequences decoded together", "max_queue": "requests that may wait for a batch row",
                    "max_tokens_limit": "the largest max_tokens a request may ask for",
                    "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000"})

@@ -174,6 +174,17 @@ def test_sampled_decoding_follows_the_target_end_to_end(folders):
     assert run() == run()
 
 
+def test_draft_tokens_out_of_range_is_refused_before_anything_loads(tmp_path):
+    from slmkit.infer.chat import main as chat
+    from slmkit.infer.generate import main as generate
+
+    missing = tmp_path / "no-model"  # nothing to load: the number is checked first
+    for k in (0, 65):
+        for verb in (generate, chat):
+            with pytest.raises(SystemExit, match=rf"--draft-tokens {k} must be 1-64"):
+                verb(missing, draft=missing, draft_tokens=k)
+
+
 def test_a_draft_with_another_tokenizer_is_one_line_naming_distill(folders):
     lm = load(folders["target"])
     with pytest.raises(SystemExit, match=r"tokenizer .* differs .*slm distill --teacher"):
