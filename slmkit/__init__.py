@@ -34,4 +34,12 @@ def evaluate(model_dir, data, **options):
     return main(model_dir, [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])], **options)
 
 
-__all__ = ["__version__", "evaluate", "load", "train"]
+def synth(teacher, prompts, out, **options):
+    """Chat training data from a teacher; see `slm synth --help` for every option. Returns the report."""
+    from slmkit.synth.cli import main
+
+    return main(teacher=str(teacher), prompts=[str(p) for p in (prompts if isinstance(prompts, (list, tuple))
+                                                                else [prompts])], out=out, **options)
+
+
+__all__ = ["__version__", "evaluate", "load", "synth", "train"]

@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
                  "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),
     "distill": ("slmkit.distill.run",
                 "a smaller student trained on a teacher's distributions (KD, DistilBERT, drafts)"),
+    "synth": ("slmkit.synth.cli",
+              "chat training data from a teacher (folder, GGUF or URL): strategies, prompt erasure, filters"),
     "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
     "cascade": ("slmkit.compose.cascade_cli",
                 "a small model that hands unsure requests to a large one (folder or URL), calibrated on held-out data"),
