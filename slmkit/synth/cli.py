@@ -49,7 +49,7 @@ def summary(report: dict) -> str:
         lines.append(f"  strategy {name:<20} kept {c.get('kept', 0)} of {sum(c.values())}")
     if report["rows_per_s"]:
         lines.append(f"  this run: {report['answered_this_run']} answers in {report['seconds']:.1f} s "
-                     f"({report['rows_per_s']:.2f} rows/s)")
+                     f"({report['rows_per_s']:.2f} rows/s, {report['tokens_per_s']:.0f} answer tokens/s)")
     if report["errors_this_run"]:
         lines.append(f"  {report['errors_this_run']} requests failed: rerun with --resume to ask again")
     return "\n".join(lines)

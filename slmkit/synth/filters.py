@@ -10,7 +10,7 @@ Each check returns a reason (a short snake_case word the report counts) or None 
     repetition       a degenerate loop: under half of the word 4-grams of a 40+ word answer are distinct
     refusal          "I'm sorry, I can't", "as an AI language model", ... (--keep-refusals keeps them)
     blacklist        matches a --blacklist regular expression
-    echo             repeats the prompt: under 3 (or --min-words) words besides it, or ROUGE-L >= 0.8 with it
+    echo             repeats the prompt: not one word that the prompt does not have
     duplicate        the same answer (case and spacing aside) as a kept one
     near_duplicate   MinHash Jaccard of word 3-grams >= --near-dup-threshold (0.8) with a kept answer, or with
                      --near-dup rouge, ROUGE-L >= the threshold (0.7)
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from slmkit.compose.cascade import rouge_l
 
+_WORD = re.compile(r"\w+")
 REFUSALS = [r"\bas an ai\b", r"\b(?:ai|large) language model\b",
             r"\bi(?:'m| am) (?:sorry|afraid|unable|not able)\b",
             r"\bi (?:can ?not|can't|won't|will not) (?:help|assist|answer|provide|do|comply|fulfil)",
@@ -98,9 +99,8 @@ def check_answer(prompt: str, answer: str, finish_reason: str | None, s: FilterS
         return "refusal"
     if any(r.search(answer) for r in s.blacklist_re):
         return "blacklist"
-    p, a = normalized(prompt), normalized(answer)
-    if len(a.replace(p, " ").split()) < max(3, s.min_words) or rouge_l(a, p) >= 0.8:  # little besides the prompt
-        return "echo"
+    if not set(_WORD.findall(answer.lower())) - set(_WORD.findall(prompt.lower())):
+        return "echo"  # not one word the prompt lacks. ("... is mercury." answers with one: kept.)
     return None
 
 

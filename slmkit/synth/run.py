@@ -89,6 +89,7 @@ class Tally:
 
     by_strategy: dict[str, Counter] = field(default_factory=dict)  # strategy -> {"kept": n, reason: n, ...}
     answered: int = 0
+    tokens: int = 0  # answer tokens this run (as the teacher counted them)
     errors: int = 0
     seconds: float = 0.0
     expansion: Counter = field(default_factory=Counter)  # "asked" (seeds), "kept" (tasks), reasons
@@ -251,6 +252,7 @@ def answer_jobs(cfg: SynthConfig, teacher, jobs: list[Job], table: dict[str, str
                 append(rejected, {"reason": reason, **row})
             tally.count(strategy, reason or "kept")
             tally.answered += 1
+            tally.tokens += ans.tokens
             tally.seconds = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(kept=tally.kept, dropped=sum(tally.dropped().values()), refresh=False)
@@ -325,5 +327,6 @@ def make_report(cfg: SynthConfig, teacher: str, seeds: list[Prompt], pool: list[
             "by_strategy": {s: dict(c) for s, c in sorted(tally.by_strategy.items())},
             "expansion": dict(tally.expansion), "answered_this_run": tally.answered, "errors_this_run": tally.errors,
             "seconds": round(tally.seconds, 2), "rows_per_s": round(rate, 3) if rate else None,
+            "tokens_per_s": round(tally.tokens / tally.seconds, 1) if tally.seconds else None,
             "settings": {**settings, "prompts": [str(p) for p in cfg.prompts],
                          "filters": {k: v for k, v in vars(cfg.filters).items() if not k.endswith("_re")}}}

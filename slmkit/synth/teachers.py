@@ -180,19 +180,18 @@ class EndpointTeacher:
     def answers(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Answer]]:
         pending = iter(jobs)
         running: dict[Future, Job] = {}
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="slm-synth") as pool:
-            try:
-                while True:
-                    while len(running) < 2 * self.concurrency and (job := next(pending, None)) is not None:
-                        running[pool.submit(self._ask, job)] = job
-                    if not running:
-                        return
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        yield running.pop(fut), fut.result()
-            finally:  # interrupted or abandoned: queued requests are dropped, the ones in flight end on their own
-                for fut in running:
-                    fut.cancel()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="slm-synth")
+        try:
+            while True:
+                while len(running) < 2 * self.concurrency and (job := next(pending, None)) is not None:
+                    running[pool.submit(self._ask, job)] = job
+                if not running:
+                    return
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield running.pop(fut), fut.result()
+        finally:  # done, interrupted or abandoned: queued requests are dropped; no wait for those in flight
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         pass

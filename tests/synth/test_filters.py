@@ -74,6 +74,8 @@ def test_parse_instructions_strips_numbering_and_preambles():
     ("As an AI language model I have no opinions on rivers.", "stop", "refusal"),
     ("Please visit example.com for the full answer today.", "stop", "blacklist"),
     ("Explain why the sky is blue on clear days", "stop", "echo"),
+    ("Why, the sky is blue on clear days.", "stop", "echo"),
+    ("The sky is blue on clear days because of air.", "stop", None),  # restates it, then answers
     ("Sunlight scatters off air molecules; blue light scatters most.", "stop", None),
 ])
 def test_each_reason(answer, finish, reason):
