@@ -62,7 +62,7 @@ class SynthConfig:
     timeout: float = 120.0
     retries: int = 5
     dtype: str = "fp32"
-    device: str = "cpu"
+    device: str = "auto"
     threads: int | None = None
     quiet: bool = False
 

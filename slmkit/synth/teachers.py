@@ -42,7 +42,7 @@ class Answer:
 class LocalTeacher:
     """A model folder (ours or a Hugging Face causal LM) decoded by the batching engine."""
 
-    def __init__(self, folder: Path, batch: int = 16, dtype: str = "fp32", device: str = "cpu",
+    def __init__(self, folder: Path, batch: int = 16, dtype: str = "fp32", device: str = "auto",
                  threads: int | None = None):
         from slmkit.infer.generate import load
 
@@ -198,7 +198,7 @@ class EndpointTeacher:
 
 
 def open_teacher(ref: str, model: str | None = None, api_key_env: str | None = None, concurrency: int = 4,
-                 batch: int = 16, dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
+                 batch: int = 16, dtype: str = "fp32", device: str = "auto", threads: int | None = None,
                  timeout: float = 120.0, retries: int = 5):
     """REF: an http(s) URL (an OpenAI-compatible API base), a .gguf file, or a model folder."""
     if is_url(ref):
