@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
                 "a smaller student trained on a teacher's distributions (KD, DistilBERT, drafts)"),
     "synth": ("slmkit.synth.cli",
               "chat training data from a teacher (folder, GGUF or URL): strategies, prompt erasure, filters"),
+    "federate": ("slmkit.federate.cli", "train one model across data silos with Flower (FedAvg/FedProx/FedAdam, DP)"),
     "merge": ("slmkit.training.merge", "fold a LoRA adapter into its base model"),
     "cascade": ("slmkit.compose.cascade_cli",
                 "a small model that hands unsure requests to a large one (folder or URL), calibrated on held-out data"),

@@ -109,7 +109,8 @@ def add_args(p) -> None:
     g.add_argument("--overwrite", action="store_true", default=None, help="delete OUT and its sidecars first")
     g.add_argument("--batch", type=int, help="a model folder teacher: rows decoded together (default: 16)")
     g.add_argument("--dtype", choices=("fp32", "bf16"), help="a model folder teacher's weights (default: fp32)")
-    g.add_argument("--device", help="a model folder teacher's device: cpu, cuda, auto (default: auto, a GPU when there is one)")
+    g.add_argument("--device", help="a model folder teacher's device: cpu, cuda, auto (default: auto, a GPU when "
+                   "there is one)")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     g.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,7 +130,10 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
         if is_main():
             print("\nstopping: finishing the step and saving a checkpoint (again to abort)", file=sys.stderr)
 
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # signal handlers can only be set from the main thread; a run in another (a federated client inside Flower's
+    # simulation) leaves Ctrl-C to whoever owns that thread
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     bar = _progress_bar(budget, state, cfg.progress_bar and is_main())
     model.train()
     last_log = last_eval = last_ckpt = time.perf_counter()

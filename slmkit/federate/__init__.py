@@ -1,0 +1,7 @@
+"""Federate: one model trained across data silos with Flower, the text never leaving its silo (`slm federate`).
+
+    local.py  a client's side of a round without Flower: its tokens, local training (training/fit.py), evaluation
+    apps.py   the Flower ClientApp and ServerApp (Message API), strategies, DP wrapper, the message recorder
+    grid.py   an in-process Grid: the same apps, every client in this process (`simulate`)
+    run.py    the verb's stages: settings, per-round model folders, resume, federation.json and the card
+"""

@@ -1,0 +1,266 @@
+"""The Flower apps of `slm federate`, on flwr's Message API: a ClientApp that trains and evaluates on its own silo
+(local.py: the training pipeline's loop), and a ServerApp that aggregates with a Flower strategy (FedAvg, FedProx,
+FedAdam; optionally wrapped for differential privacy) and hands each round's global weights to a callback.
+
+What a client sends back, and all the server ever receives from it (tests/federate records every message):
+    train     ArrayRecord "arrays": the model's parameters after local training (float32)
+              MetricRecord "metrics": train_loss, tokens, seconds, num-examples (the aggregation weight: tokens
+              trained; 1 under differential privacy, whose accountant needs equal weights)
+    evaluate  MetricRecord "metrics": eval_loss, bits_per_byte, num-examples (held-out tokens scored)
+No text, no token ids, no gradients of single examples. Under --dp the update is clipped on the client
+(flwr's fixedclipping_mod) and the server adds Gaussian noise to the aggregate (flwr's client-side-clipping wrapper).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from slmkit.federate.local import RoundPlan, Silo, evaluate_silo, open_silo, train_round
+from slmkit.training.fit import get_lr
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass
+class FedSettings:
+    """Everything both apps need; plain data (a deployment passes it as JSON in the run configuration)."""
+    model_config: dict
+    tokenizer: str | None  # a model folder whose tokenizer every client uses; None: raw bytes
+    rounds: int
+    local_steps: int
+    batch: int
+    block: int
+    lr: float
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01  # FedAdam's eta
+    dp_noise: float | None = None  # noise multiplier; None: no differential privacy
+    dp_clip: float = 1.0  # L2 bound of a client's update
+    dp_delta: float = 1e-5
+    clients: int = 2
+    min_clients: int = 2
+    timeout: float = 600.0
+    seed: int = 0
+    eval_tokens: int = 32768
+    val_fraction: float = 0.1
+    device: str = "cpu"
+    autocast: str | None = None  # "bf16" or None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> FedSettings:
+        return cls(**json.loads(text))
+
+
+# -- weights <-> records ----------------------------------------------------------------------------------------
+def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()})
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The trainable parameters as float32 arrays (buffers such as rotary tables are rebuilt, never sent)."""
+    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+
+
+def load_weights(model: torch.nn.Module, record: ArrayRecord) -> None:
+    params = dict(model.named_parameters())
+    if set(record.keys()) != set(params):
+        raise ValueError(f"the global weights do not fit this model ({len(record.keys())} arrays for "
+                         f"{len(params)} parameters)")
+    with torch.no_grad():
+        for name, arr in record.items():
+            params[name].copy_(torch.from_numpy(arr.numpy().astype(np.float32)))
+
+
+def nbytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+# -- the client -------------------------------------------------------------------------------------------------
+_CACHE: dict = {}  # per process: one model skeleton per configuration, one Silo per (data, tokenizer, block)
+
+
+def _client_parts(s: FedSettings, context: Context) -> tuple[torch.nn.Module, Silo]:
+    from slmkit.model.folder import build_model
+    from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
+
+    key = json.dumps(s.model_config, sort_keys=True)
+    if key not in _CACHE:
+        _CACHE[key] = build_model(dict(s.model_config)).to(s.device)
+    data = str(context.node_config["data-path"])
+    skey = (data, s.tokenizer, s.block)
+    if skey not in _CACHE:
+        tok = load_tokenizer(Path(s.tokenizer)) if s.tokenizer else byte_tokenizer()
+        _CACHE[skey] = open_silo(data.split(","), tok, s.block, s.val_fraction)
+    return _CACHE[key], _CACHE[skey]
+
+
+def _autocast(s: FedSettings):
+    return torch.bfloat16 if s.autocast == "bf16" else None
+
+
+def make_client_app(s: FedSettings) -> ClientApp:
+    app = ClientApp()
+
+    # per handler, not app-wide: the clipping mod reads the train message's config and would fail evaluations
+    @app.train(mods=[fixedclipping_mod] if s.dp_noise is not None else [])
+    def train(msg: Message, context: Context) -> Message:
+        model, silo = _client_parts(s, context)
+        load_weights(model, msg.content["arrays"])
+        cfg = msg.content["config"]
+        rnd = int(cfg["round"])  # 1-based, counted over the whole run (resumed runs included)
+        lr = get_lr(rnd - 1, (rnd - 1) / max(1, s.rounds - 1), s.lr, 0, s.min_lr_ratio)  # cosine across rounds
+        seed = s.seed * 1_000_003 + rnd * 1009 + int(context.node_config.get("partition-id", 0))
+        plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, s.weight_decay,
+                         float(cfg.get("proximal-mu", 0.0)))
+        r = train_round(model, silo, plan, s.device, _autocast(s))
+        weight = 1 if s.dp_noise is not None else r["tokens"]
+        metrics = MetricRecord({"train_loss": r["train_loss"], "tokens": r["tokens"], "seconds": r["seconds"],
+                                "num-examples": weight})
+        return Message(RecordDict({"arrays": to_record(model_weights(model)), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        model, silo = _client_parts(s, context)
+        load_weights(model, msg.content["arrays"])
+        r = evaluate_silo(model, silo, s.block, s.eval_tokens, s.device, _autocast(s))
+        metrics = MetricRecord({"eval_loss": float(r["loss"]), "bits_per_byte": float(r.get("bits_per_byte") or 0.0),
+                                "num-examples": int(r["tokens"])})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+# -- the server -------------------------------------------------------------------------------------------------
+class Float32FedAdam(FedAdam):
+    """FedAdam whose new global weights are float32 again (flwr 1.42 returns float64: twice the bytes next round)."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in arrays.items()})
+        return arrays, metrics
+
+
+def weighted_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The example-weighted mean of every metric the clients reported (flwr's default rule, kept here so the
+    server can also read the per-round figure)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    total = sum(float(m[weighting_key]) for m in rows) or 1.0
+    keys = [k for k in rows[0] if k != weighting_key]
+    return MetricRecord({k: sum(float(m[k]) * float(m[weighting_key]) for m in rows) / total for k in keys}
+                        | {weighting_key: total})
+
+
+def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None]):
+    def evaluate_aggr(records, key):
+        out = weighted_mean(records, key)
+        on_evaluate(out)
+        return out
+
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=s.min_clients,
+                  min_evaluate_nodes=s.min_clients, min_available_nodes=s.min_clients,
+                  evaluate_metrics_aggr_fn=evaluate_aggr)
+    if s.strategy == "fedavg":
+        strategy = FedAvg(**common)
+    elif s.strategy == "fedprox":
+        strategy = FedProx(**common, proximal_mu=s.proximal_mu)
+    else:
+        strategy = Float32FedAdam(**common, eta=s.server_lr, eta_l=s.lr, tau=1e-6)
+    if s.dp_noise is None:
+        return strategy
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    accountant = RdpAccountant(PrivacyConfig(target_delta=s.dp_delta, population_size=s.clients,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=s.dp_noise, clipping_norm=s.dp_clip,
+                                                      num_sampled_clients=s.clients, accountant=accountant)
+
+
+class Recorder:
+    """Wraps a Grid's send_and_receive: bytes each way, every reply's sender and content kinds (the audit), and the
+    per-client metrics of the last call of each kind."""
+
+    def __init__(self, grid: Grid, audit: list | None = None):
+        self.grid, self.audit = grid, audit
+        self.sent = self.received = 0
+        self.per_client: dict[str, dict[int, dict]] = {}
+        self.original = grid.send_and_receive
+        grid.send_and_receive = self  # the strategy calls the grid's method: it now goes through here
+
+    def __call__(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        self.sent += sum(nbytes(r) for m in messages for r in m.content.array_records.values())
+        replies = list(self.original(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                continue
+            self.received += sum(nbytes(a) for a in r.content.array_records.values())
+            kind = r.metadata.message_type
+            m = next(iter(r.content.metric_records.values()), None)
+            self.per_client.setdefault(kind, {})[r.metadata.src_node_id] = dict(m) if m is not None else {}
+            if self.audit is not None:
+                self.audit.append(r)
+        return replies
+
+
+def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round: int,
+                    after_round: Callable[[int, ArrayRecord, dict], None], audit: list | None = None) -> ServerApp:
+    """AFTER_ROUND(round, global arrays, figures) runs after each round's evaluation; figures: the clients' mean
+    held-out metrics ("evaluate"), per-client metrics, bytes each way, ε under DP."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        recorder = Recorder(grid, audit)
+        latest: dict = {}
+        strategy = make_strategy(s, lambda m: latest.update(evaluate=dict(m)))
+
+        def on_round(flwr_round: int, arrays: ArrayRecord):
+            if flwr_round == 0:
+                return None  # the starting weights: nothing trained yet
+            rnd = start_round + flwr_round - 1
+            spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+            figures = {"evaluate": latest.pop("evaluate", {}), "clients": recorder.per_client,
+                       "bytes_sent": recorder.sent, "bytes_received": recorder.received,
+                       "epsilon": None if spent is None else float(spent.epsilon)}
+            recorder.per_client, recorder.sent, recorder.received = {}, 0, 0
+            after_round(rnd, arrays, figures)
+            return None
+
+        train_config = ConfigRecord({"round": start_round})
+        rounds = s.rounds - start_round + 1
+        # the round number travels in the config; flwr counts from 1 in every start(), so it is advanced per round
+        original_configure = strategy.configure_train
+
+        def configure_train(server_round, arrays, config, grid_):
+            config["round"] = start_round + server_round - 1
+            return original_configure(server_round, arrays, config, grid_)
+
+        strategy.configure_train = configure_train
+        strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=rounds, timeout=s.timeout,
+                       train_config=train_config, evaluate_fn=on_round)
+
+    return app
+
+
+def finite(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None

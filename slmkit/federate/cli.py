@@ -1,0 +1,73 @@
+"""`slm federate`'s flags: `simulate` runs every silo's client in this process through Flower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slmkit.options import check_numbers, parse_count
+
+SIMULATE = """Train one model across data silos with Flower (flwr's Message API): each client trains a few local steps
+from the global weights on its own text, the server aggregates (FedAvg, FedProx or FedAdam) and evaluates the result
+on every client's held-out part. Only weights and figures travel; OUT gets the best global model after each round,
+OUT/last the latest (for --resume), federation.json every round's figures."""
+
+
+def main(command: str, **options) -> dict:
+    """Federated training with Flower. `simulate`: every client in this process, one data path each."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise SystemExit('error: slm federate needs Flower: pip install -e ".[federate]" (Python 3.11 or later)') \
+            from None
+    from slmkit.federate.run import FederateConfig, simulate
+
+    check_numbers(options, positive={"rounds": "federated rounds", "local_steps": "steps per client per round",
+                                     "dp_noise": "the noise multiplier",
+                                     "dp_epsilon": "the target epsilon", "dp_clip": "the update's L2 bound",
+                                     "timeout": "seconds to wait for a round's replies",
+                                     "server_lr": "FedAdam's server step", "proximal_mu": "FedProx's weight"})
+    options["tokens"] = parse_count(options.get("tokens"))
+    options = {k: v for k, v in options.items() if v is not None}
+    options["data"] = [str(d) for d in options["data"]]
+    return simulate(FederateConfig(**options))
+
+
+def add_args(p) -> None:
+    sub = p.add_subparsers(dest="command", required=True, metavar="{simulate}")
+    s = sub.add_parser("simulate", help="every client in this process (one --data path each)", description=SIMULATE)
+    s.add_argument("--data", nargs="+", required=True, help="one path per client (a file or folder; several files of "
+                   "one client: comma-separated)")
+    s.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    g = s.add_argument_group("the model and its budget")
+    g.add_argument("--preset", help="the architecture trained from scratch (default: slm-1m)")
+    g.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="a model folder whose tokenizer every client "
+                   "uses (default: raw bytes, so no statistics of any client's text are needed)")
+    g.add_argument("--rounds", type=int, help="federated rounds (default: 10)")
+    g.add_argument("--tokens", help="training tokens summed over all clients and rounds, e.g. 2M (sets the local "
+                   "steps)")
+    g.add_argument("--local-steps", type=int, help="optimizer steps per client per round (default: 20)")
+    g.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's)")
+    g.add_argument("--block-size", type=int, help="tokens per sequence (default: the recipe's)")
+    g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
+    g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
+    g = s.add_argument_group("aggregation")
+    g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), help="FedAvg (default), FedProx (a "
+                   "proximal term keeps unlike clients close), FedAdam (Adam steps on the server)")
+    g.add_argument("--proximal-mu", type=float, help="FedProx's mu (default: 0.01)")
+    g.add_argument("--server-lr", type=float, help="FedAdam's server learning rate eta (default: 0.01)")
+    g.add_argument("--min-clients", type=int, help="replies a round needs (default: every client)")
+    g.add_argument("--timeout", type=float, help="seconds to wait for a round's replies (default: 600)")
+    g = s.add_argument_group("differential privacy (client level)")
+    g.add_argument("--dp", action="store_true", default=None, help="clip each client's update, add Gaussian noise to "
+                   "the aggregate, report ε per round")
+    g.add_argument("--dp-noise", type=float, help="noise multiplier sigma (default: 1.0)")
+    g.add_argument("--dp-epsilon", type=float, help="target ε after --rounds rounds: picks the noise multiplier "
+                   "(implies --dp)")
+    g.add_argument("--dp-clip", type=float, help="L2 bound of a client's update (default: 1.0)")
+    g.add_argument("--dp-delta", type=float, help="δ of the (ε, δ) guarantee (default: 1e-5)")
+    g = s.add_argument_group("the run")
+    g.add_argument("--seed", type=int, help="weights, batches (default: 0)")
+    g.add_argument("--device", help="cpu, cuda, auto (default: auto)")
+    g.add_argument("--dtype", help="auto, fp32, bf16 (default: auto)")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing OUT")

@@ -1,0 +1,260 @@
+"""Verb `federate simulate`: one model trained across data silos with Flower, every silo's text staying where it is.
+
+    open_output -> tokenizer (shared: --tokenizer-from, or raw bytes) -> model config and starting weights
+      -> Flower: the ServerApp (a strategy over the clients) and one ClientApp per silo (local.py's training),
+         in this process through grid.LocalGrid
+      -> after every round: OUT/last/ (the global weights and the run's state: --resume continues from it) and,
+         when the clients' mean held-out loss improves, OUT itself (model folder + tokenizer + card)
+      -> federation.json: settings, every round's figures, bytes moved, ε under --dp
+
+Budget: --tokens N is the training tokens summed over all clients and rounds (as `slm train --tokens` counts them):
+each client trains N / (rounds x clients x batch x block) steps per round; or --local-steps K directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.files import atomic_write_json
+from slmkit.training.stages import open_output
+
+RUN_FILE = "federation.json"
+LAST = "last"
+
+
+@dataclass
+class FederateConfig:
+    data: list[str]  # one entry per client: a path (several: comma-separated)
+    out: Path
+    rounds: int = 10
+    preset: str = "slm-1m"
+    tokenizer_from: Path | None = None
+    tokens: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None
+    block_size: int | None = None
+    lr: float | None = None
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    dp: bool = False
+    dp_noise: float = 1.0
+    dp_epsilon: float | None = None  # a target ε after --rounds: sets dp_noise
+    dp_clip: float = 1.0
+    dp_delta: float = 1e-5
+    min_clients: int | None = None
+    timeout: float = 600.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    drop: list[int] = field(default_factory=list)  # simulate: clients (0-based) that never answer
+
+
+def settings_for(cfg: FederateConfig, tok, dev: str):
+    """FedSettings from the command line: the model's config, shapes, learning rate and per-round steps."""
+    from slmkit.federate.apps import FedSettings
+    from slmkit.hardware import pick_dtype
+    from slmkit.model.presets import build_config
+    from slmkit.training import recipe
+
+    block, step_tokens = recipe.shape_for(build_config(cfg.preset, len(tok)), dev)
+    block = cfg.block_size or block
+    batch = cfg.batch_size or max(1, step_tokens // block)
+    model_cfg = build_config(cfg.preset, len(tok), block_size=block)
+    model_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    clients = len(cfg.data)
+    steps = cfg.local_steps or (max(1, cfg.tokens // (cfg.rounds * clients * batch * block)) if cfg.tokens else 20)
+    autocast = pick_dtype(cfg.dtype, dev, model_cfg["hidden_size"])
+    return FedSettings(model_config=model_cfg, tokenizer=str(cfg.tokenizer_from) if cfg.tokenizer_from else None,
+                       rounds=cfg.rounds, local_steps=steps, batch=batch, block=block,
+                       lr=cfg.lr or recipe.peak_lr(model_cfg["hidden_size"]), strategy=cfg.strategy,
+                       proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, dp_noise=cfg.dp_noise if cfg.dp else None,
+                       dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
+                       min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
+                       val_fraction=cfg.val_fraction, device=dev,
+                       autocast="bf16" if autocast == torch.bfloat16 else None)
+
+
+class RoundWriter:
+    """After each round: OUT/last/ (weights + state.json), OUT (when the held-out loss improves), metrics.jsonl."""
+
+    def __init__(self, cfg: FederateConfig, settings, tok, state: dict):
+        from slmkit.model.folder import build_model
+
+        self.cfg, self.settings, self.tok, self.state = cfg, settings, tok, state
+        self.model = build_model(dict(settings.model_config))
+        self.t0 = time.perf_counter()
+
+    def __call__(self, rnd: int, arrays, figures: dict) -> None:
+        from slmkit.federate.apps import load_weights
+        from slmkit.model.folder import save_model
+
+        load_weights(self.model, arrays)
+        out = self.cfg.out
+        ev = figures["evaluate"]
+        loss = ev.get("eval_loss")
+        row = {"round": rnd, "eval_loss": loss, "bits_per_byte": ev.get("bits_per_byte"),
+               "train_loss": _mean(figures["clients"].get("train", {}), "train_loss"),
+               "tokens": sum(int(m.get("tokens", 0)) for m in figures["clients"].get("train", {}).values()),
+               "clients_trained": len(figures["clients"].get("train", {})),
+               "clients_evaluated": len(figures["clients"].get("evaluate", {})),
+               "per_client_eval_loss": {str(k): m.get("eval_loss") for k, m in
+                                        sorted(figures["clients"].get("evaluate", {}).items())},
+               "bytes_sent": figures["bytes_sent"], "bytes_received": figures["bytes_received"],
+               "epsilon": figures["epsilon"], "seconds": round(time.perf_counter() - self.t0, 2)}
+        self.state["history"].append(row)
+        self.state["round"] = rnd
+        best = self.state.get("best")
+        if loss is not None and math.isfinite(loss) and (best is None or loss < best["eval_loss"]):
+            self.state["best"] = {"round": rnd, "eval_loss": loss}
+            save_model(self.model, out)
+            self.tok.save_pretrained(out)
+        save_model(self.model, out / LAST)
+        atomic_write_json(out / LAST / "state.json", self.state)
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        eps = f" | ε {row['epsilon']:.2f}" if row["epsilon"] is not None else ""
+        print(f"round {rnd}/{self.settings.rounds}: held-out loss {_fmt(loss)} over {row['clients_evaluated']} "
+              f"clients | train loss {_fmt(row['train_loss'])} | {row['tokens']:,} tokens | "
+              f"{(row['bytes_sent'] + row['bytes_received']) / 2**20:.1f} MiB moved{eps}", flush=True)
+
+
+def _mean(per_client: dict, key: str) -> float | None:
+    vals = [float(m[key]) for m in per_client.values() if key in m]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
+    """The run (see the module docstring); AUDIT, when a list, receives every reply the server gets."""
+    from slmkit.federate.apps import make_client_app, make_server_app, model_weights
+    from slmkit.federate.grid import LocalGrid, run_in_process
+    from slmkit.hardware import pick_device
+    from slmkit.model.folder import build_model, load_saved_weights
+    from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
+
+    check(cfg)
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
+    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, holds=("config.json", LAST), clear=True,
+                        resumable=True) if not cfg.resume else _resume_state(cfg)
+    dev = pick_device(cfg.device)
+    tok = load_tokenizer(cfg.tokenizer_from) if cfg.tokenizer_from else byte_tokenizer()
+    settings = settings_for(cfg, tok, dev)
+    torch.manual_seed(cfg.seed)
+    model = build_model(dict(settings.model_config))
+    state = {"round": 0, "best": None, "history": [], "settings": json.loads(settings.to_json())}
+    if saved:
+        load_saved_weights(model, cfg.out / LAST)
+        state = saved
+    start = state["round"] + 1
+    if start > cfg.rounds:
+        raise SystemExit(f"error: --resume: {cfg.out} already ran {state['round']} rounds; raise --rounds to go on")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    writer = RoundWriter(cfg, settings, tok, state)
+    print(f"federate (simulate, {cfg.strategy}{', dp' if cfg.dp else ''}): {len(cfg.data)} clients | "
+          f"{cfg.preset} {sum(p.numel() for p in model.parameters()):,} parameters | rounds {start}-{cfg.rounds} x "
+          f"{settings.local_steps} local steps of {settings.batch}x{settings.block} tokens | lr {settings.lr:g} | "
+          f"{dev}", flush=True)
+    grid = LocalGrid(make_client_app(settings),
+                     [{"partition-id": i, "data-path": d} for i, d in enumerate(cfg.data)], {})
+    grid.down = {1000 + i for i in cfg.drop}
+    app = make_server_app(settings, model_weights(model), start, writer, audit)
+    run_in_process(app, grid, {})
+    return finish(cfg, settings, state, tok)
+
+
+def _resume_state(cfg: FederateConfig) -> dict:
+    path = cfg.out / LAST / "state.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --resume: {cfg.out} holds no {LAST}/state.json of a federated run; start "
+                         "without --resume")
+    if cfg.dp:
+        raise SystemExit("error: --resume with --dp: the privacy accountant does not resume yet; start again")
+    return json.loads(path.read_text())
+
+
+def noise_for_epsilon(epsilon: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier whose ROUNDS releases (Gaussian mechanism, every client in every round: no
+    sampling amplification) stay within (EPSILON, DELTA): the RDP accountant flwr's wrapper reports with."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    def spent(sigma: float) -> float:
+        acct = rdp_privacy_accountant.RdpAccountant()
+        acct.compose(dp_event.GaussianDpEvent(sigma), rounds)
+        return acct.get_epsilon(delta)
+
+    lo, hi = 1e-2, 1e3
+    for _ in range(60):  # bisection: spent() falls as sigma grows
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if spent(mid) > epsilon else (lo, mid)
+    return hi
+
+
+def check(cfg: FederateConfig) -> None:
+    from slmkit.federate.apps import STRATEGIES
+
+    if len(cfg.data) < 2 and not cfg.resume:
+        raise SystemExit("error: --data: give two or more silos (one path per client)")
+    for d in cfg.data:
+        for p in d.split(","):
+            if not Path(p).exists():
+                raise SystemExit(f"error: --data {p}: no such file or folder")
+    if cfg.strategy not in STRATEGIES:
+        raise SystemExit(f"error: --strategy {cfg.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if cfg.min_clients is not None and not 1 <= cfg.min_clients <= len(cfg.data):
+        raise SystemExit(f"error: --min-clients {cfg.min_clients} must be 1-{len(cfg.data)} (the clients given)")
+    if cfg.dp_epsilon is not None:
+        if not cfg.dp_epsilon > 0:
+            raise SystemExit(f"error: --dp-epsilon {cfg.dp_epsilon} must be positive")
+        cfg.dp, cfg.dp_noise = True, noise_for_epsilon(cfg.dp_epsilon, cfg.rounds, cfg.dp_delta)
+        print(f"--dp-epsilon {cfg.dp_epsilon:g} after {cfg.rounds} rounds at δ {cfg.dp_delta:g}: noise multiplier "
+              f"{cfg.dp_noise:.3f}")
+    if cfg.dp and not (cfg.dp_noise > 0 and cfg.dp_clip > 0 and 0 < cfg.dp_delta < 1):
+        raise SystemExit("error: --dp-noise and --dp-clip must be positive, --dp-delta in (0, 1)")
+
+
+def finish(cfg: FederateConfig, settings, state: dict, tok) -> dict:
+    hist = state["history"]
+    summary = {"out": str(cfg.out), "mode": "simulate", "clients": len(cfg.data), "rounds": state["round"],
+               "strategy": cfg.strategy, "best": state.get("best"), "final_eval_loss": hist[-1]["eval_loss"] if hist
+               else None, "tokens": sum(r["tokens"] for r in hist),
+               "bytes_per_round": int(np.mean([r["bytes_sent"] + r["bytes_received"] for r in hist])) if hist else 0,
+               "epsilon": hist[-1]["epsilon"] if hist else None, "delta": cfg.dp_delta if cfg.dp else None,
+               "settings": state["settings"], "config": {k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in asdict(cfg).items()},
+               "history": hist}
+    atomic_write_json(cfg.out / RUN_FILE, summary)
+    if state.get("best"):
+        write_card(cfg, summary)
+    return summary
+
+
+def write_card(cfg: FederateConfig, s: dict) -> None:
+    best = s["best"]
+    row = next(r for r in s["history"] if r["round"] == best["round"])
+    per = ", ".join(f"client {int(k) - 1000}: {v:.4f}" for k, v in row["per_client_eval_loss"].items() if v is not None)
+    dp = (f"Differential privacy: update clipping to {cfg.dp_clip:g} on each client, Gaussian noise (multiplier "
+          f"{cfg.dp_noise:g}) on the aggregate: ε = {s['epsilon']:.2f} at δ = {cfg.dp_delta:g} after "
+          f"{s['rounds']} rounds (client level).\n" if cfg.dp else "No differential privacy.\n")
+    text = (f"# {cfg.out.name}\n\nA {cfg.preset} decoder trained with `slm federate simulate` across {s['clients']} "
+            f"data silos ({cfg.strategy}); no silo's text left it.\n\n- rounds: {s['rounds']} (best: round "
+            f"{best['round']})\n- held-out loss, the clients' mean: {best['eval_loss']:.4f} ({per})\n"
+            f"- training tokens, all clients: {s['tokens']:,}\n- bytes moved per round (both ways): "
+            f"{s['bytes_per_round'] / 2**20:.1f} MiB\n\n{dp}")
+    (cfg.out / "README.md").write_text(text)

@@ -1,0 +1,137 @@
+"""`slm federate simulate` on tiny silos: rounds, what the server receives, dropped clients, resume, DP, strategies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from slmkit.federate.local import RoundPlan, open_silo, proximal, train_round  # noqa: E402
+from slmkit.federate.run import FederateConfig, simulate  # noqa: E402
+
+TINY = dict(preset="slm-tiny", local_steps=2, batch_size=4, block_size=32, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def silos(tmp_path_factory, corpus):
+    """Three silos cut from the test corpus (tests/conftest.py), each its own stretch of text."""
+    d = tmp_path_factory.mktemp("silos")
+    text = corpus.read_text() if corpus.is_file() else "".join(p.read_text() for p in sorted(corpus.glob("*.txt")))
+    n = len(text) // 3
+    paths = []
+    for i in range(3):
+        (d / f"silo{i}.txt").write_text(text[i * n:(i + 1) * n])
+        paths.append(str(d / f"silo{i}.txt"))
+    return paths
+
+
+def run(tmp_path, silos, name="m", **kw):
+    return simulate(FederateConfig(data=kw.pop("data", silos[:2]), out=tmp_path / name, **{**TINY, **kw}))
+
+
+def test_rounds_write_the_best_model_and_every_rounds_figures(tmp_path, silos):
+    s = run(tmp_path, silos, rounds=3)
+    out = tmp_path / "m"
+    assert [r["round"] for r in s["history"]] == [1, 2, 3] and s["clients"] == 2
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "federation.json",
+                 "last/model.safetensors", "last/state.json"):
+        assert (out / name).is_file(), name
+    losses = [r["eval_loss"] for r in s["history"]]
+    assert losses[-1] < losses[0]  # training across silos lowers the clients' held-out loss
+    assert s["best"]["eval_loss"] == min(losses)
+    row = s["history"][0]
+    assert set(row["per_client_eval_loss"]) == {"1000", "1001"} and row["clients_trained"] == 2
+    params = sum(p.numel() for p in __import__("slmkit.infer.load", fromlist=["x"]).load_model(out).parameters())
+    assert row["bytes_sent"] >= 2 * 2 * 4 * params  # train + evaluate messages to 2 clients, float32
+    # only train replies carry weights (each array serialised with a small header)
+    assert 2 * 4 * params <= row["bytes_received"] < 1.01 * 2 * 4 * params
+    assert row["tokens"] == 2 * 2 * 4 * 32  # clients x steps x batch x block
+    assert "held-out loss" in (out / "README.md").read_text()
+
+
+def test_the_server_receives_weights_and_figures_only(tmp_path, silos):
+    audit: list = []
+    simulate(FederateConfig(data=silos[:2], out=tmp_path / "m", rounds=1, **TINY), audit)
+    assert len(audit) == 4  # 2 clients x (train, evaluate)
+    from slmkit.infer.load import load_model
+
+    names = {n for n, _ in load_model(tmp_path / "m").named_parameters()}
+    for reply in audit:
+        content = reply.content
+        assert not content.config_records  # no strings of any kind
+        for record in content.array_records.values():
+            assert set(record.keys()) == names  # exactly the model's parameters...
+            assert all(a.dtype == "float32" for a in record.values())  # ...as floats: no token ids
+        for metrics in content.metric_records.values():
+            assert set(metrics) <= {"train_loss", "tokens", "seconds", "num-examples", "eval_loss", "bits_per_byte"}
+            assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_a_failing_client_does_not_stop_the_run(tmp_path, silos):
+    bad = tmp_path / "tiny.txt"
+    bad.write_text("too short")  # this client fails in every round (its silo is too small to train on)
+    s = run(tmp_path, silos, data=silos[:2] + [str(bad)], rounds=2, min_clients=2)
+    assert [r["clients_trained"] for r in s["history"]] == [2, 2]
+    s = run(tmp_path, silos, name="m2", data=silos, rounds=1, min_clients=2, drop=[2])  # a client that never answers
+    assert s["history"][0]["clients_trained"] == 2
+
+
+def test_resume_continues_the_rounds(tmp_path, silos):
+    run(tmp_path, silos, rounds=2)
+    with pytest.raises(SystemExit, match="already holds a model; pass --resume"):
+        run(tmp_path, silos, rounds=2)
+    s = run(tmp_path, silos, rounds=3, resume=True)
+    assert [r["round"] for r in s["history"]] == [1, 2, 3]
+    lines = (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+
+
+def test_differential_privacy_adds_noise_and_reports_epsilon(tmp_path, silos):
+    plain = run(tmp_path, silos, name="plain", rounds=2)
+    dp = run(tmp_path, silos, name="dp", rounds=2, dp=True, dp_noise=1.0, dp_clip=0.5)
+    eps = [r["epsilon"] for r in dp["history"]]
+    assert eps[0] > 0 and eps[1] > eps[0]  # the guarantee weakens with every release
+    assert plain["history"][0]["epsilon"] is None
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "plain" / "last" / "model.safetensors"), load_file(tmp_path / "dp" / "last" /
+                                                                                     "model.safetensors")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    assert "ε =" in (tmp_path / "dp" / "README.md").read_text()
+    from slmkit.federate.run import noise_for_epsilon
+
+    sigma = noise_for_epsilon(8.0, 2, 1e-5)  # --dp-epsilon: the noise that spends exactly that over the rounds
+    s = run(tmp_path, silos, name="dp8", rounds=2, dp_epsilon=8.0)
+    assert s["history"][-1]["epsilon"] == pytest.approx(8.0, rel=1e-3) and 0.5 < sigma < 5
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies(tmp_path, silos, strategy):
+    s = run(tmp_path, silos, rounds=2, strategy=strategy)
+    assert len(s["history"]) == 2 and all(np.isfinite(r["eval_loss"]) for r in s["history"])
+
+
+def test_the_proximal_term_pulls_towards_the_round_start(silos):
+    from slmkit.model.folder import build_model
+    from slmkit.model.presets import build_config
+    from slmkit.model.tokenizer import byte_tokenizer
+    from slmkit.training.losses import causal_lm_loss
+
+    tok = byte_tokenizer()
+    silo = open_silo([silos[0]], tok, 32)
+    drift = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = build_model(build_config("slm-tiny", len(tok), block_size=32))
+        start = [p.detach().clone() for p in model.parameters()]
+        train_round(model, silo, RoundPlan(steps=5, lr=3e-3, batch=4, block=32, seed=0, prox_mu=mu))
+        drift[mu] = sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start, strict=True))
+    assert drift[10.0] < drift[0.0]
+    model = build_model(build_config("slm-tiny", len(tok), block_size=32))
+    x = torch.randint(0, 256, (2, 8))
+    loss = proximal(causal_lm_loss, model, 1.0)
+    assert torch.allclose(loss(model, x, x), causal_lm_loss(model, x, x))  # no drift yet: the plain loss
