@@ -10,6 +10,12 @@ SIMULATE = """Train one model across data silos with Flower (flwr's Message API)
 from the global weights on its own text, the server aggregates (FedAvg, FedProx or FedAdam) and evaluates the result
 on every client's held-out part. Only weights and figures travel; OUT gets the best global model after each round,
 OUT/last the latest (for --resume), federation.json every round's figures."""
+SERVER = """The server side of a real federation: a Flower SuperLink on HOST:PORT that `slm federate client`
+processes on other machines join, and the same ServerApp as `simulate`. Rounds start once --min-clients have joined;
+a client that drops out of a round is left out of it (after --timeout) and a late one joins the next. Exits 0 when
+the rounds are done, the model folder in OUT."""
+CLIENT = """A client of `slm federate server`: a Flower SuperNode that trains on this machine's --data when the server
+asks and sends back only weights and figures. Exits when the server's run is over."""
 
 
 def main(command: str, **options) -> dict:
@@ -21,23 +27,59 @@ def main(command: str, **options) -> dict:
             from None
     from slmkit.federate.run import FederateConfig, simulate
 
-    check_numbers(options, positive={"rounds": "federated rounds", "local_steps": "steps per client per round",
+    if command == "client":
+        from slmkit.federate.deploy import join
+
+        raise SystemExit(join(**options))
+    check_numbers(options, positive={"rounds": "federated rounds", "eval_tokens": "held-out tokens per round",
+                                     "local_steps": "steps per client per round",
                                      "dp_noise": "the noise multiplier",
                                      "dp_epsilon": "the target epsilon", "dp_clip": "the update's L2 bound",
                                      "timeout": "seconds to wait for a round's replies",
                                      "server_lr": "FedAdam's server step", "proximal_mu": "FedProx's weight"})
     options["tokens"] = parse_count(options.get("tokens"))
     options = {k: v for k, v in options.items() if v is not None}
+    if command == "server":
+        from slmkit.federate.deploy import serve
+
+        net = {k: options.pop(k) for k in ("host", "port") if k in options}
+        ssl = {k: str(options.pop(f"ssl_{k}")) for k in ("cert", "key", "ca") if f"ssl_{k}" in options}
+        if bool(ssl.get("cert")) != bool(ssl.get("key")):
+            raise SystemExit("error: --ssl-cert and --ssl-key go together (the server's certificate and its key)")
+        return serve(FederateConfig(data=[], **options), ssl=ssl, **net)
     options["data"] = [str(d) for d in options["data"]]
     return simulate(FederateConfig(**options))
 
 
 def add_args(p) -> None:
-    sub = p.add_subparsers(dest="command", required=True, metavar="{simulate}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{simulate,server,client}")
     s = sub.add_parser("simulate", help="every client in this process (one --data path each)", description=SIMULATE)
     s.add_argument("--data", nargs="+", required=True, help="one path per client (a file or folder; several files of "
                    "one client: comma-separated)")
     s.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    _training_args(s)
+    g = s.add_argument_group("simulation")
+    g.add_argument("--min-clients", type=int, help="replies a round needs (default: every client)")
+    v = sub.add_parser("server", help="a Flower SuperLink that clients on other machines join", description=SERVER)
+    v.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    v.add_argument("--min-clients", type=int, required=True, help="clients a round waits for (and trains)")
+    g = v.add_argument_group("network")
+    g.add_argument("--port", type=int, help="the port clients connect to (default: 9092)")
+    g.add_argument("--host", help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface: "
+                   "only on a trusted network, with TLS)")
+    g.add_argument("--ssl-cert", type=Path, help="TLS: the server's certificate (PEM)")
+    g.add_argument("--ssl-key", type=Path, help="TLS: its private key (PEM)")
+    g.add_argument("--ssl-ca", type=Path, help="TLS: the CA certificate that signed it")
+    _training_args(v)
+    c = sub.add_parser("client", help="join a server with this machine's data", description=CLIENT)
+    c.add_argument("--data", nargs="+", required=True, help="this client's text (files or folders)")
+    c.add_argument("--server", required=True, help="HOST:PORT of `slm federate server`")
+    c.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="this machine's copy of the tokenizer folder "
+                   "the server was given (when it was given one)")
+    c.add_argument("--root-certificates", type=Path, help="TLS: the CA certificate the server's was signed by")
+
+
+def _training_args(s) -> None:
     g = s.add_argument_group("the model and its budget")
     g.add_argument("--preset", help="the architecture trained from scratch (default: slm-1m)")
     g.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="a model folder whose tokenizer every client "
@@ -50,12 +92,12 @@ def add_args(p) -> None:
     g.add_argument("--block-size", type=int, help="tokens per sequence (default: the recipe's)")
     g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
+    g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
     g = s.add_argument_group("aggregation")
     g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), help="FedAvg (default), FedProx (a "
                    "proximal term keeps unlike clients close), FedAdam (Adam steps on the server)")
     g.add_argument("--proximal-mu", type=float, help="FedProx's mu (default: 0.01)")
     g.add_argument("--server-lr", type=float, help="FedAdam's server learning rate eta (default: 0.01)")
-    g.add_argument("--min-clients", type=int, help="replies a round needs (default: every client)")
     g.add_argument("--timeout", type=float, help="seconds to wait for a round's replies (default: 600)")
     g = s.add_argument_group("differential privacy (client level)")
     g.add_argument("--dp", action="store_true", default=None, help="clip each client's update, add Gaussian noise to "

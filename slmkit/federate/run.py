@@ -52,6 +52,7 @@ class FederateConfig:
     min_clients: int | None = None
     timeout: float = 600.0
     val_fraction: float = 0.1
+    eval_tokens: int = 32768  # held-out tokens each client scores per round
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -60,7 +61,7 @@ class FederateConfig:
     drop: list[int] = field(default_factory=list)  # simulate: clients (0-based) that never answer
 
 
-def settings_for(cfg: FederateConfig, tok, dev: str):
+def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
     """FedSettings from the command line: the model's config, shapes, learning rate and per-round steps."""
     from slmkit.federate.apps import FedSettings
     from slmkit.hardware import pick_dtype
@@ -72,7 +73,6 @@ def settings_for(cfg: FederateConfig, tok, dev: str):
     batch = cfg.batch_size or max(1, step_tokens // block)
     model_cfg = build_config(cfg.preset, len(tok), block_size=block)
     model_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    clients = len(cfg.data)
     steps = cfg.local_steps or (max(1, cfg.tokens // (cfg.rounds * clients * batch * block)) if cfg.tokens else 20)
     autocast = pick_dtype(cfg.dtype, dev, model_cfg["hidden_size"])
     return FedSettings(model_config=model_cfg, tokenizer=str(cfg.tokenizer_from) if cfg.tokenizer_from else None,
@@ -81,7 +81,7 @@ def settings_for(cfg: FederateConfig, tok, dev: str):
                        proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, dp_noise=cfg.dp_noise if cfg.dp else None,
                        dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
-                       val_fraction=cfg.val_fraction, device=dev,
+                       val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, device=dev,
                        autocast="bf16" if autocast == torch.bfloat16 else None)
 
 
@@ -138,23 +138,22 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
-    """The run (see the module docstring); AUDIT, when a list, receives every reply the server gets."""
-    from slmkit.federate.apps import make_client_app, make_server_app, model_weights
-    from slmkit.federate.grid import LocalGrid, run_in_process
+def prepare(cfg: FederateConfig, clients: int | None = None):
+    """The stages before Flower: OUT checked (or the resumed state read), the tokenizer, the settings both apps
+    share, the starting weights -> (settings, weights, state, first round, writer, tokenizer)."""
+    import logging
+
+    from slmkit.federate.apps import model_weights
     from slmkit.hardware import pick_device
     from slmkit.model.folder import build_model, load_saved_weights
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
-    check(cfg)
-    import logging
-
     logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
-    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, holds=("config.json", LAST), clear=True,
-                        resumable=True) if not cfg.resume else _resume_state(cfg)
+    saved = _resume_state(cfg) if cfg.resume else open_output(cfg.out, False, cfg.overwrite, RUN_FILE,
+                                                               holds=("config.json", LAST), clear=True)
     dev = pick_device(cfg.device)
     tok = load_tokenizer(cfg.tokenizer_from) if cfg.tokenizer_from else byte_tokenizer()
-    settings = settings_for(cfg, tok, dev)
+    settings = settings_for(cfg, tok, dev, clients or len(cfg.data))
     torch.manual_seed(cfg.seed)
     model = build_model(dict(settings.model_config))
     state = {"round": 0, "best": None, "history": [], "settings": json.loads(settings.to_json())}
@@ -165,16 +164,25 @@ def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
     if start > cfg.rounds:
         raise SystemExit(f"error: --resume: {cfg.out} already ran {state['round']} rounds; raise --rounds to go on")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    writer = RoundWriter(cfg, settings, tok, state)
-    print(f"federate (simulate, {cfg.strategy}{', dp' if cfg.dp else ''}): {len(cfg.data)} clients | "
-          f"{cfg.preset} {sum(p.numel() for p in model.parameters()):,} parameters | rounds {start}-{cfg.rounds} x "
+    print(f"federate ({cfg.strategy}{', dp' if cfg.dp else ''}): {settings.clients} clients | {cfg.preset} "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters | rounds {start}-{cfg.rounds} x "
           f"{settings.local_steps} local steps of {settings.batch}x{settings.block} tokens | lr {settings.lr:g} | "
           f"{dev}", flush=True)
+    return settings, model_weights(model), state, start, RoundWriter(cfg, settings, tok, state), tok
+
+
+def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
+    """The run with every client in this process (see the module docstring); AUDIT, when a list, receives every
+    reply the server gets."""
+    from slmkit.federate.apps import make_client_app, make_server_app
+    from slmkit.federate.grid import FIRST_NODE, LocalGrid, run_in_process
+
+    check(cfg)
+    settings, weights, state, start, writer, tok = prepare(cfg)
     grid = LocalGrid(make_client_app(settings),
                      [{"partition-id": i, "data-path": d} for i, d in enumerate(cfg.data)], {})
-    grid.down = {1000 + i for i in cfg.drop}
-    app = make_server_app(settings, model_weights(model), start, writer, audit)
-    run_in_process(app, grid, {})
+    grid.down = {FIRST_NODE + i for i in cfg.drop}
+    run_in_process(make_server_app(settings, weights, start, writer, audit), grid, {})
     return finish(cfg, settings, state, tok)
 
 
@@ -231,7 +239,8 @@ def check(cfg: FederateConfig) -> None:
 
 def finish(cfg: FederateConfig, settings, state: dict, tok) -> dict:
     hist = state["history"]
-    summary = {"out": str(cfg.out), "mode": "simulate", "clients": len(cfg.data), "rounds": state["round"],
+    summary = {"out": str(cfg.out), "mode": "simulate" if cfg.data else "server", "clients": settings.clients,
+               "rounds": state["round"],
                "strategy": cfg.strategy, "best": state.get("best"), "final_eval_loss": hist[-1]["eval_loss"] if hist
                else None, "tokens": sum(r["tokens"] for r in hist),
                "bytes_per_round": int(np.mean([r["bytes_sent"] + r["bytes_received"] for r in hist])) if hist else 0,
@@ -242,17 +251,20 @@ def finish(cfg: FederateConfig, settings, state: dict, tok) -> dict:
     atomic_write_json(cfg.out / RUN_FILE, summary)
     if state.get("best"):
         write_card(cfg, summary)
+        print(f"model folder: {cfg.out} (round {summary['best']['round']}: held-out loss "
+              f"{summary['best']['eval_loss']:.4f}, the clients' mean)", flush=True)
     return summary
 
 
 def write_card(cfg: FederateConfig, s: dict) -> None:
     best = s["best"]
     row = next(r for r in s["history"] if r["round"] == best["round"])
-    per = ", ".join(f"client {int(k) - 1000}: {v:.4f}" for k, v in row["per_client_eval_loss"].items() if v is not None)
+    name = (lambda k: f"client {int(k) - 1000}") if s["mode"] == "simulate" else (lambda k: f"node {k}")
+    per = ", ".join(f"{name(k)}: {v:.4f}" for k, v in row["per_client_eval_loss"].items() if v is not None)
     dp = (f"Differential privacy: update clipping to {cfg.dp_clip:g} on each client, Gaussian noise (multiplier "
           f"{cfg.dp_noise:g}) on the aggregate: ε = {s['epsilon']:.2f} at δ = {cfg.dp_delta:g} after "
           f"{s['rounds']} rounds (client level).\n" if cfg.dp else "No differential privacy.\n")
-    text = (f"# {cfg.out.name}\n\nA {cfg.preset} decoder trained with `slm federate simulate` across {s['clients']} "
+    text = (f"# {cfg.out.name}\n\nA {cfg.preset} decoder trained with `slm federate {s['mode']}` across {s['clients']} "
             f"data silos ({cfg.strategy}); no silo's text left it.\n\n- rounds: {s['rounds']} (best: round "
             f"{best['round']})\n- held-out loss, the clients' mean: {best['eval_loss']:.4f} ({per})\n"
             f"- training tokens, all clients: {s['tokens']:,}\n- bytes moved per round (both ways): "

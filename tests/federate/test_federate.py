@@ -135,3 +135,36 @@ def test_the_proximal_term_pulls_towards_the_round_start(silos):
     x = torch.randint(0, 256, (2, 8))
     loss = proximal(causal_lm_loss, model, 1.0)
     assert torch.allclose(loss(model, x, x), causal_lm_loss(model, x, x))  # no drift yet: the plain loss
+
+
+def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
+    """`slm federate server` (Flower's SuperLink + the ServerApp) and two `slm federate client` processes (SuperNodes),
+    as on three machines: the rounds run, the clients exit when told, the server exits 0 with the model folder."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_server import free_port
+
+    port = free_port()
+    slm = [sys.executable, "-m", "slmkit", "federate"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(slm + ["server", "--out", str(tmp_path / "m"), "--min-clients", "2", "--rounds", "2",
+                                     "--local-steps", "2", "--preset", "slm-tiny", "--block-size", "32",
+                                     "--batch-size", "4", "--dtype", "fp32", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    clients = [subprocess.Popen(slm + ["client", "--data", silos[i], "--server", f"127.0.0.1:{port}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        out, _ = server.communicate(timeout=300)
+        assert server.returncode == 0, out
+        for c in clients:
+            text, _ = c.communicate(timeout=60)
+            assert c.returncode == 0 and "the run is over" in text, text
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.kill()
+    s = json.loads((tmp_path / "m" / "federation.json").read_text())
+    assert s["mode"] == "server" and [r["clients_trained"] for r in s["history"]] == [2, 2]
+    assert (tmp_path / "m" / "model.safetensors").is_file() and "round 2/2" in out
