@@ -43,6 +43,8 @@ class FedSettings:
     batch: int
     block: int
     lr: float
+    base: str | None = None  # fine-tune this model folder instead of training model_config from scratch
+    lora: dict | None = None  # with base: LoRA adapters (r, alpha, dropout) are all that trains and travels
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     strategy: str = "fedavg"
@@ -74,12 +76,29 @@ def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The trainable parameters as float32 arrays (buffers such as rotary tables are rebuilt, never sent)."""
-    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+    """The trainable parameters as float32 arrays: every weight, or a LoRA run's adapters (the frozen base never
+    travels; buffers such as rotary tables are rebuilt, never sent)."""
+    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build(s: FedSettings) -> torch.nn.Module:
+    """The model both sides train: MODEL_CONFIG from scratch, the BASE folder, or the base with LoRA adapters."""
+    from slmkit.model.folder import build_model
+
+    if s.base is None:
+        return build_model(dict(s.model_config))
+    if s.lora is None:
+        from slmkit.infer.load import load_model
+
+        return load_model(Path(s.base)).train()
+    from slmkit.training.config import LoraConfig
+    from slmkit.training.finetune import lora_model
+
+    return lora_model(Path(s.base), LoraConfig(**s.lora), s.seed)[0]
 
 
 def load_weights(model: torch.nn.Module, record: ArrayRecord) -> None:
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(record.keys()) != set(params):
         raise ValueError(f"the global weights do not fit this model ({len(record.keys())} arrays for "
                          f"{len(params)} parameters)")
@@ -97,12 +116,11 @@ _CACHE: dict = {}  # per process: one model skeleton per configuration, one Silo
 
 
 def _client_parts(s: FedSettings, context: Context) -> tuple[torch.nn.Module, Silo]:
-    from slmkit.model.folder import build_model
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
-    key = json.dumps(s.model_config, sort_keys=True)
+    key = json.dumps([s.model_config, s.base, s.lora], sort_keys=True)
     if key not in _CACHE:
-        _CACHE[key] = build_model(dict(s.model_config)).to(s.device)
+        _CACHE[key] = build(s).to(s.device)
     data = str(context.node_config["data-path"])
     skey = (data, s.tokenizer, s.block)
     if skey not in _CACHE:

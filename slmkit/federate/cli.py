@@ -84,6 +84,12 @@ def _training_args(s) -> None:
     g.add_argument("--preset", help="the architecture trained from scratch (default: slm-1m)")
     g.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="a model folder whose tokenizer every client "
                    "uses (default: raw bytes, so no statistics of any client's text are needed)")
+    g.add_argument("--base", type=Path, metavar="DIR", help="fine-tune this model folder instead of a preset from "
+                   "scratch (every client needs the same folder at the same path); its tokenizer is used")
+    g.add_argument("--lora", action="store_true", default=None, help="with --base: train LoRA adapters only; only "
+                   "they travel, and OUT is an adapter folder (slm merge folds it into the base)")
+    g.add_argument("--lora-r", type=int, help="the adapters' rank (default: 8)")
+    g.add_argument("--lora-alpha", type=float, help="the adapters' scale numerator (default: 16)")
     g.add_argument("--rounds", type=int, help="federated rounds (default: 10)")
     g.add_argument("--tokens", help="training tokens summed over all clients and rounds, e.g. 2M (sets the local "
                    "steps)")

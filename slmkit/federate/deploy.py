@@ -145,8 +145,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, what: str, seconds: float = 
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 9092, ssl: dict | None = None) -> dict:
     """Run the federation's server side for CFG (a FederateConfig without data); returns the summary."""
-    from slmkit.federate.run import RUN_FILE, prepare
+    from slmkit.federate.run import RUN_FILE, check, prepare
 
+    check(cfg)
     settings, *_ = prepare(cfg, clients=cfg.min_clients)  # checks OUT and resolves the settings clients will use
     work = Path(tempfile.mkdtemp(prefix="slm-federate-"))
     app, home = work / "app", work / "flwr_home"

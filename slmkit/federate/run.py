@@ -35,6 +35,10 @@ class FederateConfig:
     out: Path
     rounds: int = 10
     preset: str = "slm-1m"
+    base: Path | None = None  # fine-tune this model folder (full, or --lora) instead of a preset from scratch
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
     tokenizer_from: Path | None = None
     tokens: int | None = None
     local_steps: int | None = None
@@ -68,16 +72,27 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
     from slmkit.model.presets import build_config
     from slmkit.training import recipe
 
-    block, step_tokens = recipe.shape_for(build_config(cfg.preset, len(tok)), dev)
-    block = cfg.block_size or block
+    if cfg.base is not None:  # fine-tuning: the folder's architecture; shapes as `slm finetune` picks them
+        from slmkit.infer.load import read_config
+
+        model_cfg = read_config(cfg.base)
+        block, step_tokens = recipe.shape_for(model_cfg, dev)
+        block = cfg.block_size or min(block, 512)
+    else:
+        block, step_tokens = recipe.shape_for(build_config(cfg.preset, len(tok)), dev)
+        block = cfg.block_size or block
+        model_cfg = build_config(cfg.preset, len(tok), block_size=block)
+        model_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     batch = cfg.batch_size or max(1, step_tokens // block)
-    model_cfg = build_config(cfg.preset, len(tok), block_size=block)
-    model_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     steps = cfg.local_steps or (max(1, cfg.tokens // (cfg.rounds * clients * batch * block)) if cfg.tokens else 20)
     autocast = pick_dtype(cfg.dtype, dev, model_cfg["hidden_size"])
-    return FedSettings(model_config=model_cfg, tokenizer=str(cfg.tokenizer_from) if cfg.tokenizer_from else None,
+    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0} if cfg.lora else None
+    tokenizer = cfg.tokenizer_from or cfg.base
+    return FedSettings(model_config=model_cfg, tokenizer=str(tokenizer) if tokenizer else None,
+                       base=str(cfg.base.resolve()) if cfg.base else None, lora=lora,
                        rounds=cfg.rounds, local_steps=steps, batch=batch, block=block,
-                       lr=cfg.lr or recipe.peak_lr(model_cfg["hidden_size"]), strategy=cfg.strategy,
+                       lr=cfg.lr or (2e-4 if cfg.base and not cfg.lora else 1e-3 if cfg.base else
+                                     recipe.peak_lr(model_cfg["hidden_size"])), strategy=cfg.strategy,
                        proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, dp_noise=cfg.dp_noise if cfg.dp else None,
                        dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
@@ -89,15 +104,26 @@ class RoundWriter:
     """After each round: OUT/last/ (weights + state.json), OUT (when the held-out loss improves), metrics.jsonl."""
 
     def __init__(self, cfg: FederateConfig, settings, tok, state: dict):
-        from slmkit.model.folder import build_model
+        from slmkit.federate.apps import build
+        from slmkit.training.stages import Weights
 
         self.cfg, self.settings, self.tok, self.state = cfg, settings, tok, state
-        self.model = build_model(dict(settings.model_config))
+        self.adapter = None
+        if settings.lora is not None:  # an adapter folder, as `slm finetune --lora` writes (slm merge folds it)
+            from slmkit.training.config import LoraConfig
+            from slmkit.training.finetune import lora_model
+
+            self.model, fingerprint = lora_model(Path(settings.base), LoraConfig(**settings.lora), settings.seed)
+            self.adapter = {"base_model": settings.base, "base_fingerprint": fingerprint, "task": "causal",
+                            "created_by": "slm federate --lora"}
+        else:
+            self.model = build(settings)
+        self.best, self.last = Weights(self.model, cfg.out, self.adapter), Weights(self.model, cfg.out / LAST,
+                                                                                    self.adapter)
         self.t0 = time.perf_counter()
 
     def __call__(self, rnd: int, arrays, figures: dict) -> None:
         from slmkit.federate.apps import load_weights
-        from slmkit.model.folder import save_model
 
         load_weights(self.model, arrays)
         out = self.cfg.out
@@ -117,9 +143,10 @@ class RoundWriter:
         best = self.state.get("best")
         if loss is not None and math.isfinite(loss) and (best is None or loss < best["eval_loss"]):
             self.state["best"] = {"round": rnd, "eval_loss": loss}
-            save_model(self.model, out)
+            self.best.write()
             self.tok.save_pretrained(out)
-        save_model(self.model, out / LAST)
+        (out / LAST).mkdir(parents=True, exist_ok=True)
+        self.last.write()
         atomic_write_json(out / LAST / "state.json", self.state)
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -145,30 +172,33 @@ def prepare(cfg: FederateConfig, clients: int | None = None):
 
     from slmkit.federate.apps import model_weights
     from slmkit.hardware import pick_device
-    from slmkit.model.folder import build_model, load_saved_weights
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
     saved = _resume_state(cfg) if cfg.resume else open_output(cfg.out, False, cfg.overwrite, RUN_FILE,
                                                                holds=("config.json", LAST), clear=True)
     dev = pick_device(cfg.device)
-    tok = load_tokenizer(cfg.tokenizer_from) if cfg.tokenizer_from else byte_tokenizer()
+    shared = cfg.tokenizer_from or cfg.base
+    tok = load_tokenizer(shared) if shared else byte_tokenizer()
     settings = settings_for(cfg, tok, dev, clients or len(cfg.data))
     torch.manual_seed(cfg.seed)
-    model = build_model(dict(settings.model_config))
     state = {"round": 0, "best": None, "history": [], "settings": json.loads(settings.to_json())}
+    writer = RoundWriter(cfg, settings, tok, state)  # holds the server's copy of the model
+    model = writer.model
     if saved:
-        load_saved_weights(model, cfg.out / LAST)
-        state = saved
+        writer.last.restore()
+        state = writer.state = saved
     start = state["round"] + 1
     if start > cfg.rounds:
         raise SystemExit(f"error: --resume: {cfg.out} already ran {state['round']} rounds; raise --rounds to go on")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    print(f"federate ({cfg.strategy}{', dp' if cfg.dp else ''}): {settings.clients} clients | {cfg.preset} "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters | rounds {start}-{cfg.rounds} x "
+    what = f"{cfg.base.name}{' + LoRA' if cfg.lora else ''}" if cfg.base else cfg.preset
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"federate ({cfg.strategy}{', dp' if cfg.dp else ''}): {settings.clients} clients | {what} "
+          f"{trained:,} parameters trained | rounds {start}-{cfg.rounds} x "
           f"{settings.local_steps} local steps of {settings.batch}x{settings.block} tokens | lr {settings.lr:g} | "
           f"{dev}", flush=True)
-    return settings, model_weights(model), state, start, RoundWriter(cfg, settings, tok, state), tok
+    return settings, model_weights(model), state, start, writer, tok
 
 
 def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
@@ -217,15 +247,19 @@ def noise_for_epsilon(epsilon: float, rounds: int, delta: float) -> float:
 def check(cfg: FederateConfig) -> None:
     from slmkit.federate.apps import STRATEGIES
 
-    if len(cfg.data) < 2 and not cfg.resume:
+    if cfg.data and len(cfg.data) < 2:  # (a server has no data: its clients bring it)
         raise SystemExit("error: --data: give two or more silos (one path per client)")
     for d in cfg.data:
         for p in d.split(","):
             if not Path(p).exists():
                 raise SystemExit(f"error: --data {p}: no such file or folder")
+    if cfg.lora and cfg.base is None:
+        raise SystemExit("error: --lora needs --base DIR (the model folder whose adapters the clients train)")
+    if cfg.base is not None and not (Path(cfg.base) / "config.json").is_file():
+        raise SystemExit(f"error: --base {cfg.base}: not a model folder (no config.json)")
     if cfg.strategy not in STRATEGIES:
         raise SystemExit(f"error: --strategy {cfg.strategy!r}: use one of {', '.join(STRATEGIES)}")
-    if cfg.min_clients is not None and not 1 <= cfg.min_clients <= len(cfg.data):
+    if cfg.data and cfg.min_clients is not None and not 1 <= cfg.min_clients <= len(cfg.data):
         raise SystemExit(f"error: --min-clients {cfg.min_clients} must be 1-{len(cfg.data)} (the clients given)")
     if cfg.dp_epsilon is not None:
         if not cfg.dp_epsilon > 0:

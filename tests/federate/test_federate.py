@@ -168,3 +168,22 @@ def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
     s = json.loads((tmp_path / "m" / "federation.json").read_text())
     assert s["mode"] == "server" and [r["clients_trained"] for r in s["history"]] == [2, 2]
     assert (tmp_path / "m" / "model.safetensors").is_file() and "round 2/2" in out
+
+
+def test_lora_fine_tuning_sends_only_the_adapters(tmp_path, silos):
+    pytest.importorskip("peft")
+    from tiny_models import tiny_llama_folder
+
+    base = tiny_llama_folder(tmp_path / "base")
+    audit: list = []
+    s = simulate(FederateConfig(data=silos[:2], out=tmp_path / "m", base=base, lora=True, rounds=2, local_steps=2,
+                                batch_size=2, block_size=32, device="cpu", dtype="fp32"), audit)
+    assert len(s["history"]) == 2
+    train = [r for r in audit if r.content.array_records]
+    keys = set(next(iter(train[0].content.array_records.values())).keys())
+    assert keys and all("lora_" in k for k in keys)  # the frozen base never travels
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
+    from slmkit.training.merge import main as merge
+
+    merge(tmp_path / "m", tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
