@@ -186,7 +186,7 @@ def weighted_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord
                         | {weighting_key: total})
 
 
-def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None]):
+def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None], accountant_state: dict | None = None):
     def evaluate_aggr(records, key):
         out = weighted_mean(records, key)
         on_evaluate(out)
@@ -209,8 +209,12 @@ def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None]):
     accountant = RdpAccountant(PrivacyConfig(target_delta=s.dp_delta, population_size=s.clients,
                                              neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                                              sampling_method=SamplingMethod.NO_AMPLIFICATION))
-    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=s.dp_noise, clipping_norm=s.dp_clip,
-                                                      num_sampled_clients=s.clients, accountant=accountant)
+    if accountant_state:  # a resumed run: the releases so far still count
+        accountant.load_state_dict(accountant_state)
+    wrapped = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=s.dp_noise, clipping_norm=s.dp_clip,
+                                                         num_sampled_clients=s.clients, accountant=accountant)
+    wrapped.slm_accountant = accountant
+    return wrapped
 
 
 class Recorder:
@@ -241,16 +245,17 @@ class Recorder:
 
 
 def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round: int,
-                    after_round: Callable[[int, ArrayRecord, dict], None], audit: list | None = None) -> ServerApp:
+                    after_round: Callable[[int, ArrayRecord, dict], None], audit: list | None = None,
+                    accountant_state: dict | None = None) -> ServerApp:
     """AFTER_ROUND(round, global arrays, figures) runs after each round's evaluation; figures: the clients' mean
-    held-out metrics ("evaluate"), per-client metrics, bytes each way, ε under DP."""
+    held-out metrics ("evaluate"), per-client metrics, bytes each way, ε and the accountant's state under DP."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         recorder = Recorder(grid, audit)
         latest: dict = {}
-        strategy = make_strategy(s, lambda m: latest.update(evaluate=dict(m)))
+        strategy = make_strategy(s, lambda m: latest.update(evaluate=dict(m)), accountant_state)
 
         def on_round(flwr_round: int, arrays: ArrayRecord):
             if flwr_round == 0:
@@ -259,7 +264,8 @@ def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round:
             spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
             figures = {"evaluate": latest.pop("evaluate", {}), "clients": recorder.per_client,
                        "bytes_sent": recorder.sent, "bytes_received": recorder.received,
-                       "epsilon": None if spent is None else float(spent.epsilon)}
+                       "epsilon": None if spent is None else float(spent.epsilon),
+                       "accountant": strategy.slm_accountant.state_dict() if spent is not None else None}
             recorder.per_client, recorder.sent, recorder.received = {}, 0, 0
             after_round(rnd, arrays, figures)
             return None

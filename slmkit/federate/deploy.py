@@ -58,7 +58,7 @@ def _server(grid: Grid, context: Context) -> None:
     cfg = FederateConfig(**{**raw, "out": Path(raw["out"]),
                             "tokenizer_from": Path(raw["tokenizer_from"]) if raw.get("tokenizer_from") else None})
     settings, weights, state, start, writer, tok = prepare(cfg, clients=cfg.min_clients)
-    make_server_app(settings, weights, start, writer)(grid, context)
+    make_server_app(settings, weights, start, writer, accountant_state=state.get("accountant"))(grid, context)
     finish(cfg, settings, state, tok)
     # the clients' SuperNodes would wait for more work forever: tell each that the run is over
     grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=FINISH) for n in grid.get_node_ids()],

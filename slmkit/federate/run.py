@@ -139,6 +139,8 @@ class RoundWriter:
                "bytes_sent": figures["bytes_sent"], "bytes_received": figures["bytes_received"],
                "epsilon": figures["epsilon"], "seconds": round(time.perf_counter() - self.t0, 2)}
         self.state["history"].append(row)
+        if figures.get("accountant") is not None:
+            self.state["accountant"] = figures["accountant"]  # --resume continues the privacy ledger
         self.state["round"] = rnd
         best = self.state.get("best")
         if loss is not None and math.isfinite(loss) and (best is None or loss < best["eval_loss"]):
@@ -212,7 +214,7 @@ def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
     grid = LocalGrid(make_client_app(settings),
                      [{"partition-id": i, "data-path": d} for i, d in enumerate(cfg.data)], {})
     grid.down = {FIRST_NODE + i for i in cfg.drop}
-    run_in_process(make_server_app(settings, weights, start, writer, audit), grid, {})
+    run_in_process(make_server_app(settings, weights, start, writer, audit, state.get("accountant")), grid, {})
     return finish(cfg, settings, state, tok)
 
 
@@ -221,9 +223,12 @@ def _resume_state(cfg: FederateConfig) -> dict:
     if not path.is_file():
         raise SystemExit(f"error: --resume: {cfg.out} holds no {LAST}/state.json of a federated run; start "
                          "without --resume")
-    if cfg.dp:
-        raise SystemExit("error: --resume with --dp: the privacy accountant does not resume yet; start again")
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    had_dp = bool(state["settings"].get("dp_noise"))
+    if bool(cfg.dp or cfg.dp_epsilon) != had_dp:
+        raise SystemExit(f"error: --resume: {cfg.out} was trained {'with' if had_dp else 'without'} --dp; resume it "
+                         "the same way")
+    return state
 
 
 def noise_for_epsilon(epsilon: float, rounds: int, delta: float) -> float:

@@ -107,6 +107,12 @@ def test_differential_privacy_adds_noise_and_reports_epsilon(tmp_path, silos):
     sigma = noise_for_epsilon(8.0, 2, 1e-5)  # --dp-epsilon: the noise that spends exactly that over the rounds
     s = run(tmp_path, silos, name="dp8", rounds=2, dp_epsilon=8.0)
     assert s["history"][-1]["epsilon"] == pytest.approx(8.0, rel=1e-3) and 0.5 < sigma < 5
+    # a resumed run keeps the privacy ledger: round 2 after a resume spends what round 2 of one run spent
+    run(tmp_path, silos, name="dp-r", rounds=1, dp=True, dp_noise=1.0, dp_clip=0.5)
+    with pytest.raises(SystemExit, match="was trained with --dp"):
+        run(tmp_path, silos, name="dp-r", rounds=2, resume=True)
+    r = run(tmp_path, silos, name="dp-r", rounds=2, resume=True, dp=True, dp_noise=1.0, dp_clip=0.5)
+    assert r["history"][-1]["epsilon"] == pytest.approx(eps[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
