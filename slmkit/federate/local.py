@@ -74,19 +74,43 @@ def proximal(loss_fn, model: nn.Module, mu: float):
 
 
 def train_round(model: nn.Module, silo: Silo, plan: RoundPlan, device: str = "cpu",
-                autocast: torch.dtype | None = None) -> dict:
-    """PLAN.steps steps of local training on SILO, in place -> {"train_loss", "tokens", "seconds"}."""
+                autocast: torch.dtype | None = None, optimizer_state: dict | None = None) -> dict:
+    """PLAN.steps steps of local training on SILO, in place -> {"train_loss", "tokens", "seconds",
+    "optimizer_state"}. OPTIMIZER_STATE: the client's AdamW moments from its previous round (they stay on the client):
+    restarting Adam every round makes its first steps sign-like jumps of size lr on every weight, which the
+    average then has to undo; the first round, without moments, warms the learning rate up instead."""
     gen = torch.Generator().manual_seed(plan.seed)
     optimizer = make_optimizer(model, plan.lr, plan.weight_decay, device)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     loss_fn = proximal(causal_lm_loss, model, plan.prox_mu) if plan.prox_mu > 0 else causal_lm_loss
     last: dict = {}
-    cfg = FitConfig(lr=plan.lr, min_lr_ratio=1.0, warmup_steps=0, clip=plan.clip, eval_every_s=math.inf,
+    warmup = 0 if optimizer_state is not None else min(plan.steps, 20)
+    cfg = FitConfig(lr=plan.lr, min_lr_ratio=1.0, warmup_steps=warmup, clip=plan.clip, eval_every_s=math.inf,
                     checkpoint_every_s=math.inf, log_every_s=0.0, autocast_dtype=autocast, device=device,
                     progress_bar=False)
     state = fit(model, optimizer, lambda: get_batch(silo.train, plan.batch, plan.block, gen, device), loss_fn,
                 Budget(steps=plan.steps), cfg, FitState(), log=last.update)
+    if state.last_eval.get("interrupted"):  # Ctrl-C / SIGTERM in a simulation: stop the run, not just this round
+        raise KeyboardInterrupt
     model.eval()
-    return {"train_loss": float(last.get("loss", math.nan)), "tokens": state.tokens, "seconds": state.train_seconds}
+    return {"train_loss": float(last.get("loss", math.nan)), "tokens": state.tokens, "seconds": state.train_seconds,
+            "optimizer_state": optimizer.state_dict()}
+
+
+def flat_optimizer_state(sd: dict) -> dict[str, np.ndarray]:
+    """An optimizer's state_dict()["state"] as flat float arrays ("3/exp_avg", "3/step", ...)."""
+    return {f"{i}/{k}": v.detach().float().cpu().numpy().reshape(v.shape) for i, st in sd["state"].items()
+            for k, v in st.items() if torch.is_tensor(v)}
+
+
+def nested_optimizer_state(flat: dict[str, np.ndarray], template: dict) -> dict:
+    """The inverse of flat_optimizer_state, with TEMPLATE's param_groups (a fresh optimizer's state_dict())."""
+    state: dict = {}
+    for key, arr in flat.items():
+        i, name = key.split("/", 1)
+        state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    return {"state": state, "param_groups": template["param_groups"]}
 
 
 def evaluate_silo(model: nn.Module, silo: Silo, block: int, max_tokens: int = 65536, device: str = "cpu",
