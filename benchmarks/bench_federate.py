@@ -12,8 +12,8 @@ central  `slm train` on the union of the training parts, same preset, tokenizer,
 score    `slm eval` of each final model on every silo's held-out part; the mean over the silos (nats/token).
 Bar (issue 33): federated within 5% of centralised without DP; goal within 2%.
 
-    python benchmarks/bench_federate.py [--work /tmp/bfed] [--tokens 4M] [--rounds 20] [--silo-kb 500] [--fedprox]
-        [--epsilon 8]
+    python benchmarks/bench_federate.py [--work /tmp/bfed] [--tokens 4M] [--rounds 20] [--silo-kb 500]
+        [--runs fedavg,fedavg_dp] [--epsilon 8] [--reuse-central] [--label SUFFIX]
 
 Writes benchmarks/results/federate.json.
 """
@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--epsilon", type=float, default=8.0)
-    ap.add_argument("--fedprox", action="store_true")
+    ap.add_argument("--runs", default="fedavg,fedavg_dp", help="federated runs, of fedavg, fedprox, fedavgm, "
+                    "fedavg_dp (default: fedavg,fedavg_dp)")
     ap.add_argument("--label", default="")
     ap.add_argument("--reuse-central", action="store_true", help="reuse WORK/central.json from an earlier run with "
                     "the same settings")
@@ -117,16 +118,14 @@ def main() -> None:
               "silos": [s["era"] for s in silos]}
     result["central"] = central(args, args.work, silos)
     print("central:", result["central"], flush=True)
-    result["fedavg"] = federated(args, args.work, silos, "fedavg")
-    print("fedavg:", result["fedavg"], flush=True)
-    if args.fedprox:
-        result["fedprox"] = federated(args, args.work, silos, "fedprox", strategy="fedprox")
-        print("fedprox:", result["fedprox"], flush=True)
-    result["fedavg_dp"] = federated(args, args.work, silos, "fedavg-dp", dp_epsilon=args.epsilon)
-    print("fedavg + dp:", result["fedavg_dp"], flush=True)
+    runs = {"fedavg": {}, "fedprox": {"strategy": "fedprox"}, "fedavgm": {"strategy": "fedavgm"},
+            "fedavg_dp": {"dp_epsilon": args.epsilon}}
+    for name in args.runs.split(","):
+        result[name] = federated(args, args.work, silos, name, **runs[name])
+        print(f"{name}:", result[name], flush=True)
     base = result["central"]["held_out"]["mean_loss"]
     print(f"\n{'run':<12} {'mean held-out loss':>18} {'vs central':>10} {'MiB/round':>10} {'wall s':>7} {'epsilon':>8}")
-    for name in ("central", "fedavg", "fedprox", "fedavg_dp"):
+    for name in ("central", "fedavg", "fedprox", "fedavgm", "fedavg_dp"):
         if name in result:
             r = result[name]
             loss = r["held_out"]["mean_loss"]

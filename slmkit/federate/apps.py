@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from slmkit.federate.local import (
     RoundPlan,
@@ -38,7 +38,7 @@ from slmkit.federate.local import (
 )
 from slmkit.training.fit import get_lr
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 
 
 @dataclass
@@ -57,7 +57,8 @@ class FedSettings:
     weight_decay: float = 0.1
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    server_lr: float = 0.01  # FedAdam's eta
+    server_lr: float | None = None  # FedAdam's eta (default 0.01), FedAvgM's server learning rate (default 1.0)
+    server_momentum: float = 0.9  # FedAvgM
     dp_noise: float | None = None  # noise multiplier; None: no differential privacy
     dp_clip: float = 1.0  # L2 bound of a client's update
     dp_delta: float = 1e-5
@@ -187,14 +188,23 @@ def make_client_app(s: FedSettings) -> ClientApp:
 
 
 # -- the server -------------------------------------------------------------------------------------------------
-class Float32FedAdam(FedAdam):
-    """FedAdam whose new global weights are float32 again (flwr 1.42 returns float64: twice the bytes next round)."""
+class Float32:
+    """A strategy whose new global weights are float32 again (flwr 1.42's FedAdam and FedAvgM return float64:
+    twice the bytes next round)."""
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in arrays.items()})
         return arrays, metrics
+
+
+class Float32FedAdam(Float32, FedAdam):
+    pass
+
+
+class Float32FedAvgM(Float32, FedAvgM):
+    pass
 
 
 def weighted_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -220,8 +230,11 @@ def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None], a
         strategy = FedAvg(**common)
     elif s.strategy == "fedprox":
         strategy = FedProx(**common, proximal_mu=s.proximal_mu)
+    elif s.strategy == "fedavgm":
+        strategy = Float32FedAvgM(**common, server_learning_rate=s.server_lr or 1.0,
+                                  server_momentum=s.server_momentum)
     else:
-        strategy = Float32FedAdam(**common, eta=s.server_lr, eta_l=s.lr, tau=1e-6)
+        strategy = Float32FedAdam(**common, eta=s.server_lr or 0.01, eta_l=s.lr, tau=1e-6)
     if s.dp_noise is None:
         return strategy
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod

@@ -100,10 +100,13 @@ def _training_args(s) -> None:
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
     g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
     g = s.add_argument_group("aggregation")
-    g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), help="FedAvg (default), FedProx (a "
-                   "proximal term keeps unlike clients close), FedAdam (Adam steps on the server)")
+    g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "fedavgm"), help="FedAvg (default), "
+                   "FedProx (a proximal term keeps unlike clients close), FedAdam (Adam steps on the server), FedAvgM "
+                   "(momentum on the server)")
     g.add_argument("--proximal-mu", type=float, help="FedProx's mu (default: 0.01)")
-    g.add_argument("--server-lr", type=float, help="FedAdam's server learning rate eta (default: 0.01)")
+    g.add_argument("--server-lr", type=float, help="the server's step: FedAdam's eta (default: 0.01), FedAvgM's "
+                   "learning rate (default: 1.0)")
+    g.add_argument("--server-momentum", type=float, help="FedAvgM's momentum (default: 0.9)")
     g.add_argument("--timeout", type=float, help="seconds to wait for a round's replies (default: 600)")
     g = s.add_argument_group("differential privacy (client level)")
     g.add_argument("--dp", action="store_true", default=None, help="clip each client's update, add Gaussian noise to "

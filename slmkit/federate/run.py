@@ -47,7 +47,8 @@ class FederateConfig:
     lr: float | None = None
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float | None = None
+    server_momentum: float = 0.9
     dp: bool = False
     dp_noise: float = 1.0
     dp_epsilon: float | None = None  # a target ε after --rounds: sets dp_noise
@@ -93,7 +94,8 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
                        rounds=cfg.rounds, local_steps=steps, batch=batch, block=block,
                        lr=cfg.lr or (2e-4 if cfg.base and not cfg.lora else 1e-3 if cfg.base else
                                      recipe.peak_lr(model_cfg["hidden_size"])), strategy=cfg.strategy,
-                       proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, dp_noise=cfg.dp_noise if cfg.dp else None,
+                       proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
+                       server_momentum=cfg.server_momentum, dp_noise=cfg.dp_noise if cfg.dp else None,
                        dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
                        val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, device=dev,

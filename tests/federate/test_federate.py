@@ -115,7 +115,7 @@ def test_differential_privacy_adds_noise_and_reports_epsilon(tmp_path, silos):
     assert r["history"][-1]["epsilon"] == pytest.approx(eps[1], rel=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm"])
 def test_other_strategies(tmp_path, silos, strategy):
     s = run(tmp_path, silos, rounds=2, strategy=strategy)
     assert len(s["history"]) == 2 and all(np.isfinite(r["eval_loss"]) for r in s["history"])
