@@ -118,7 +118,8 @@ def main() -> None:
               "silos": [s["era"] for s in silos]}
     result["central"] = central(args, args.work, silos)
     print("central:", result["central"], flush=True)
-    runs = {"fedavg": {}, "fedprox": {"strategy": "fedprox"}, "fedavgm": {"strategy": "fedavgm"},
+    runs = {"fedavg": {}, "fedprox": {"strategy": "fedprox"},
+            "fedavgm": {"strategy": "fedavgm", "server_lr": 0.7},  # DiLoCo's outer step size
             "fedavg_dp": {"dp_epsilon": args.epsilon}}
     for name in args.runs.split(","):
         result[name] = federated(args, args.work, silos, name, **runs[name])
