@@ -87,8 +87,9 @@ def test_adaptive_k_stops_guessing_when_the_draft_is_always_wrong(folders):
     lm = load(folders["target"])
     attach_draft(lm, load(folders["wrong"]))
     alone(lm)
-    # 80 tokens: a few guesses while the prior fades, then one probe every PROBE cycles
-    assert lm.spec_stats.proposed < 20 and lm.spec_stats.cycles == 80
+    # 80 tokens: a few guesses while the prior fades, then one probe every PROBE cycles (a draft never dropped would
+    # propose 80 or more; the margin is for timings measured on a busy machine, which the policy also weighs)
+    assert lm.spec_stats.proposed < 32 and lm.spec_stats.cycles == 80, lm.spec_stats
 
 
 def test_draft_length_policy_follows_acceptance_and_cost():
