@@ -67,6 +67,7 @@ class FedSettings:
     timeout: float = 600.0
     seed: int = 0
     eval_tokens: int = 32768
+    eval_every: int = 1  # rounds between the clients' held-out evaluations (the last round is always evaluated)
     val_fraction: float = 0.1
     device: str = "cpu"
     autocast: str | None = None  # "bf16" or None
@@ -314,6 +315,15 @@ def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round:
             return original_configure(server_round, arrays, config, grid_)
 
         strategy.configure_train = configure_train
+        original_evaluate = strategy.configure_evaluate
+
+        def configure_evaluate(server_round, arrays, config, grid_):
+            rnd = start_round + server_round - 1  # every eval_every rounds, and always the last one
+            if rnd % s.eval_every and rnd != s.rounds:
+                return []  # no messages: this round's clients only train
+            return original_evaluate(server_round, arrays, config, grid_)
+
+        strategy.configure_evaluate = configure_evaluate
         strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=rounds, timeout=s.timeout,
                        train_config=train_config, evaluate_fn=on_round)
 

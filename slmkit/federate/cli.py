@@ -32,6 +32,7 @@ def main(command: str, **options) -> dict:
 
         raise SystemExit(join(**options))
     check_numbers(options, positive={"rounds": "federated rounds", "eval_tokens": "held-out tokens per round",
+                                     "eval_every": "rounds between evaluations",
                                      "local_steps": "steps per client per round",
                                      "dp_noise": "the noise multiplier",
                                      "dp_epsilon": "the target epsilon", "dp_clip": "the update's L2 bound",
@@ -99,6 +100,8 @@ def _training_args(s) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
     g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
+    g.add_argument("--eval-every", type=int, help="rounds between the clients' held-out evaluations, the last round "
+                   "always evaluated; the best model is chosen among evaluated rounds (default: 1)")
     g = s.add_argument_group("aggregation")
     g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "fedavgm"), help="FedAvg (default), "
                    "FedProx (a proximal term keeps unlike clients close), FedAdam (Adam steps on the server), FedAvgM "

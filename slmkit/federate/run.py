@@ -58,6 +58,7 @@ class FederateConfig:
     timeout: float = 600.0
     val_fraction: float = 0.1
     eval_tokens: int = 32768  # held-out tokens each client scores per round
+    eval_every: int = 1  # rounds between evaluations
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -98,7 +99,8 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
                        server_momentum=cfg.server_momentum, dp_noise=cfg.dp_noise if cfg.dp else None,
                        dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
-                       val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, device=dev,
+                       val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, eval_every=cfg.eval_every,
+                       device=dev,
                        autocast="bf16" if autocast == torch.bfloat16 else None)
 
 

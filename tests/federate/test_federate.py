@@ -80,6 +80,12 @@ def test_a_failing_client_does_not_stop_the_run(tmp_path, silos):
     assert s["history"][0]["clients_trained"] == 2
 
 
+def test_eval_every_skips_evaluations_but_not_the_last_round(tmp_path, silos):
+    s = run(tmp_path, silos, rounds=3, eval_every=2)
+    assert [r["clients_evaluated"] for r in s["history"]] == [0, 2, 2]  # rounds 2 and 3 (the last)
+    assert s["best"]["round"] in (2, 3) and s["history"][0]["eval_loss"] is None
+
+
 def test_resume_continues_the_rounds(tmp_path, silos):
     run(tmp_path, silos, rounds=2)
     with pytest.raises(SystemExit, match="already holds a model; pass --resume"):
