@@ -211,11 +211,11 @@ class Decoder:
             wire["max_tokens"] = sampling.get("max_new_tokens")
             out = self.remote.chat(messages, **wire) if messages is not None else self.remote.complete(prompt, **wire)
             return out["text"], [], [], int(out["usage"].get("completion_tokens") or 0)
-        from slmkit.infer.chat import render_prompt
+        from slmkit.infer.chat import render_prompt, reply_stops
 
         text = prompt if messages is None else render_prompt(self.lm.tokenizer, messages)
-        if messages is not None and not getattr(self.lm.tokenizer, "chat_template", None):
-            sampling = {**sampling, "stop": list(sampling.get("stop") or []) + ["\nUser:"]}  # plain transcript
+        if messages is not None:
+            sampling = {**sampling, "stop": list(sampling.get("stop") or []) + reply_stops(self.lm.tokenizer)}
         answer: list[int] = []
         with self.lock:
             ids = self.lm.encode(text)

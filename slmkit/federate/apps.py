@@ -14,7 +14,6 @@ No text, no token ids, no gradients of single examples. Under --dp the update is
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from slmkit.federate.local import (
     RoundPlan,
@@ -37,8 +37,6 @@ from slmkit.federate.local import (
     train_round,
 )
 from slmkit.training.fit import get_lr
-
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 
 
 @dataclass
@@ -208,19 +206,9 @@ class Float32FedAvgM(Float32, FedAvgM):
     pass
 
 
-def weighted_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """The example-weighted mean of every metric the clients reported (flwr's default rule, kept here so the
-    server can also read the per-round figure)."""
-    rows = [next(iter(r.metric_records.values())) for r in records]
-    total = sum(float(m[weighting_key]) for m in rows) or 1.0
-    keys = [k for k in rows[0] if k != weighting_key]
-    return MetricRecord({k: sum(float(m[k]) * float(m[weighting_key]) for m in rows) / total for k in keys}
-                        | {weighting_key: total})
-
-
 def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None], accountant_state: dict | None = None):
-    def evaluate_aggr(records, key):
-        out = weighted_mean(records, key)
+    def evaluate_aggr(records, key):  # flwr's own (weighted mean) rule, its result also handed to ON_EVALUATE
+        out = aggregate_metricrecords(records, key)
         on_evaluate(out)
         return out
 
@@ -257,7 +245,7 @@ class Recorder:
     per-client metrics of the last call of each kind."""
 
     def __init__(self, grid: Grid, audit: list | None = None):
-        self.grid, self.audit = grid, audit
+        self.audit = audit
         self.sent = self.received = 0
         self.per_client: dict[str, dict[int, dict]] = {}
         self.original = grid.send_and_receive
@@ -328,7 +316,3 @@ def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round:
                        train_config=train_config, evaluate_fn=on_round)
 
     return app
-
-
-def finite(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None

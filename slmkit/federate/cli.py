@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slmkit.federate import STRATEGIES
 from slmkit.options import check_numbers, parse_count
 
 SIMULATE = """Train one model across data silos with Flower (flwr's Message API): each client trains a few local steps
@@ -103,7 +104,7 @@ def _training_args(s) -> None:
     g.add_argument("--eval-every", type=int, help="rounds between the clients' held-out evaluations, the last round "
                    "always evaluated; the best model is chosen among evaluated rounds (default: 1)")
     g = s.add_argument_group("aggregation")
-    g.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "fedavgm"), help="FedAvg (default), "
+    g.add_argument("--strategy", choices=STRATEGIES, help="FedAvg (default), "
                    "FedProx (a proximal term keeps unlike clients close), FedAdam (Adam steps on the server), FedAvgM "
                    "(momentum on the server)")
     g.add_argument("--proximal-mu", type=float, help="FedProx's mu (default: 0.01)")

@@ -145,16 +145,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, what: str, seconds: float = 
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 9092, ssl: dict | None = None) -> dict:
     """Run the federation's server side for CFG (a FederateConfig without data); returns the summary."""
-    from slmkit.federate.run import RUN_FILE, check, prepare
+    from slmkit.federate.run import RUN_FILE, check, open_run
 
     check(cfg)
-    settings, *_ = prepare(cfg, clients=cfg.min_clients)  # checks OUT and resolves the settings clients will use
+    *_, settings = open_run(cfg, clients=cfg.min_clients)  # OUT checked, the settings clients will use
+    cfg.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="slm-federate-"))
     app, home = work / "app", work / "flwr_home"
     app.mkdir()
     home.mkdir()
     raw = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
-    raw.update(resume=cfg.resume, overwrite=False)  # prepare() above already cleared OUT when asked
+    raw.update(resume=cfg.resume, overwrite=False)  # open_run() above already cleared OUT when asked
     (app / "pyproject.toml").write_text(APP_TOML.format(config=_encode(raw), settings=_encode(
         json.loads(settings.to_json()))))
     (app / "slm_federate_app.py").write_text(APP_MODULE)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +29,6 @@ class Silo:
     train: np.ndarray
     val: np.ndarray
     token_bytes: np.ndarray  # bytes of text per token id: bits per byte
-
-    @property
-    def tokens(self) -> int:
-        return len(self.train)
 
 
 def open_silo(paths: list[str], tokenizer, block: int, val_fraction: float = 0.1, text_col: str = "text") -> Silo:
@@ -118,7 +113,3 @@ def evaluate_silo(model: nn.Module, silo: Silo, block: int, max_tokens: int = 65
     """The model's loss on the client's held-out tokens: {"loss", "tokens", "bits_per_byte", ...}."""
     return evaluate_tokens(model, silo.val, block, silo.token_bytes, max_windows=max(1, max_tokens // block),
                            device=device, autocast_dtype=eval_dtype(autocast, device))
-
-
-def silo_name(paths: list[str]) -> str:
-    return ",".join(Path(p).name for p in paths)

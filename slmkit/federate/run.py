@@ -171,22 +171,31 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def prepare(cfg: FederateConfig, clients: int | None = None):
-    """The stages before Flower: OUT checked (or the resumed state read), the tokenizer, the settings both apps
-    share, the starting weights -> (settings, weights, state, first round, writer, tokenizer)."""
-    import logging
-
-    from slmkit.federate.apps import model_weights
+def open_run(cfg: FederateConfig, clients: int | None = None) -> tuple:
+    """OUT checked (or the resumed state read), the shared tokenizer and the settings both apps use ->
+    (resumed state or None, tokenizer, device, settings). All `slm federate server` needs before Flower starts."""
     from slmkit.hardware import pick_device
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
     saved = _resume_state(cfg) if cfg.resume else open_output(cfg.out, False, cfg.overwrite, RUN_FILE,
                                                                holds=("config.json", LAST), clear=True)
+    if saved and saved["round"] >= cfg.rounds:
+        raise SystemExit(f"error: --resume: {cfg.out} already ran {saved['round']} rounds; raise --rounds to go on")
     dev = pick_device(cfg.device)
     shared = cfg.tokenizer_from or cfg.base
     tok = load_tokenizer(shared) if shared else byte_tokenizer()
-    settings = settings_for(cfg, tok, dev, clients or len(cfg.data))
+    return saved, tok, dev, settings_for(cfg, tok, dev, clients or len(cfg.data))
+
+
+def prepare(cfg: FederateConfig, clients: int | None = None):
+    """The stages before Flower: open_run, then the starting weights (the resumed ones) in the server's copy of the
+    model -> (settings, weights, state, first round, writer, tokenizer)."""
+    import logging
+
+    from slmkit.federate.apps import model_weights
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
+    saved, tok, dev, settings = open_run(cfg, clients)
     torch.manual_seed(cfg.seed)
     state = {"round": 0, "best": None, "history": [], "settings": json.loads(settings.to_json())}
     writer = RoundWriter(cfg, settings, tok, state)  # holds the server's copy of the model
@@ -195,8 +204,6 @@ def prepare(cfg: FederateConfig, clients: int | None = None):
         writer.last.restore()
         state = writer.state = saved
     start = state["round"] + 1
-    if start > cfg.rounds:
-        raise SystemExit(f"error: --resume: {cfg.out} already ran {state['round']} rounds; raise --rounds to go on")
     cfg.out.mkdir(parents=True, exist_ok=True)
     what = f"{cfg.base.name}{' + LoRA' if cfg.lora else ''}" if cfg.base else cfg.preset
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -254,7 +261,7 @@ def noise_for_epsilon(epsilon: float, rounds: int, delta: float) -> float:
 
 
 def check(cfg: FederateConfig) -> None:
-    from slmkit.federate.apps import STRATEGIES
+    from slmkit.federate import STRATEGIES
 
     if cfg.data and len(cfg.data) < 2:  # (a server has no data: its clients bring it)
         raise SystemExit("error: --data: give two or more silos (one path per client)")

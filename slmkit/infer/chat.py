@@ -15,6 +15,11 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+def reply_stops(tokenizer) -> list[str]:
+    """Where a reply to render_prompt's text ends besides end-of-text: a plain transcript's next "User:" turn."""
+    return [] if getattr(tokenizer, "chat_template", None) else ["\nUser:"]
+
+
 def user_turns(system: str | None) -> Iterator[tuple[list[dict], str]]:
     """The terminal side of a chat: (the conversation so far, the user's next message) until /quit, /exit or Ctrl-D;
     /reset starts a new conversation (from the --system message). The caller appends the turns it keeps to the list
@@ -53,7 +58,7 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
         attach_draft(lm, load(draft, device=device, compile=compile), draft_tokens)
     template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
     print(f"chatting with {lm.path.name} ({template}); /reset clears, /quit leaves", file=sys.stderr)
-    stop = [] if getattr(lm.tokenizer, "chat_template", None) else ["\nUser:"]
+    stop = reply_stops(lm.tokenizer)
     for messages, user in user_turns(system):
         messages.append({"role": "user", "content": user})
         prompt = render_prompt(lm.tokenizer, messages)

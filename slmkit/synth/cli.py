@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from slmkit.options import check_numbers
 from slmkit.synth.filters import FilterSettings
 from slmkit.synth.strategies import DEFAULT_STRATEGIES, GENERIC_SYSTEM, STRATEGIES
-
-FILTER_KEYS = ("min_words", "max_words", "keep_truncated", "keep_refusals", "blacklist", "near_dup",
-               "near_dup_threshold")
 
 
 def main(teacher: str, prompts: list[Path], out: Path, as_json: bool = False, **options) -> dict:
@@ -31,7 +29,8 @@ def main(teacher: str, prompts: list[Path], out: Path, as_json: bool = False, **
                   non_negative=("expand", "min_words", "temperature", "seed"))
     if options.get("top_p") is not None and not 0 < options["top_p"] <= 1:
         raise SystemExit(f"error: --top-p {options['top_p']} must be in (0, 1]")
-    filters = FilterSettings(**{k: options.pop(k) for k in FILTER_KEYS if options.get(k) is not None})
+    filters = FilterSettings(**{f.name: options.pop(f.name) for f in fields(FilterSettings)
+                                if options.get(f.name) is not None})
     options = {k: v for k, v in options.items() if v is not None}
     report = run(SynthConfig(teacher=str(teacher), prompts=list(prompts), out=Path(out), filters=filters, **options))
     print(json.dumps(report, indent=2) if as_json else summary(report))

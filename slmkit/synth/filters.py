@@ -133,6 +133,7 @@ class Dedup:
         self.exact: set[str] = set()
         self.texts: list[str] = []  # normalized, for ROUGE-L
         self.lsh, self.sketches = None, {}  # minhash: the LSH index, and digest -> MinHash to confirm its candidates
+        self._last: tuple | None = None  # (text, its MinHash): check() then add() of a kept answer sketch it once
         if method == "minhash":
             try:
                 from datasketch import MinHashLSH
@@ -144,10 +145,13 @@ class Dedup:
     def _minhash(self, text: str):
         from datasketch import MinHash
 
+        if self._last is not None and self._last[0] == text:
+            return self._last[1]
         words = text.split()
         shingles = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
         m = MinHash(num_perm=self.num_perm, seed=1)
         m.update_batch([s.encode("utf-8") for s in shingles])
+        self._last = (text, m)
         return m
 
     def check(self, text: str) -> str | None:

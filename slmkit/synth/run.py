@@ -205,7 +205,7 @@ def expand_pool(cfg: SynthConfig, teacher, seeds: list[Prompt], files: Files, ta
             tally.expansion.update(asked=1, kept=len(new), **dropped)
             pool += new
             bar.update(1)
-    return seeds + [Prompt(t, None, "expanded") for r in read_rows(files.instructions) for t in r["new"]]
+    return seeds + [Prompt(t, None, "expanded") for t in pool[len(seeds):]]  # the file's tasks, in its order
 
 
 def plan_jobs(cfg: SynthConfig, pool: list[Prompt], table: dict[str, str], names: list[str],

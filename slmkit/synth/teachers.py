@@ -44,12 +44,13 @@ class LocalTeacher:
 
     def __init__(self, folder: Path, batch: int = 16, dtype: str = "fp32", device: str = "auto",
                  threads: int | None = None):
+        from slmkit.infer.chat import reply_stops
         from slmkit.infer.generate import load
 
         self.name, self.batch = Path(folder).name, batch
         self.lm = load(Path(folder), threads=threads, dtype=dtype, device=device)
         self.native_context, self.engine = self.lm.context, None
-        self.stop = [] if getattr(self.lm.tokenizer, "chat_template", None) else ["\nUser:"]  # plain transcripts
+        self.stop = reply_stops(self.lm.tokenizer)
 
     def _engine(self, need: int):
         """An engine whose cache holds NEED positions per row (not the model's whole context: the cache is rows x
@@ -95,13 +96,13 @@ class LocalTeacher:
 
         params = SamplingParams(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_k=0,
                                 top_p=job.top_p, seed=job.seed)
-        ts, got, holder = TextStream(self.lm.tokenizer, self.stop), [], {}
+        ts, got, pieces, holder = TextStream(self.lm.tokenizer, self.stop), [], [], {}
 
         def sink(ev) -> None:
             if not isinstance(ev, Finish):
                 got.append(ev.id)
-                if self.stop:
-                    ts.push(ev.id)
+                if self.stop:  # the text up to the stop string, as slm generate streams it
+                    pieces.append(ts.push(ev.id))
                     if ts.stopped and "req" in holder:
                         holder["req"].cancel()  # a stop string: free the row now
                 return
@@ -109,8 +110,8 @@ class LocalTeacher:
                 done.put((job, Answer("", error=ev.message or "the engine stopped")))
                 return
             if self.stop:
-                text = ts.text[:min([ts.text.find(s) for s in self.stop if s in ts.text] or [len(ts.text)])]
-            else:
+                text = "".join(pieces) + ts.finish()
+            else:  # no stop string to watch for: decode once at the end
                 text = self.lm.tokenizer.decode(got, skip_special_tokens=True)
             reason = "stop" if ts.stopped else ev.reason
             done.put((job, Answer(text.strip(), reason, len(got))))

@@ -52,6 +52,22 @@ def test_a_model_folder_teacher_decodes_its_requests_together(tiny):
         teacher.close()
 
 
+def test_a_teacher_without_a_chat_template_stops_at_the_next_user_turn(tmp_path):
+    """A plain User:/Assistant: transcript: the answer ends where the model starts the next "User:" turn (or at the
+    token budget), and never contains it."""
+    teacher = LocalTeacher(tiny_llama_folder(tmp_path / "plain", tokenizer=bpe_tokenizer(chat_template=False)),
+                           batch=4)
+    assert teacher.stop == ["\nUser:"]
+    jobs = [Job(f"k{i}", [{"role": "user", "content": p}], max_new_tokens=40, temperature=1.0, seed=i)
+            for i, p in enumerate(PROMPTS * 3)]
+    try:
+        got = [ans for _, ans in teacher.answers(jobs)]
+    finally:
+        teacher.close()
+    assert len(got) == len(jobs) and all(a.error is None for a in got)
+    assert all("User:" not in a.text and a.finish_reason in ("stop", "length") for a in got)
+
+
 def test_synth_from_a_model_folder(tiny, tmp_path):
     report = synth(str(tiny), [prompts_file(tmp_path / "p.txt", 6)], tmp_path / "d.jsonl",
                    strategies="direct,step-by-step", max_new_tokens=8, batch=4, **LENIENT)
