@@ -173,6 +173,7 @@ def write_folder(out: Path, spec: dict, points: list[dict], chosen: dict, overwr
 def check_inputs(small: Path, large: str, out: Path, max_escalation: float | None, min_quality: float | None,
                  timeout: float, overwrite: bool) -> str:
     """The cascade's kind ("classifier" or "decoder", SMALL's), or a one-line error for a setting that cannot work."""
+    from slmkit.files import check_out
     from slmkit.infer.classify import is_classifier
     from slmkit.infer.load import read_config
     from slmkit.model.presets import is_encoder
@@ -189,8 +190,7 @@ def check_inputs(small: Path, large: str, out: Path, max_escalation: float | Non
         raise SystemExit(f"error: SMALL {small} is not a model folder; the small model runs here")
     if not is_url(large) and not Path(large).is_dir():
         raise SystemExit(f"error: LARGE {large} is neither a model folder nor an http(s) URL")
-    if out.exists() and not overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    check_out(out, overwrite, sources=[Path(small)] + ([] if is_url(large) else [Path(large)]))
     cfg = read_config(Path(small))
     if is_encoder(cfg) and not is_classifier(cfg):
         raise SystemExit(f"error: {small} is an encoder without a classifier head; a cascade takes classifiers "

@@ -107,7 +107,8 @@ def run(cfg: DistillConfig) -> dict:
     cfg.task = cfg.task or default_task(teacher_cfg)
     if cfg.out.resolve() == cfg.teacher.resolve():
         raise SystemExit("error: --out must differ from the teacher's folder")
-    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, clear=cfg.task != "classify")
+    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, clear=cfg.task != "classify",
+                        sources=[cfg.teacher, *cfg.data])
     if saved is not None:
         cfg = resumed(cfg, saved)
     elif cfg.task == "classify" and cfg.resume:

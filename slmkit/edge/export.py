@@ -61,16 +61,48 @@ def export_hf(model_dir: Path, out: Path, verify: bool = True) -> dict:
     return result
 
 
+def _export_gguf(model_dir: Path, cfg: dict, out: Path, quant: str, verify: bool, text: str | None,
+                 max_ppl_rise: float | None, name: str | None) -> dict:
+    """Write the GGUF to a temporary file beside OUT, check it in llama.cpp, then rename it into place and write the
+    Ollama Modelfile: a failed check leaves nothing behind; a checker killed by a signal (llama.cpp's native code
+    crashed, not our file) keeps the file, and the result says {"verified": False, "reason": ...}."""
+    from slmkit.edge.export_gguf import QUANTS, verify_gguf, write_gguf, write_modelfile
+    from slmkit.files import temp_beside
+    from slmkit.model.presets import is_encoder
+    from slmkit.model.tokenizer import load_tokenizer
+
+    if quant not in QUANTS:
+        raise SystemExit(f"error: unknown --quant {quant!r} for gguf; use one of {', '.join(QUANTS)}")
+    if is_encoder(cfg) or cfg.get("model_type", "llama") != "llama":
+        raise SystemExit(f"error: {model_dir} is a {cfg.get('model_type')} model; GGUF export holds Llama "
+                         "decoders only — use --format onnx (or --format hf) for it")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: GGUF export needs gguf: pip install 'slmkit[export]'") from None
+    tmp = temp_beside(out)
+    try:
+        for note in write_gguf(model_dir, tmp, quant, name):
+            print(f"note: {note}")
+        result = verify_gguf(tmp, model_dir, quant, text, max_ppl_rise) if verify else {}
+        tmp.replace(out)  # verified, skipped or crashed-and-marked: in place either way
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_modelfile(out, load_tokenizer(model_dir))
+    return result
+
+
 def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = None, verify: bool = True,
-         verify_text: Path | None = None, max_ppl_rise: float | None = None, name: str | None = None) -> dict:
+         verify_text: Path | None = None, max_ppl_rise: float | None = None, name: str | None = None,
+         overwrite: bool = False) -> dict:
     """Export the model in MODEL_DIR to FORMAT at OUT and check it against its runtime. Returns the check's numbers.
 
     gguf: a llama.cpp / Ollama file (--quant f32, f16, q8_0, q4_0; default f16) plus an Ollama Modelfile beside it.
     onnx: a folder with model.onnx (decoders: logits + past key values; encoders: logits or embeddings) and the
     tokenizer (--quant int8 for onnxruntime dynamic int8). hf: a clean Hugging Face folder with safetensors.
     """
+    from slmkit.files import check_out
     from slmkit.infer.load import read_config
-    from slmkit.model.presets import is_encoder
     from slmkit.options import check_numbers
 
     check_numbers(dict(max_ppl_rise=max_ppl_rise), non_negative=("max_ppl_rise",))
@@ -79,31 +111,18 @@ def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = N
         raise SystemExit(f"error: unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     cfg = read_config(model_dir)
     _check_output(out)
+    check_out(out, overwrite, sources=[model_dir], kind="file" if format == "gguf" else "folder")
+    if format == "gguf" and out.with_name("Modelfile").exists() and not overwrite:
+        raise SystemExit(f"error: {out.with_name('Modelfile')} already exists (the export writes an Ollama Modelfile "
+                         "beside the GGUF); pass --overwrite to replace it, or export into another folder")
     text = None
     if verify_text is not None:
         if not Path(verify_text).is_file():
             raise SystemExit(f"error: --verify-text {verify_text} does not exist")
         text = Path(verify_text).read_text(encoding="utf-8", errors="replace")[:20_000]
     if format == "gguf":
-        from slmkit.edge.export_gguf import QUANTS, verify_gguf, write_gguf
-
+        result = _export_gguf(model_dir, cfg, out, quant or "f16", verify, text, max_ppl_rise, name)
         quant = quant or "f16"
-        if quant not in QUANTS:
-            raise SystemExit(f"error: unknown --quant {quant!r} for gguf; use one of {', '.join(QUANTS)}")
-        if is_encoder(cfg) or cfg.get("model_type", "llama") != "llama":
-            raise SystemExit(f"error: {model_dir} is a {cfg.get('model_type')} model; GGUF export holds Llama "
-                             "decoders only — use --format onnx (or --format hf) for it")
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: GGUF export needs gguf: pip install 'slmkit[export]'") from None
-        for note in write_gguf(model_dir, out, quant, name):
-            print(f"note: {note}")
-        try:
-            result = verify_gguf(out, model_dir, quant, text, max_ppl_rise) if verify else {}
-        except SystemExit:
-            out.unlink(missing_ok=True)
-            raise
     elif format == "onnx":
         from slmkit.edge.export_onnx import export_onnx
 
@@ -115,10 +134,13 @@ def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = N
             raise SystemExit(f"error: --quant {quant!r} does not apply to --format hf; use `slm quantize` for int8")
         result = export_hf(model_dir, out, verify)
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    summary = {"format": format, "quant": quant, "out": str(out), "bytes": size, **result}
+    verified = result.pop("verified", bool(result))
+    reason = result.pop("reason", None) or (None if verified else "--no-verify" if not verify else "no check ran")
+    summary = {"format": format, "quant": quant, "out": str(out), "bytes": size, "verified": verified,
+               **({"reason": reason} if reason else {}), **result}
     checked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     print(f"exported {model_dir} -> {out} ({format}{'/' + quant if quant else ''}, {size / 1e6:.2f} MB)"
-          + (f"; parity: {checked}" if checked else "; not verified" if not verify else ""))
+          + (f"; parity: {checked}" if checked else f"; not verified: {reason}" if reason else ""))
     return json.loads(json.dumps(summary))
 
 
@@ -136,3 +158,5 @@ def add_args(p) -> None:
     p.add_argument("--max-ppl-rise", type=float, default=None, help="gguf q8_0/q4_0: accepted relative perplexity "
                    "rise on the probe text (default: 0.01 for q8_0, 0.05 for q4_0)")
     p.add_argument("--name", default=None, help="gguf: general.name (default: the folder name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (and the Modelfile beside a "
+                   "GGUF); never the model folder itself or the current folder")

@@ -5,9 +5,10 @@
 
 Tensor names follow llama.cpp's `llama` architecture; q/k rows are permuted the way convert_hf_to_gguf.py does
 (llama.cpp's rotary embedding pairs adjacent dimensions, transformers' pairs the two halves). The tokenizer is
-written as a `gpt2` (byte-level BPE) vocabulary with `tokenizer.ggml.pre = gpt-2`: slmkit's byte-level BPE splits
-text with GPT-2's regex, exactly llama.cpp's `gpt-2` pre-tokenizer; the byte tokenizer has no merges, so any split
-gives the same bytes. The check after writing compares tokenization, logits and perplexity with our torch model.
+written as a `gpt2` (byte-level BPE) vocabulary whose `tokenizer.ggml.pre` names the split rules of the folder's
+tokenizer.json (gguf_vocab.py: `gpt-2` for slmkit's own, `smollm` for SmolLM2's, ...). The check after writing runs
+llama.cpp in a child process (runtimes.py) and compares its tokenization, logits and perplexity with our torch
+model; a child killed by a signal leaves the file in place, marked unverified.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.hardware import cpu_has_amx
+from slmkit.edge.gguf_vocab import pre_name, vocab_of
+from slmkit.edge.runtimes import Crash, installed, llama_cpp_model, run_probe
+
+__all__ = ["llama_cpp_model", "vocab_of"]  # re-exported: synth's GGUF teacher and older callers import them here
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 and q4_0 quantize rows in blocks of 32 values
@@ -68,32 +72,8 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> tuple[str, str
     return quant, None
 
 
-def vocab_of(tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
-    """Token strings (byte-level spelling), token types and merges for a byte-level BPE / byte tokenizer."""
-    import gguf
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise SystemExit("error: GGUF export supports slmkit's byte-level BPE and byte tokenizers; this folder's "
-                         f"tokenizer is {spec['model']['type']} — use --format onnx or --format hf")
-    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
-    if len(vocab) > n_vocab:
-        raise SystemExit(f"error: the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embeddings")
-    by_id = {i: t for t, i in vocab.items()}
-    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                   if t.special}
-    tokens, types = [], []
-    for i in range(n_vocab):  # ids the tokenizer never emits (padded embeddings) become unused placeholders
-        t = by_id.get(i)
-        tokens.append(t if t is not None else f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED if t is None else
-                     gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return tokens, [int(t) for t in types], merges
-
-
 def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) -> list[str]:
-    """Write MODEL_DIR as a GGUF file OUT (atomically). Returns the per-tensor fallback messages."""
+    """Write MODEL_DIR as a GGUF file at OUT (the caller's temporary path). Returns the per-tensor fallback messages."""
     import gguf
     from gguf import quants
     from safetensors.torch import load_file
@@ -107,12 +87,13 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
     sd = load_file(model_dir / "model.safetensors")
     tensors = gguf_tensors(sd, cfg)
     tokens, types, merges = vocab_of(tokenizer, cfg["vocab_size"])
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = pre_name(spec, getattr(tokenizer, "init_kwargs", {}).get("gguf_pre"), f"{model_dir}/tokenizer.json")
     qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     ftypes = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-    tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(out), "llama")
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     w.add_name(name or model_dir.resolve().name)
     w.add_context_length(cfg["max_position_embeddings"])
@@ -129,7 +110,7 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(ftypes[quant])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: what ByteLevel(use_regex=True) does
+    w.add_tokenizer_pre(pre)  # llama.cpp's name for the split rules of our tokenizer.json
     w.add_token_list(tokens)
     w.add_token_types(types)
     # llama.cpp requires merges, and the writer drops an empty list: the byte tokenizer (no merges) gets one merge of
@@ -147,6 +128,8 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
         w.add_eos_token_id(tokenizer.eos_token_id)
     if tokenizer.pad_token_id is not None:
         w.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.unk_token_id is not None:
+        w.add_unk_token_id(tokenizer.unk_token_id)
     vocab = tokenizer.get_vocab()
     if "<|im_end|>" in vocab:
         w.add_eot_token_id(vocab["<|im_end|>"])  # ends a chat turn
@@ -168,13 +151,13 @@ def write_gguf(model_dir: Path, out: Path, quant: str, name: str | None = None) 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(out)
-    write_modelfile(out, tokenizer)
     return notes
 
 
 def write_modelfile(gguf_path: Path, tokenizer) -> Path:
-    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`."""
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile` (written atomically)."""
+    from slmkit.files import atomic_write_bytes
+
     lines = [f"FROM ./{gguf_path.name}"]
     if "<|im_start|>" in tokenizer.get_vocab():  # ChatML, the template slmkit trains and imports with
         lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}', "{{ .Content }}<|im_end|>",
@@ -182,7 +165,7 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     if tokenizer.eos_token:
         lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
     path = gguf_path.with_name("Modelfile")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -200,28 +183,6 @@ def open_llama_cpp(path: Path, n_ctx: int, threads: int | None = None):
                            n_threads=threads or torch.get_num_threads(), n_batch=min(512, n_ctx))
 
 
-def llama_cpp_model(path: Path, **options):
-    """llama_cpp.Llama(model_path=PATH, **OPTIONS), without weight repacking ("extra buffer types") on CPUs with AMX:
-    there llama-cpp-python 0.3.36's repacked q8_0/q4_0 kernels segfault (Xeon Sapphire Rapids and later)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    if not cpu_has_amx():
-        return llama_cpp.Llama(model_path=str(path), **options)
-    defaults = low.llama_model_default_params  # the only way in: Llama() takes the struct from this function
-
-    def no_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_repacking
-    try:
-        return llama_cpp.Llama(model_path=str(path), **options)
-    finally:
-        low.llama_model_default_params = defaults
-
-
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
     """(T, V) logits llama.cpp computes for IDS from position 0."""
     llm.reset()
@@ -237,7 +198,8 @@ def _ppl(logits: np.ndarray, ids: list[int]) -> float:
 @torch.no_grad()
 def verify_gguf(path: Path, model_dir: Path, quant: str, text: str | None = None,
                 max_ppl_rise: float | None = None) -> dict:
-    """Compare the GGUF in llama.cpp with our torch model. Raises SystemExit on a mismatch; {} if not installed.
+    """Compare the GGUF in llama.cpp (run in a child process) with our torch model. Raises SystemExit on a mismatch;
+    {"verified": False, "reason": ...} when llama.cpp is not installed or its process was killed by a signal.
 
     Tokenization must be identical. f32/f16: the top-1 token must agree at every position and the max |logit
     difference| stay under a tolerance. q8_0/q4_0: perplexity on the probe text may rise by at most MAX_PPL_RISE.
@@ -248,26 +210,39 @@ def verify_gguf(path: Path, model_dir: Path, quant: str, text: str | None = None
 
     cfg = read_config(model_dir)
     ctx = min(cfg["max_position_embeddings"], 512)  # every position's logits are kept: bound that buffer
-    llm = open_llama_cpp(path, ctx)
-    if llm is None:
+    if not installed("llama.cpp"):
         print("note: llama-cpp-python is not installed, GGUF parity not checked: pip install 'slmkit[export]'")
-        return {}
+        return {"verified": False, "reason": "llama-cpp-python is not installed"}
     tokenizer = load_tokenizer(model_dir)
     text = text or PROBE_TEXT
     ours = tokenizer(text)["input_ids"][:ctx]
-    theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)[:ctx]
+    probe = run_probe("llama.cpp", {"path": str(path), "n_ctx": ctx, "text": text, "ids": ours,
+                                    "threads": torch.get_num_threads()})
+    if isinstance(probe, Crash):
+        return {"verified": False, "reason": probe.reason}
+    theirs = probe["tokens"].tolist()[:ctx]
     if ours != theirs:
         i = next((k for k, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
         raise SystemExit(f"error: {path}: llama.cpp tokenizes the probe text differently from {model_dir}'s "
                          f"tokenizer at token {i} (ours {ours[i:i + 3]}, llama.cpp {theirs[i:i + 3]})")
     expected = logits_of(load_model(model_dir), torch.tensor([ours]))[0].numpy()  # (T, V)
-    got = llama_cpp_logits(llm, ours)
+    got = probe["logits"]  # (T, V)
     err = np.abs(got - expected).max(axis=-1)  # (T,)
     agree = got.argmax(-1) == expected.argmax(-1)
     ppl_ours, ppl_theirs = _ppl(expected, ours), _ppl(got, ours)
-    result = {"tokens": len(ours), "top1_agreement": float(agree.mean()), "max_abs_logit_diff": float(err.max()),
-              "perplexity_torch": ppl_ours, "perplexity_gguf": ppl_theirs,
+    result = {"verified": True, "tokens": len(ours), "top1_agreement": float(agree.mean()),
+              "max_abs_logit_diff": float(err.max()), "perplexity_torch": ppl_ours, "perplexity_gguf": ppl_theirs,
               "perplexity_rise": ppl_theirs / ppl_ours - 1}
+    _judge(path, quant, expected, got, result, max_ppl_rise)
+    return result
+
+
+def _judge(path: Path, quant: str, expected: np.ndarray, got: np.ndarray, result: dict,
+           max_ppl_rise: float | None) -> None:
+    """Raise the one-line parity error when llama.cpp's (T, V) logits GOT are too far from torch's EXPECTED."""
+    err = np.abs(got - expected).max(axis=-1)  # (T,)
+    agree = got.argmax(-1) == expected.argmax(-1)
+    ppl_ours, ppl_theirs = result["perplexity_torch"], result["perplexity_gguf"]
     if quant in ("f32", "f16"):
         tol = 1e-3 if quant == "f32" else 5e-2
         tol *= max(1.0, float(np.abs(expected).max()))  # relative to the logit scale
@@ -288,4 +263,3 @@ def verify_gguf(path: Path, model_dir: Path, quant: str, text: str | None = None
                              f"{ppl_ours:.3f} (+{100 * result['perplexity_rise']:.2f}% > {100 * bound:.1f}%); first "
                              f"diverging top-1 at position {i}, max |logit error| {err.max():.3g}; use a wider quant "
                              "type (q8_0, f16) or pass --max-ppl-rise")
-    return result

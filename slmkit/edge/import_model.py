@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.files import replace_dir
+from slmkit.files import check_out, replace_dir
 
 # Encoder families (model_type in config.json): imported with their own head, no chat template.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
@@ -61,6 +61,38 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+def _gguf_string(path: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode() if field is not None and field.data else None
+
+
+def keep_gguf_pre_tokenizer(src: Path, tokenizer) -> str | None:
+    """Give TOKENIZER the split rules of SRC's `tokenizer.ggml.pre` and record that name (tokenizer_config.json
+    `gguf_pre`), so the folder tokenizes as llama.cpp does and `slm export --format gguf` writes the name back.
+
+    transformers rebuilds a GGUF's tokenizer with GPT-2's split whatever the name says: for SmolLM2 (`smollm`,
+    digits split one by one) that is a different tokenizer. Returns the name (None for a non-BPE GGUF)."""
+    from tokenizers import Tokenizer
+
+    from slmkit.edge.gguf_vocab import pre_tokenizer_for
+
+    name = _gguf_string(src, "tokenizer.ggml.pre")
+    if name is None or _gguf_string(src, "tokenizer.ggml.model") != "gpt2":
+        return None
+    pre = pre_tokenizer_for(name)
+    if pre is None:
+        print(f"note: {src}: llama.cpp pre-tokenizer {name!r} is not one slmkit maps; the folder keeps transformers' "
+              "reading of it, and `slm export --format gguf` checks the tokenization before writing")
+    else:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec["pre_tokenizer"] = pre
+        tokenizer.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    tokenizer.init_kwargs["gguf_pre"] = name  # saved into tokenizer_config.json, kept by finetune's save_pretrained
+    return name
+
+
 def _load_gguf(src: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -84,6 +116,7 @@ def _load_gguf(src: Path):
         tokenizer = AutoTokenizer.from_pretrained(src.parent, **kw)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
         raise SystemExit(f"error: cannot import {src}: {_first_line(e)}") from None
+    keep_gguf_pre_tokenizer(src, tokenizer)
     if getattr(model, "hf_quantizer", None) is not None:  # still marked quantized: copy into a plain model
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
@@ -129,6 +162,21 @@ def check_causal_parity(model: torch.nn.Module, folder: Path) -> float:
     return (got - expected).abs().max().item()
 
 
+def keep_sentence_transformers(src: Path, dst: Path) -> list[str]:
+    """Copy a sentence-transformers folder's pooling description (modules.json, its Pooling/Normalize module
+    configs, sentence_bert_config.json) so that `slm embed` pools as the model was trained. Returns what was kept."""
+    if not (src / "modules.json").is_file():
+        return []
+    kept = []
+    for f in ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+              *(str(p.relative_to(src)) for p in src.glob("[0-9]_*/*.json"))]:
+        if (src / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / f, dst / f)
+            kept.append(f)
+    return kept
+
+
 def main(src: Path, out: Path, overwrite: bool = False) -> Path:
     """Import SRC (a local Hugging Face model folder or a GGUF file) as a model folder in OUT. Returns OUT."""
     from slmkit.model.tokenizer import CHATML_TEMPLATE
@@ -136,8 +184,7 @@ def main(src: Path, out: Path, overwrite: bool = False) -> Path:
     src, out = Path(src), Path(out)
     if not src.exists():
         raise SystemExit(f"error: {src} does not exist; pass a model folder or a .gguf file")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace it or choose another --out")
+    check_out(out, overwrite, sources=[src])
     if src.is_dir() and not (src / "config.json").is_file():
         ggufs = sorted(src.glob("*.gguf"))
         if len(ggufs) == 1:  # a folder holding just a GGUF: import that file
@@ -164,9 +211,13 @@ def main(src: Path, out: Path, overwrite: bool = False) -> Path:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if fmt == "huggingface":
+            keep_sentence_transformers(src, tmp)
         record = {"source": str(src.resolve()), "format": fmt, "model_type": model.config.model_type,
                   "architectures": [type(model).__name__], "auto_class": auto,
                   "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+        if tokenizer.init_kwargs.get("gguf_pre"):
+            record["gguf_pre_tokenizer"] = tokenizer.init_kwargs["gguf_pre"]
         if causal:
             err = check_causal_parity(model, tmp)
             if err > 1e-3:

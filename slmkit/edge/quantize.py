@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from slmkit.model.int8 import METHODS, is_quantized, quantize_rows
 
 
-def main(model_dir: Path, out: Path, method: str = "int8") -> Path:
+def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = False) -> Path:
     """Quantize the Llama model in MODEL_DIR to METHOD (int8: weight-only, per channel) into the folder OUT."""
     from safetensors.torch import load_file, save
 
-    from slmkit.files import atomic_write_json, replace_dir
+    from slmkit.files import atomic_write_json, check_out, replace_dir, temp_beside
     from slmkit.infer.load import read_config
     from slmkit.model.folder import supports_fast_path
     from slmkit.model.tokenizer import load_tokenizer
@@ -29,6 +28,7 @@ def main(model_dir: Path, out: Path, method: str = "int8") -> Path:
                          "decoders — use `slm export --format onnx --quant int8` for other architectures")
     if not out.parent.is_dir():
         raise SystemExit(f"error: the output directory {out.parent} does not exist; create it first")
+    check_out(out, overwrite, sources=[model_dir])
     sd = load_file(model_dir / "model.safetensors")
     if cfg.get("tie_word_embeddings", True):
         sd.pop("lm_head.weight", None)
@@ -38,7 +38,7 @@ def main(model_dir: Path, out: Path, method: str = "int8") -> Path:
             tensors[name], tensors[name + ".scale"] = quantize_rows(w)
         else:
             tensors[name] = w.float().contiguous()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -58,3 +58,4 @@ def add_args(p) -> None:
     p.add_argument("--method", default="int8", choices=METHODS, help="int8: weight-only per-channel int8, run with "
                    "int8 matmuls (default: int8)")
     p.add_argument("--out", type=Path, required=True, help="output model folder (its parent must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never MODEL_DIR itself)")

@@ -178,7 +178,8 @@ def open_run(cfg: FederateConfig, clients: int | None = None) -> tuple:
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
     saved = _resume_state(cfg) if cfg.resume else open_output(cfg.out, False, cfg.overwrite, RUN_FILE,
-                                                               holds=("config.json", LAST), clear=True)
+                                                               holds=("config.json", LAST), clear=True,
+                                                               sources=[p for d in cfg.data for p in d.split(",")])
     if saved and saved["round"] >= cfg.rounds:
         raise SystemExit(f"error: --resume: {cfg.out} already ran {saved['round']} rounds; raise --rounds to go on")
     dev = pick_device(cfg.device)

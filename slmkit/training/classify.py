@@ -121,7 +121,7 @@ def run(cfg: ClassifyConfig) -> dict:
     read_config(cfg.model_dir)
     if cfg.out.resolve() == cfg.model_dir.resolve():
         raise SystemExit("error: --out must differ from the model folder being fine-tuned")
-    open_output(cfg.out, False, cfg.overwrite, "", resumable=False)
+    open_output(cfg.out, False, cfg.overwrite, "", resumable=False, sources=[cfg.model_dir, *cfg.data])
     labels, texts, y, val_texts, val_y = labelled_rows(cfg)
     torch.manual_seed(cfg.seed)
     dev = pick_device(cfg.device)

@@ -85,7 +85,7 @@ def run(cfg: TuneConfig) -> dict:
     """The pipeline of `slm finetune --task causal|sft` over CFG; returns the run's summary."""
     hf_cfg = check_model_folder(cfg.model_dir, cfg.out)
     saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, holds=("config.json", "adapter_config.json"),
-                        clear=True)
+                        clear=True, sources=[cfg.model_dir, *cfg.data])
     if saved is not None:
         cfg = resumed(cfg, saved)
     budget = cfg.budget()

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from slmkit.files import replace_dir
+from slmkit.files import check_out, replace_dir
 from slmkit.model.adapters import base_dir_of, merged_model, read_adapter_record
 
 
@@ -20,8 +20,7 @@ def main(adapter_dir: Path, out: Path, base: Path | None = None, overwrite: bool
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     read_adapter_record(adapter_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace it or choose another --out")
+    check_out(out, overwrite, sources=[adapter_dir, base_dir_of(adapter_dir, base)])
     model = merged_model(adapter_dir, base)
     tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir_of(adapter_dir, base)
     tokenizer = load_tokenizer(tok_dir)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from slmkit import distributed as dist
 from slmkit.data.corpus import EpochSampler
-from slmkit.files import atomic_write_json
+from slmkit.files import atomic_write_json, check_out
 from slmkit.model.adapters import ADAPTER_RECORD, require_peft
 from slmkit.model.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from slmkit.model.folder import load_saved_weights, save_model, unwrap
@@ -40,10 +40,12 @@ SUMMARY = "training_summary.json"
 
 
 def open_output(out: Path, resume: bool, overwrite: bool, run_file: str, holds: tuple[str, ...] = ("config.json",),
-                clear: bool = False, resumable: bool = True) -> dict | None:
-    """Check OUT before anything is written: --resume needs a checkpoint and RUN_FILE there (returned, parsed); a
-    fresh run refuses a folder that already holds a model (HOLDS, or a checkpoint) unless --overwrite, which with
-    CLEAR removes it first. RESUMABLE: whether the error may suggest --resume."""
+                clear: bool = False, resumable: bool = True, sources: Iterable[Path | str] = ()) -> dict | None:
+    """Check OUT before anything is written: never the current folder, a parent of it, or one of the run's inputs
+    (SOURCES: data, base model, teacher); --resume needs a checkpoint and RUN_FILE there (returned, parsed); a fresh
+    run refuses a folder that already holds a model (HOLDS, or a checkpoint) unless --overwrite, which with CLEAR
+    removes it first. RESUMABLE: whether the error may suggest --resume."""
+    check_out(out, overwrite=True, sources=[Path(s) for s in sources])  # only the never-cases; the rest is below
     if resume:
         if not (out / CHECKPOINT).is_file() or not (out / run_file).is_file():
             raise SystemExit(f"error: --resume: {out} holds no {CHECKPOINT} of this kind of run; start without "

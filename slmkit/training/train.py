@@ -214,7 +214,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.compile and dev == "cpu":
         require_cpp_compiler()
     dist.setup(dev)
-    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE)
+    saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, sources=[*cfg.data, *(cfg.eval_data or [])])
     if saved is not None:
         cfg = resumed(cfg, saved)
     budget = cfg.budget(announce=dist.is_main())
