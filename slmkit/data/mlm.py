@@ -141,7 +141,9 @@ def masked_lm_evaluator(model_dir, tokenizer):
     """`slm eval` on an encoder folder: (masked-LM model, evaluate function with evaluate_tokens' signature)."""
     from transformers import AutoModelForMaskedLM
 
-    model = AutoModelForMaskedLM.from_pretrained(model_dir, local_files_only=True).eval()
+    from slmkit.model.weights import open_pretrained
+
+    model = open_pretrained(AutoModelForMaskedLM, model_dir).eval()
     return model, partial(evaluate_mlm, info=mask_info(tokenizer))
 
 

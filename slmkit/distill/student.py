@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from slmkit.infer.classify import is_classifier, quiet_transformers
+from slmkit.infer.classify import is_classifier
 from slmkit.model.folder import build_model, config_value, load_model, read_config, unwrap
 from slmkit.model.llama import Llama
 from slmkit.model.presets import PRESETS, build_config, is_encoder
 from slmkit.model.tokenizer import load_tokenizer
+from slmkit.model.weights import quiet_transformers
 
 TASKS = ("causal", "mlm", "classify")
 # a transformer layer's index in a parameter name: layers.3. (Llama), encoder.layer.3. (BERT), transformer.layer.3.

@@ -131,6 +131,7 @@ def _load_hf(src: Path):
     import transformers
 
     from slmkit.infer.load import read_config
+    from slmkit.model.weights import open_pretrained
 
     config = read_config(src)  # one-line error when SRC is not a model folder
     if "model_type" not in config:
@@ -138,10 +139,9 @@ def _load_hf(src: Path):
     if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
         raise SystemExit(f"error: {src} holds no weights (*.safetensors or *.bin); copy them into the folder")
     auto = auto_class_for(config)
-    try:
-        model = getattr(transformers, auto).from_pretrained(src, dtype="auto", local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"error: cannot import {src}: {_first_line(e)}") from None
+    # Weights checked against config.json's architecture (a mismatch is refused, not imported as a random model);
+    # pickles refused before transformers could unpickle them; BERT's pooler may be absent (unused for embeddings).
+    model = open_pretrained(getattr(transformers, auto), src, may_miss=("pooler.",), dtype="auto")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -197,7 +197,13 @@ def main(src: Path, out: Path, overwrite: bool = False) -> Path:
             raise SystemExit(f"error: {src} is neither a GGUF file nor a model folder; pass a .gguf file or a folder "
                              "with config.json")
         fmt = "gguf"
-        model, tokenizer, auto = _load_gguf(src)
+        try:
+            model, tokenizer, auto = _load_gguf(src)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # the GGUF readers raise whatever a corrupt header makes them hit
+            raise SystemExit(f"error: {src}: not a readable GGUF file ({type(e).__name__}: {_first_line(e)}); the "
+                             "file is truncated or corrupt — download or export it again") from None
     else:
         fmt = "huggingface"
         model, tokenizer, auto = _load_hf(src)

@@ -10,12 +10,13 @@ from slmkit.model.int8 import METHODS, is_quantized, quantize_rows
 
 def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = False) -> Path:
     """Quantize the Llama model in MODEL_DIR to METHOD (int8: weight-only, per channel) into the folder OUT."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from slmkit.files import atomic_write_json, check_out, replace_dir, temp_beside
     from slmkit.infer.load import read_config
     from slmkit.model.folder import supports_fast_path
     from slmkit.model.tokenizer import load_tokenizer
+    from slmkit.model.weights import read_weights
 
     model_dir, out = Path(model_dir), Path(out)
     if method not in METHODS:
@@ -29,7 +30,7 @@ def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = Fal
     if not out.parent.is_dir():
         raise SystemExit(f"error: the output directory {out.parent} does not exist; create it first")
     check_out(out, overwrite, sources=[model_dir])
-    sd = load_file(model_dir / "model.safetensors")
+    sd = read_weights(model_dir / "model.safetensors")
     if cfg.get("tie_word_embeddings", True):
         sd.pop("lm_head.weight", None)
     tensors = {}

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,22 +93,6 @@ def evaluate_classifier(model, seqs: list[list[int]], y: list[int], pad_id: int,
     return {"loss": loss, **classification_metrics(target.numpy(), logits.argmax(-1).numpy(), labels)}
 
 
-@contextmanager
-def quiet_transformers():
-    """No 'newly initialized weights' warnings (a new head is the point) and no per-file loading bars."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def is_classifier(cfg: dict) -> bool:
     return any("ForSequenceClassification" in a for a in cfg.get("architectures") or [])
 
@@ -120,14 +103,14 @@ def load_classifier(model_dir: Path, device: str = "cpu"):
 
     from slmkit.infer.load import read_config
     from slmkit.model.tokenizer import load_tokenizer
+    from slmkit.model.weights import open_pretrained
 
     cfg = read_config(Path(model_dir))
     if not is_classifier(cfg):
         raise SystemExit(f"error: {model_dir} is not a classifier (architectures: "
                          f"{', '.join(cfg.get('architectures') or ['none'])}); train one with "
                          f"`slm finetune {model_dir} --task classify --data train.csv --out DIR`")
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    model = open_pretrained(AutoModelForSequenceClassification, Path(model_dir)).to(device).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return model, load_tokenizer(Path(model_dir)), labels
 

@@ -22,13 +22,13 @@ def load_encoder(model_dir: Path, device: str = "cpu"):
     """(base model, tokenizer) of MODEL_DIR: masked-LM, classifier and plain encoder folders all load their encoder."""
     from transformers import AutoModel
 
-    from slmkit.infer.classify import quiet_transformers
     from slmkit.infer.load import read_config
     from slmkit.model.tokenizer import load_tokenizer
+    from slmkit.model.weights import open_pretrained
 
     read_config(Path(model_dir))
-    with quiet_transformers():  # a missing pooler is expected: mean pooling does not use it
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    # A masked-LM or classifier folder holds a head the base encoder drops, and may lack BERT's pooler (unused here).
+    model = open_pretrained(AutoModel, Path(model_dir), may_miss=("pooler.",), may_drop=True).to(device).eval()
     return model, load_tokenizer(Path(model_dir))
 
 

@@ -76,10 +76,12 @@ def merged_model(adapter_dir: Path, base: Path | None = None, check: bool = True
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from slmkit.model.weights import open_pretrained
+
     adapter_dir = Path(adapter_dir)
     record = read_adapter_record(adapter_dir)
     base_dir = base_dir_of(adapter_dir, base)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+    model = open_pretrained(AutoModelForCausalLM, base_dir, dtype=torch.float32)
     want = record.get("base_fingerprint")
     if want and weights_fingerprint(model) != want:
         raise SystemExit(f"error: adapter {adapter_dir} was trained on other weights than {base_dir} (fingerprint "

@@ -98,8 +98,37 @@ def to_hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def from_hf_state_dict(model: Llama, sd: dict[str, torch.Tensor]) -> Llama:
-    """Load LlamaForCausalLM tensors into our module (fusing q/k/v and gate/up)."""
+LAYER_TENSORS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                 "input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each LlamaForCausalLM tensor CFG implies (per-layer ones by their name within the layer)."""
+    c, v, i = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or c // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
+    per_layer = dict(zip(LAYER_TENSORS, [(q, c), (kv, c), (kv, c), (c, q), (i, c), (i, c), (c, i), (c,), (c,)],
+                         strict=True))
+    return {"model.embed_tokens.weight": (v, c), "model.norm.weight": (c,), "lm_head.weight": (v, c), **per_layer}
+
+
+def from_hf_state_dict(model: Llama, sd: dict[str, torch.Tensor], path: Path | str = "model.safetensors") -> Llama:
+    """Load LlamaForCausalLM tensors into our module (fusing q/k/v and gate/up). Tensors missing, unexpected or of
+    another shape than the config says are a one-line error naming PATH (never a partly random model)."""
+    from slmkit.model.weights import check_tensors, refuse_mismatch
+
+    shapes = llama_shapes(model.config)
+    need = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}" for i in range(len(model.layers)) for n in LAYER_TENSORS}
+    if model.lm_head is not None:
+        need.add("lm_head.weight")  # untied: its own output matrix
+    rotary = {k for k in sd if k.endswith("rotary_emb.inv_freq")}  # a buffer some exporters keep; recomputed here
+    what = f"the {len(model.layers)}-layer Llama model config.json describes"
+    check_tensors(Path(path), sd, need, {"lm_head.weight"} | rotary, what)
+    resized = [k for k in sorted(need | ({"lm_head.weight"} & sd.keys()))
+               if tuple(sd[k].shape) != shapes[k.split(".", 3)[-1] if k.startswith("model.layers.") else k]]
+    refuse_mismatch(Path(path), what, [], [], resized)
     ours = {"embed.weight": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}
     for i in range(len(model.layers)):
         p = f"model.layers.{i}."
@@ -169,20 +198,22 @@ def save_model(model: nn.Module, out: Path, extra_config: dict | None = None) ->
 
 def load_saved_weights(model: nn.Module, model_dir: Path) -> nn.Module:
     """Copy the weights save_model wrote to MODEL_DIR back into MODEL, in place (parameters keep their device)."""
-    from safetensors.torch import load_file
+    from slmkit.model.weights import read_weights, refuse_mismatch
 
-    sd = load_file(Path(model_dir) / "model.safetensors")
+    path = Path(model_dir) / "model.safetensors"
+    sd = read_weights(path, check_finite=False)
     m = unwrap(model)
     if isinstance(m, Llama):
-        return from_hf_state_dict(m, sd)
+        return from_hf_state_dict(m, sd, path)
+    own = m.state_dict()
+    resized = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    refuse_mismatch(path, f"this {type(m).__name__}", [], [], resized)
     missing, unexpected = m.load_state_dict(sd, strict=False)
     by_storage: dict[int, list[str]] = {}
     for k, v in m.state_dict().items():
         by_storage.setdefault(v.data_ptr(), []).append(k)
     tied = {k for keys in by_storage.values() if len(keys) > 1 for k in keys}  # stored once by save_model
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{model_dir}/model.safetensors does not match the model: missing "
-                           f"{sorted(set(missing) - tied)}, unexpected {unexpected}")
+    refuse_mismatch(path, f"this {type(m).__name__}", sorted(set(missing) - tied), list(unexpected))
     return model
 
 
@@ -194,15 +225,40 @@ def read_config(model_dir: Path) -> dict:
         raise SystemExit(f"error: {model_dir} is not a model folder (no config.json); "
                          "point at a folder written by `slm train` or a Hugging Face model folder")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}); the file is corrupt — restore it from "
+                         "the model's source") from None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+        raise SystemExit(f"error: {path} is not valid JSON ({e}); fix or restore the file") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: {path} holds a JSON {type(cfg).__name__}, not the object a model config is; "
+                         "restore the file")
+    return cfg
+
+
+def build_llama(cfg: dict, model_dir: Path) -> Llama:
+    """Our Llama module for CFG, or one line saying which sizes in MODEL_DIR/config.json cannot make a model."""
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+             "max_position_embeddings")
+    bad = [k for k in sizes if not (isinstance(cfg.get(k), int) and 0 < cfg[k] < 2**24)]
+    kv = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    if not bad and not (isinstance(kv, int) and kv > 0 and cfg["num_attention_heads"] % kv == 0
+                        and cfg["hidden_size"] % cfg["num_attention_heads"] == 0):
+        bad = ["hidden_size / num_attention_heads / num_key_value_heads (must divide evenly)"]
+    try:
+        if not bad:
+            return Llama(cfg)
+    except (AssertionError, ValueError, TypeError, RuntimeError, ZeroDivisionError, KeyError) as e:
+        bad = [f"{type(e).__name__}: {e}"]
+    raise SystemExit(f"error: {Path(model_dir) / 'config.json'}: these settings cannot make a Llama model: "
+                     f"{', '.join(bad)}; restore the file from the model's source")
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a float model folder: our fast module for plain Llama configs, a transformers model otherwise. (Adapter
     and int8 folders: infer.load.load_model.)"""
-    from safetensors.torch import load_file
+    from slmkit.model.weights import open_pretrained, read_weights, refuse_pickles
 
     model_dir = Path(model_dir)
     hf_cfg = read_config(model_dir)
@@ -211,10 +267,11 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
         cfg = dict(hf_cfg)
         cfg["rope_theta"] = rope_theta(hf_cfg)
         cfg.setdefault("rms_norm_eps", 1e-6)
-        model = from_hf_state_dict(Llama(cfg), load_file(weights))
+        model = from_hf_state_dict(build_llama(cfg, model_dir), read_weights(weights), weights)
         return model.to(dtype).eval()
+    refuse_pickles(model_dir)
     if not weights.is_file() and not any(model_dir.glob("model-*.safetensors")):
         raise SystemExit(f"error: {model_dir} has no model.safetensors; slmkit loads safetensors weights only")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
+    return open_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).eval()

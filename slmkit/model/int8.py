@@ -85,9 +85,9 @@ def is_quantized(cfg: dict) -> bool:
 
 def load_quantized(model_dir: Path, cfg: dict) -> nn.Module:
     """What `slmkit.infer.load.load_model` calls for a folder written by `slm quantize`."""
-    from safetensors.torch import load_file
+    from slmkit.model.weights import read_weights
 
     c = dict(cfg)
     c["rope_theta"] = rope_theta(cfg)
     c.setdefault("rms_norm_eps", 1e-6)
-    return int8_llama(c, load_file(Path(model_dir) / "model.safetensors"))
+    return int8_llama(c, read_weights(Path(model_dir) / "model.safetensors"))

@@ -132,15 +132,38 @@ def load_tokenizer(model_dir: Path):
         cls = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
     except (OSError, ValueError, AttributeError):
         cls = None  # AutoTokenizer reports what is wrong with the file
-    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (model_dir / "tokenizer.json").is_file():
-        # The generic tokenizer.json class (what `slm train` saves): load it directly. AutoTokenizer would first
-        # read the model's config through AutoConfig, whose imports cost ~2 s of every verb's start-up here.
-        from transformers import PreTrainedTokenizerFast
+    try:
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (model_dir / "tokenizer.json").is_file():
+            # The generic tokenizer.json class (what `slm train` saves): load it directly. AutoTokenizer would first
+            # read the model's config through AutoConfig, whose imports cost ~2 s of every verb's start-up here.
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-    from transformers import AutoTokenizer
+            tok = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed tokenizer.json
+        name = "tokenizer.json" if not (model_dir / "tokenizer.json").is_file() else "tokenizer files"
+        raise SystemExit(f"error: {model_dir}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:160]}); check or restore its {name} "
+                         "(tokenizer.json, tokenizer_config.json) from the model's source") from None
+    check_vocab_fits(model_dir, tok)
+    return tok
+
+
+def check_vocab_fits(model_dir: Path, tokenizer) -> None:
+    """A tokenizer with ids past the model's embedding table would index out of range (or, on some paths, silently
+    wrap): one line naming both files instead."""
+    path = Path(model_dir) / "config.json"
+    try:
+        vocab_size = json.loads(path.read_text(encoding="utf-8")).get("vocab_size") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # the model loader reports a broken config.json itself
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise SystemExit(f"error: {model_dir}: the tokenizer has {len(tokenizer):,} tokens but config.json's "
+                         f"vocab_size is {vocab_size:,}; the tokenizer belongs to another model — copy this model's "
+                         "own tokenizer files into the folder")
 
 
 def encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:

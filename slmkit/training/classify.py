@@ -30,11 +30,11 @@ from slmkit.infer.classify import (
     max_length_for,
     pad_batch,
     pad_id_for,
-    quiet_transformers,
     representation_spread,
 )
 from slmkit.infer.load import read_config
 from slmkit.model.tokenizer import load_tokenizer
+from slmkit.model.weights import quiet_transformers
 from slmkit.training.config import Budget, ClassifyConfig, LoraConfig
 from slmkit.training.fit import EarlyStop
 from slmkit.training.optim import make_optimizer

@@ -185,7 +185,9 @@ def lora_model(base_dir: Path, lora: LoraConfig, seed: int):
     require_peft()
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+    from slmkit.model.weights import open_pretrained
+
+    base = open_pretrained(AutoModelForCausalLM, base_dir, dtype=torch.float32)
     fingerprint = weights_fingerprint(base)
     torch.manual_seed(seed)  # LoRA's A matrices start random: same seed, same adapter
     return add_lora(base, lora, "CAUSAL_LM", "all-linear", example="q_proj,v_proj"), fingerprint
