@@ -80,6 +80,9 @@ def pick_dtype(dtype: str, device: str, width: int | None = None) -> torch.dtype
                   "use --dtype fp32", file=sys.stderr)
         return torch.bfloat16
     if dtype in ("fp16", "float16"):
+        if not device.startswith("cuda"):
+            raise SystemExit("error: --dtype fp16 trains on CUDA GPUs only (with a gradient scaler); on this "
+                             f"{device} use --dtype bf16 (CPUs with bf16 units) or fp32")
         return torch.float16
     if dtype == "auto":
         if device.startswith("cuda"):

@@ -52,8 +52,9 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
 
 
 def iter_text_chunks(files: list[Path], text_col: str = "text", replace_errors: bool = False,
-                     skip_bad_lines: bool = False) -> Iterator[tuple[str, bool]]:
-    """Yield (text, starts_new_document) pieces from FILES, one bounded chunk at a time."""
+                     skip_bad_lines: bool | None = None) -> Iterator[tuple[str, bool]]:
+    """Yield (text, starts_new_document) pieces from FILES, one bounded chunk at a time. SKIP_BAD_LINES: None when
+    the verb has no --skip-bad-lines (its errors must not advise one)."""
     for f in files:
         suffix = f.suffix.lower()
         if suffix in {".jsonl", ".json"}:
@@ -114,7 +115,7 @@ def iter_jsonl(f: Path, skip_bad_lines: bool | None = None) -> Iterator[tuple[in
                 raise SystemExit(f"error: {f}:{lineno}: malformed JSON ({e.msg}); fix the line{hint}") from None
 
 
-def _iter_jsonl(f: Path, col: str, skip_bad_lines: bool) -> Iterator[str]:
+def _iter_jsonl(f: Path, col: str, skip_bad_lines: bool | None) -> Iterator[str]:
     for lineno, row in iter_jsonl(f, skip_bad_lines):
         if not isinstance(row, dict) or col not in row:
             raise SystemExit(f"error: {f}:{lineno}: no {col!r} field; name the text field with --text-col")
@@ -170,14 +171,14 @@ def cache_dir(kind: str = "tokens") -> Path:
 
 
 def tokenize_to_memmap(files: list[Path], tokenizer, text_col: str = "text", replace_errors: bool = False,
-                       skip_bad_lines: bool = False) -> tuple[Path, dict]:
+                       skip_bad_lines: bool | None = None) -> tuple[Path, dict]:
     """Tokenize FILES once into a flat token file (EOS before every document); reuse it when content matches.
 
     Returns the .bin path and its metadata (dtype, token count, byte count).
     """
     from slmkit.model.tokenizer import EOS, encode_plain, tokenizer_fingerprint
 
-    key = fingerprint(files, f"{tokenizer_fingerprint(tokenizer)}|{text_col}|{replace_errors}|{skip_bad_lines}")
+    key = fingerprint(files, f"{tokenizer_fingerprint(tokenizer)}|{text_col}|{replace_errors}|{bool(skip_bad_lines)}")
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = out_dir / f"{key}.bin", out_dir / f"{key}.json"

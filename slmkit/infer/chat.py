@@ -75,6 +75,9 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
             print()
             raise SystemExit(f"error: {model_dir}: {e}") from None
         print()
+        if lm.prompt_cut:
+            print(f"note: the conversation no longer fits the model's {lm.context}-token context; its oldest "
+                  f"{lm.prompt_cut} tokens were left out of this reply's prompt (/reset starts over)", file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 

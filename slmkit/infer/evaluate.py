@@ -135,7 +135,8 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     if all(is_chat_jsonl(f) for f in files):  # chat rows: loss on the assistant tokens, as `finetune --task sft`
         return _evaluate_chat(model_dir, files, tokenizer, min(block_size or context, context), batch_size,
                               skip_bad_lines, as_json, dev)
-    bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
+    bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors,
+                                        skip_bad_lines=skip_bad_lines)
     tokens = load_tokens(bin_path, meta)
     block = min(block_size or context, context, max(2, len(tokens) - 2))
     max_windows = None if max_tokens is None else max(1, max_tokens // block)
@@ -179,7 +180,7 @@ def add_args(p) -> None:
     p.add_argument("--replace-errors", action="store_true", help="replace undecodable bytes instead of failing")
     p.add_argument("--label-col", default="label", help="classifier and router folders: label (route) column "
                    "(default: label)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="chat JSONL: skip malformed rows (with a warning)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="JSONL: skip malformed rows (with a warning)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print one JSON object with keys loss, perplexity, bits_per_byte, tokens")

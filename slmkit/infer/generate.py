@@ -58,6 +58,16 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParam
         pos += 1
 
 
+def fit_prompt(ids: list[int], max_new_tokens: int, context: int) -> tuple[list[int], int]:
+    """(the prompt's ids that fit, how many were dropped from its start). A prompt that leaves less than
+    MAX_NEW_TOKENS of room in CONTEXT loses its oldest tokens, but keeps at least half the context: an answer needs
+    the end of its question more than it needs to be long."""
+    if len(ids) + max_new_tokens <= context:
+        return list(ids), 0
+    keep = min(len(ids), max(context - max_new_tokens, context // 2), context - 1)
+    return list(ids[len(ids) - keep:]), len(ids) - keep
+
+
 def _tap(tokens: Iterator[int], on_token: Callable[[int], None]) -> Iterator[int]:
     for tok in tokens:
         on_token(tok)
@@ -73,6 +83,7 @@ class LoadedModel:
         self.decode: Callable[..., Iterator[int]] = generate_ids
         self.draft: LoadedModel | None = None  # with a draft: speculative decoding, its last SpecStats in spec_stats
         self.spec_stats = None
+        self.prompt_cut = 0  # tokens the last stream() dropped from its prompt's start to fit the context
         self.draft_length = None  # compose.speculative.DraftLength: the pair's acceptance and timings, across calls
         eos = {tokenizer.eos_token_id}
         for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
@@ -90,6 +101,7 @@ class LoadedModel:
         sampled (a piece can hold several tokens, or none yet: incomplete UTF-8 and possible stop strings wait)."""
         p = SamplingParams(**sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids, self.prompt_cut = fit_prompt(ids, p.max_new_tokens, self.context)
         tokens = self.decode(self.model, ids, p, self.eos_ids, self.context)
         if on_token is not None:
             tokens = _tap(tokens, on_token)
@@ -234,6 +246,10 @@ def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None,
             if stream and not as_json:
                 print(piece, end="", flush=True)
         seconds = time.perf_counter() - t0
+        if lm.prompt_cut and i == 0:
+            print(f"note: the prompt is longer than the model's {lm.context}-token context allows with "
+                  f"--max-new-tokens {params['max_new_tokens']}: its first {lm.prompt_cut} tokens were dropped",
+                  file=sys.stderr)
         text = "".join(pieces)
         texts.append(text)
         n = len(stamps)  # tokens sampled (not the text re-tokenized: a stop string or broken UTF-8 changes that)
@@ -244,7 +260,8 @@ def _print_samples(lm: LoadedModel, prompt: str, params: dict, seed: int | None,
         if as_json:
             spec = lm.spec_stats.as_dict() if lm.spec_stats else {}  # with --draft
             print(json.dumps({"prompt": prompt, "text": text, "tokens": n, "seconds": round(seconds, 3),
-                              "first_token_seconds": round(first, 3), "tokens_per_s": round(rate, 1), **spec}))
+                              "first_token_seconds": round(first, 3), "tokens_per_s": round(rate, 1),
+                              "prompt_tokens_dropped": lm.prompt_cut, **spec}))
         elif stream:
             spec = f", draft acceptance {lm.spec_stats.acceptance_rate:.0%}" if lm.spec_stats else ""
             print(f"\n[{n} tokens in {seconds:.2f} s: first after {first:.2f} s, then {rate:.1f} tokens/s{spec}]",
@@ -267,7 +284,8 @@ def add_args(p) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print only when finished")
     p.add_argument("--json", dest="as_json", action="store_true",
-                   help="one JSON object per sample: prompt, text, tokens, seconds, first_token_seconds, tokens_per_s")
+                   help="one JSON object per sample: prompt, text, tokens, seconds, first_token_seconds, tokens_per_s, "
+                   "prompt_tokens_dropped (a prompt too long for the context loses its start)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight precision (bf16: half the memory; "
                    "faster decoding with --compile, and eagerly on some CPUs only, e.g. Xeons with AMX)")

@@ -13,7 +13,7 @@ the best (not before one epoch). Runs are minutes long: no checkpoints, no --res
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from slmkit.data.corpus import EpochSampler, epoch_rows
 from slmkit.data.labelled import discover_labels, read_labelled, stratified_split
 from slmkit.files import atomic_write_json
-from slmkit.hardware import pick_device
+from slmkit.hardware import pick_device, pick_dtype, precision_name
 from slmkit.infer.classify import (
     classifier_logits,
     encode,
@@ -113,11 +113,30 @@ def classify_task(cfg: ClassifyConfig, seqs, y, val_seqs, val_y, labels, pad_id:
                 f"{len(seqs):,} train / {len(val_seqs):,} held-out rows")
 
 
+# RunConfig fields a classifier run has no use for, with what to use instead: given, each is refused in one line
+# rather than dropped (every flag takes effect or says why not).
+NOT_FOR_CLASSIFY = {
+    "resume": "classifier runs keep no checkpoint (they are minutes long); run again with --overwrite",
+    "checkpoint_every": "classifier runs keep no checkpoint (they are minutes long)",
+    "tokens": "budget a classifier in --epochs, --steps or --time",
+    "block_size": "use --max-length (tokens per text)",
+    "eval_tokens": "a classifier is evaluated on its whole held-out split",
+    "sampling": "classifier runs draw shuffled passes (epochs)",
+    "replace_errors": "labelled rows are read as UTF-8 text; fix or re-encode the file",
+}
+
+
+def refuse_unused(cfg: ClassifyConfig) -> None:
+    """One line for the first flag given that a classifier run would otherwise ignore."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    for name, why in NOT_FOR_CLASSIFY.items():
+        if getattr(cfg, name) != defaults[name]:
+            raise SystemExit(f"error: --{name.replace('_', '-')} does not apply to --task classify: {why}")
+
+
 def run(cfg: ClassifyConfig) -> dict:
     """The pipeline of `slm finetune --task classify` over CFG; returns the run's summary."""
-    if cfg.resume:
-        raise SystemExit("error: --resume: classifier runs keep no checkpoint (they are minutes long); run again "
-                         "with --overwrite")
+    refuse_unused(cfg)
     read_config(cfg.model_dir)
     if cfg.out.resolve() == cfg.model_dir.resolve():
         raise SystemExit("error: --out must differ from the model folder being fine-tuned")
@@ -139,6 +158,7 @@ def run(cfg: ClassifyConfig) -> dict:
         weights = Weights(model, cfg.out / "adapter", adapter={"base_model": str(cfg.model_dir.resolve()),
                                                                "task": "classify"})
     model.to(dev)
+    autocast = pick_dtype(cfg.dtype, dev, model.config.hidden_size)
     task = classify_task(cfg, seqs, y, val_seqs, val_y, labels, pad_id, dev)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * task.batches_per_pass))
     budget = Budget(steps=steps, seconds=cfg.time)
@@ -151,9 +171,10 @@ def run(cfg: ClassifyConfig) -> dict:
     session.start_log(resume=False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"fine-tuning {cfg.model_dir.name} as a {len(labels)}-label classifier{' with LoRA' if cfg.lora else ''}: "
-          f"{n_train:,} trainable parameters | {task.note} | {steps:,} steps max | lr {lr:g}")
+          f"{n_train:,} trainable parameters | {task.note} | {steps:,} steps max | lr {lr:g} | "
+          f"{precision_name(autocast)}")
     warmup = cfg.warmup if cfg.warmup is not None else max(1, steps // 10)
-    session.fit(budget, fit_config(cfg, budget, dev, lr, warmup, None, None))
+    session.fit(budget, fit_config(cfg, budget, dev, lr, warmup, autocast, None))
     if cfg.lora:
         model = merge_lora(model, val_seqs[:16], pad_id, cfg.out / "adapter")
     return finish(session, cfg, model, tokenizer, labels, val_seqs, val_y, pad_id, dev, n_train)

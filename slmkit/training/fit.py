@@ -135,6 +135,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
     in_main = threading.current_thread() is threading.main_thread()
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     bar = _progress_bar(budget, state, cfg.progress_bar and is_main())
+    # fp16's narrow range underflows small gradients to zero: scale the loss up, unscale before clipping, skip steps
+    # whose gradients overflowed (bf16 has fp32's range and needs none of this)
+    scaler = torch.amp.GradScaler(cfg.device.split(":")[0]) if cfg.autocast_dtype == torch.float16 else None
     model.train()
     last_log = last_eval = last_ckpt = time.perf_counter()
     window_tokens, window_t0 = 0, time.perf_counter()
@@ -149,7 +152,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
             lr = get_lr(state.step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, step_tokens = _step(model, optimizer, next_batch, loss_fn, cfg)
+            loss_sum, step_tokens = _step(model, optimizer, next_batch, loss_fn, cfg, scaler)
             state.step += 1
             state.tokens += step_tokens
             state.train_seconds += time.perf_counter() - t0
@@ -187,7 +190,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, lo
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, loss_fn,
-          cfg: FitConfig) -> tuple[float, int]:
+          cfg: FitConfig, scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """One optimizer step over GRAD_ACCUM micro-batches -> (the step's loss, the tokens it trained on, all ranks)."""
     loss_sum, step_tokens = 0.0, 0
     for micro in range(cfg.grad_accum):
@@ -198,12 +201,18 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch, 
                              enabled=cfg.autocast_dtype is not None)
         with ctx, amp:
             loss = loss_fn(model, x, y) / cfg.grad_accum
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.item()
         step_tokens += x.numel() * world_size()
+    if scaler:
+        scaler.unscale_(optimizer)  # the clip threshold is in true gradient units
     if cfg.clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then halves
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -159,3 +159,22 @@ def test_table_errors_name_the_column_and_line(tmp_path):
         list(iter_text_chunks([c]))
     with pytest.raises(SystemExit, match="does not exist"):
         expand_paths([tmp_path / "missing.txt"])
+
+
+def test_a_bad_jsonl_line_advises_skip_bad_lines_only_where_the_verb_has_it(tmp_path, capsys):
+    """`slm train` has no --skip-bad-lines (its error must not advise it); `slm eval` has it, for text JSONL too."""
+    from slmkit.__main__ import main as slm
+    from slmkit.data.corpus import tokenize_to_memmap
+    from slmkit.model.tokenizer import byte_tokenizer
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a good row of text"}\n{"text": broken\n{"text": "another good row"}\n')
+    with pytest.raises(SystemExit) as e:
+        tokenize_to_memmap([data], byte_tokenizer())
+    assert "rows.jsonl:2: malformed JSON" in e.value.code and "--skip-bad-lines" not in e.value.code
+    assert slm(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--steps", "1"]) == 1
+    assert "--skip-bad-lines" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="fix the line or pass --skip-bad-lines"):
+        tokenize_to_memmap([data], byte_tokenizer(), skip_bad_lines=False)
+    path, meta = tokenize_to_memmap([data], byte_tokenizer(), skip_bad_lines=True)
+    assert "rows.jsonl:2: skipped" in capsys.readouterr().err and meta["tokens"] > 30

@@ -161,3 +161,26 @@ def test_json_output_separates_the_first_token_from_the_decoding_rate(tiny_model
     # the rate counts the tokens after the first over the time after it (the JSON's seconds are rounded to 1 ms)
     after = row["seconds"] - row["first_token_seconds"]
     assert row["tokens_per_s"] == pytest.approx((row["tokens"] - 1) / after, rel=0.1)
+
+
+def test_a_prompt_too_long_for_the_context_is_cut_with_room_to_answer_and_said_so(tiny_model, capsys):
+    """A prompt over the context used to be cut to context - 1 tokens without a word, leaving room for one token."""
+    import json
+
+    from slmkit.infer.generate import fit_prompt, load
+    from slmkit.infer.generate import main as generate
+
+    assert fit_prompt(list(range(10)), 5, 64) == (list(range(10)), 0)
+    assert fit_prompt(list(range(100)), 20, 64) == (list(range(56, 100)), 56)  # room for all 20 new tokens
+    assert fit_prompt(list(range(100)), 300, 64) == (list(range(68, 100)), 68)  # at least half the context kept
+    lm = load(tiny_model)
+    long_prompt = "To be, or not to be, that is the question. " * 40
+    assert len(lm.encode(long_prompt)) > lm.context
+    generate(tiny_model, prompt=long_prompt, max_new_tokens=20, temperature=0, as_json=True, stop=["\x00"])
+    out = capsys.readouterr()
+    row = json.loads(out.out.strip().splitlines()[-1])
+    assert row["prompt_tokens_dropped"] == len(lm.encode(long_prompt)) - (lm.context - 20)
+    assert row["tokens"] == 20  # the whole answer fits (no EOS in this tiny model's greedy continuation)
+    assert f"its first {row['prompt_tokens_dropped']} tokens were dropped" in out.err
+    generate(tiny_model, prompt="To be", max_new_tokens=5, temperature=0, as_json=True)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_tokens_dropped"] == 0

@@ -205,3 +205,20 @@ def test_fine_tuning_a_collapsed_encoder_warns_that_it_is_undertrained(toy, tmp_
     assert "undertrained" in capsys.readouterr().out
     finetune(toy["base"], toy["train"], tmp_path / "clf2", steps=1, progress=False)
     assert "undertrained" not in capsys.readouterr().out
+
+
+def test_every_flag_a_classifier_run_cannot_use_is_refused_and_dtype_is_honoured(toy, tmp_path, capsys):
+    """They used to be dropped without a word: --tokens, --block-size, --checkpoint-every, --sampling ..."""
+    from slmkit.training.finetune import main as finetune_verb
+
+    good = write_csv(tmp_path / "g.csv", toy_rows(60))
+    for flag, value, hint in [("tokens", "1M", "--epochs, --steps or --time"), ("block_size", 64, "--max-length"),
+                              ("checkpoint_every", "1m", "no checkpoint"), ("sampling", "random", "epochs"),
+                              ("resume", True, "no checkpoint"), ("eval_tokens", 1000, "whole held-out split")]:
+        with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to --task "
+                                             f"classify: .*{hint}"):
+            finetune_verb(toy["base"], [str(good)], tmp_path / "never", task="classify", **{flag: value})
+    assert not (tmp_path / "never").exists()
+    finetune_verb(toy["base"], [str(good)], tmp_path / "bf16", task="classify", dtype="bf16", steps=2,
+                  progress=False)
+    assert "| bf16" in capsys.readouterr().out  # the start line says the precision it trains in

@@ -2,6 +2,7 @@
 `fit` itself runs in every training test."""
 
 import pytest
+import torch
 
 from slmkit.options import parse_count, parse_duration
 from slmkit.training.fit import Budget, FitState, _bar_position, get_lr
@@ -188,3 +189,27 @@ def test_fit_reports_the_schedules_progress_before_each_step():
     fit(model, opt, lambda: (x, y), lambda m, a, b: torch.nn.functional.mse_loss(m(a), b), Budget(steps=4),
         FitConfig(warmup_steps=1, progress_bar=False, on_progress=seen.append), FitState())
     assert seen == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_fp16_steps_use_a_gradient_scaler_so_small_gradients_do_not_vanish():
+    """Without scaling, fp16 turns gradients under ~6e-8 into zeros and the step changes nothing."""
+    from slmkit.training.fit import FitConfig, _step
+
+    changes = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+        before = m[0].weight.detach().clone()
+        x = torch.randn(8, 16)
+        _step(m, torch.optim.SGD(m.parameters(), lr=1e6), lambda x=x: (x, None),
+              lambda model, x, y: model(x).float().mean() * 1e-7, FitConfig(autocast_dtype=torch.float16, clip=0),
+              torch.amp.GradScaler("cpu") if scaled else None)
+        changes[scaled] = (m[0].weight - before).abs().max().item()
+    assert changes[False] == 0.0 and changes[True] > 1e-3
+
+
+def test_fp16_training_is_refused_on_cpu():
+    from slmkit.hardware import pick_dtype
+
+    with pytest.raises(SystemExit, match="--dtype fp16 trains on CUDA GPUs only"):
+        pick_dtype("fp16", "cpu", 64)
