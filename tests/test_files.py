@@ -194,3 +194,17 @@ def test_merge_refuses_its_adapter_and_base_as_out(tmp_path, capsys):
     for out in (tmp_path / "adapter", base):
         assert "input" in refused(capsys, "merge", tmp_path / "adapter", "--out", out, "--overwrite")
     assert listing(tmp_path) == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(model, tmp_path, capsys):
+    """The corpus is too small / a JSONL row is malformed: found after OUT was made; OUT must not stay behind."""
+    (tmp_path / "tiny.txt").write_text("hello world\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a good row"}\n{"text": bro\n')
+    refused(capsys, "train", "--data", tmp_path / "tiny.txt", "--out", tmp_path / "m1", "--steps", "1")
+    refused(capsys, "finetune", model, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "m2", "--steps", "1")
+    refused(capsys, "distill", "--teacher", model, "--data", tmp_path / "tiny.txt", "--out", tmp_path / "m3",
+            "--student", "slm-tiny", "--steps", "1")
+    assert not any((tmp_path / m).exists() for m in ("m1", "m2", "m3"))
+    (tmp_path / "m4").mkdir()  # a folder the user made stays, failed run or not
+    refused(capsys, "train", "--data", tmp_path / "tiny.txt", "--out", tmp_path / "m4", "--steps", "1")
+    assert (tmp_path / "m4").is_dir()

@@ -39,7 +39,7 @@ from slmkit.training import recipe
 from slmkit.training.config import RunConfig
 from slmkit.training.fit import EarlyStop
 from slmkit.training.optim import make_optimizer
-from slmkit.training.stages import Session, Weights, fit_config, open_output
+from slmkit.training.stages import Session, Weights, cleans_up, fit_config, open_output
 
 RUN_FILE = "distill_args.json"
 # what a --resume must share with the saved run (budgets may grow; output settings are this invocation's)
@@ -101,6 +101,7 @@ def main(teacher: Path, data: list[str], out: Path, **options) -> dict:
     return run(DistillConfig.from_options("slm distill", teacher=teacher, data=data, out=out, **options))
 
 
+@cleans_up()
 def run(cfg: DistillConfig) -> dict:
     """The pipeline of `slm distill` over CFG (see the module docstring); returns the run's summary."""
     teacher_cfg = read_config(cfg.teacher)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from slmkit.files import atomic_write_json
-from slmkit.training.stages import open_output
+from slmkit.training.stages import cleans_up, open_output
 
 RUN_FILE = "federation.json"
 LAST = "last"
@@ -215,6 +215,7 @@ def prepare(cfg: FederateConfig, clients: int | None = None):
     return settings, model_weights(model), state, start, writer, tok
 
 
+@cleans_up(LAST)
 def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
     """The run with every client in this process (see the module docstring); AUDIT, when a list, receives every
     reply the server gets."""

@@ -39,7 +39,7 @@ from slmkit.training.config import Budget, ClassifyConfig, LoraConfig
 from slmkit.training.fit import EarlyStop
 from slmkit.training.optim import make_optimizer
 from slmkit.training.report import plot_confusion
-from slmkit.training.stages import Session, Task, Weights, add_lora, fit_config, open_output
+from slmkit.training.stages import Session, Task, Weights, add_lora, cleans_up, fit_config, open_output
 
 LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "mobilebert": ["query", "value"]}  # peft knows bert and llama
 HEAD_MODULES = ("pre_classifier", "classifier", "pooler", "score")  # trained in full even under LoRA
@@ -134,6 +134,7 @@ def refuse_unused(cfg: ClassifyConfig) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} does not apply to --task classify: {why}")
 
 
+@cleans_up()
 def run(cfg: ClassifyConfig) -> dict:
     """The pipeline of `slm finetune --task classify` over CFG; returns the run's summary."""
     refuse_unused(cfg)

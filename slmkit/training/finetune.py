@@ -48,7 +48,7 @@ from slmkit.training.config import ClassifyConfig, LoraConfig, TuneConfig
 from slmkit.training.fit import EarlyStop
 from slmkit.training.losses import causal_lm_loss, sft_loss
 from slmkit.training.optim import make_optimizer
-from slmkit.training.stages import Session, Task, Weights, add_lora, fit_config, open_output
+from slmkit.training.stages import Session, Task, Weights, add_lora, cleans_up, fit_config, open_output
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}
 RUN_FILE = "finetune_args.json"
@@ -81,6 +81,7 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     return run(TuneConfig.from_options(f"--task {task}", task=task, **common, **options))
 
 
+@cleans_up()
 def run(cfg: TuneConfig) -> dict:
     """The pipeline of `slm finetune --task causal|sft` over CFG; returns the run's summary."""
     hf_cfg = check_model_folder(cfg.model_dir, cfg.out)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -37,6 +38,27 @@ from slmkit.training.report import plot_loss, read_metrics
 
 METRICS = "metrics.jsonl"
 SUMMARY = "training_summary.json"
+
+
+def cleans_up(*keep: str):
+    """Decorator for a pipeline's run(cfg, ...): when the run fails (an error, Ctrl-C) before it left anything
+    resumable in cfg.out (KEEP: e.g. its checkpoint), the folder it created is removed, so a failed run leaves no empty
+    or half-written output behind. A folder that existed before the run is never touched."""
+    keep = keep or (CHECKPOINT,)
+
+    def wrap(run):
+        @functools.wraps(run)
+        def guarded(cfg, *args, **kwargs):
+            out = Path(cfg.out)
+            existed = out.exists()
+            try:
+                return run(cfg, *args, **kwargs)
+            except BaseException:
+                if not existed and out.is_dir() and not any((out / k).exists() for k in keep):
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+        return guarded
+    return wrap
 
 
 def open_output(out: Path, resume: bool, overwrite: bool, run_file: str, holds: tuple[str, ...] = ("config.json",),

@@ -45,7 +45,7 @@ from slmkit.training.fit import EarlyStop
 from slmkit.training.losses import causal_lm_loss
 from slmkit.training.optim import make_optimizer, set_weight_decay
 from slmkit.training.report import write_model_card
-from slmkit.training.stages import Session, Task, Weights, fit_config, open_output
+from slmkit.training.stages import Session, Task, Weights, cleans_up, fit_config, open_output
 
 # Held-out tokens below which the logits are not calibrated: one number fitted on a few hundred tokens is noise.
 MIN_CALIBRATION_TOKENS = 2048
@@ -208,6 +208,7 @@ def main(**options) -> dict:
     return run(TrainConfig.from_options("slm train", **options))
 
 
+@cleans_up()
 def run(cfg: TrainConfig) -> dict:
     """The pipeline of `slm train` over CFG (see the module docstring); returns the run's summary."""
     dev = pick_device(cfg.device)
