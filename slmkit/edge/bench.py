@@ -5,9 +5,11 @@
 Each target runs in a fresh Python process (so peak RSS is that backend's alone, not this process's):
     model folder -> torch fp32 (our decode loop)      `slm quantize` folder -> torch int8
     .gguf file   -> llama.cpp (llama-cpp-python)      `slm export --format onnx` folder -> onnxruntime
-It measures file size, load time, peak RSS, prefill and decode tokens/s, p50/p95 per-token latency and, with
---data, perplexity on the first windows of that text. `--threads 1` plus `--memory-cap` (RLIMIT_DATA in the child:
-heap and anonymous mappings, not the shared libraries) simulate a constrained device.
+It measures file size, load time, peak RSS, prefill and decode tokens/s (medians of --repeats runs after an untimed
+warm-up), p50/p95 per-token latency over those runs and, with --data, perplexity on the first windows of that text.
+The torch workers time `slm generate --temperature 0`'s own decode loop; the llama.cpp and onnxruntime workers never
+import torch, so their load time and peak RSS are the runtime's alone. `--threads 1` plus `--memory-cap`
+(RLIMIT_DATA in the child: heap and anonymous mappings, not the shared libraries) simulate a constrained device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,52 +60,65 @@ def backend_of(path: Path) -> str:
 
 
 def size_of(path: Path) -> int:
+    """The model's bytes: the file, or a folder's weights (not a training run's checkpoint.safetensors, which holds
+    the optimizer state for --resume)."""
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".onnx", ".gguf"))
+    return sum(f.stat().st_size for f in path.iterdir()
+               if f.suffix in (".safetensors", ".onnx", ".gguf") and f.name != "checkpoint.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Runners: each returns (load_s, prompt ids, step(ids) -> logits of the last position, logits(ids) -> (T, V))
+# Runners: each returns (load_s, encode(text) -> ids, decode(ids, n) -> (prefill_s, per-token seconds),
+# logits(ids) -> (T, V), context). Only the torch runners import torch: a llama.cpp or onnxruntime worker measures
+# that runtime alone (torch's import costs ~0.5 GB of RSS and its thread pool competes for the cores).
 
 
-def _torch_runner(path: Path):
+def _torch_runner(path: Path, threads: int):
     import torch
     import transformers  # noqa: F401  imported before the clock starts: load time is the model's, not Python's
 
-    from slmkit.infer.generate import load
+    from slmkit.infer.generate import SamplingParams, generate_ids, load
     from slmkit.model.folder import logits_of
-    from slmkit.model.llama import Llama
 
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    lm = load(path)
+    lm = load(path, threads=threads)
     load_s = time.perf_counter() - t0
-    model = lm.model
-    state = {}
 
-    @torch.inference_mode()
-    def step(ids: list[int], pos: int) -> np.ndarray:
-        if pos == 0:
-            state["cache"] = model.new_cache(1, lm.context) if isinstance(model, Llama) else None
-            state["past"] = None
-        x = torch.tensor([ids])
-        if isinstance(model, Llama):
-            return model(x, cache=state["cache"], pos=pos)[0, -1].numpy()
-        out = model(input_ids=x, past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        return out.logits[0, -1].numpy()
+    def decode(ids: list[int], n: int) -> tuple[float, list[float]]:
+        """Time `slm generate --temperature 0`'s own loop: prefill to the first token, then each next token."""
+        stamps = [time.perf_counter()]
+        for _ in generate_ids(lm.model, ids, SamplingParams(max_new_tokens=n + 1, temperature=0), set(), lm.context):
+            stamps.append(time.perf_counter())
+        return stamps[1] - stamps[0], list(np.diff(stamps[1:]))
 
     @torch.inference_mode()
     def full(ids: list[int]) -> np.ndarray:
-        return logits_of(model, torch.tensor([ids]))[0].float().numpy()
+        return logits_of(lm.model, torch.tensor([ids]))[0].float().numpy()
 
-    return load_s, lm.encode, step, full, lm.context
+    return load_s, lm.encode, decode, full, lm.context
+
+
+def _stepper(step: Callable[[list[int], int], np.ndarray]) -> Callable:
+    """decode(ids, n) for a runtime with step(ids, pos) -> last logits: greedy, one token per step."""
+    def decode(ids: list[int], n: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        logits = step(ids, 0)
+        prefill_s, lat, pos = time.perf_counter() - t0, [], len(ids)
+        for _ in range(n):
+            t = time.perf_counter()
+            logits = step([int(np.argmax(logits))], pos)
+            lat.append(time.perf_counter() - t)
+            pos += 1
+        return prefill_s, lat
+    return decode
 
 
 def _llama_cpp_runner(path: Path, threads: int):
     from gguf import GGUFReader
 
-    from slmkit.edge.export_gguf import llama_cpp_model
+    from slmkit.edge.runtimes import llama_cpp_model
 
     field = GGUFReader(path).fields["llama.context_length"]
     ctx = int(field.parts[field.data[0]][0])
@@ -132,19 +148,18 @@ def _llama_cpp_runner(path: Path, threads: int):
             rows.append(last_logits())
         return np.stack(rows)
 
-    return load_s, encode, step, full, ctx
+    return load_s, encode, _stepper(step), full, ctx
 
 
 def _onnx_runner(path: Path, threads: int):
-    import transformers  # noqa: F401  (the tokenizer's import, outside the clock)
+    from tokenizers import Tokenizer  # the Rust tokenizer itself: transformers' would import torch
 
-    from slmkit.edge.export_onnx import _session, empty_past
-    from slmkit.model.tokenizer import load_tokenizer
+    from slmkit.edge.runtimes import empty_past, onnx_session
 
     cfg = json.loads((path / "config.json").read_text())
     t0 = time.perf_counter()
-    sess = _session(path / "model.onnx", threads)
-    tok = load_tokenizer(path)
+    sess = onnx_session(path / "model.onnx", threads)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     load_s = time.perf_counter() - t0
     state = {}
 
@@ -160,7 +175,29 @@ def _onnx_runner(path: Path, threads: int):
         return sess.run(None, {"input_ids": np.array([ids], dtype=np.int64), "past_keys": past,
                                "past_values": past})[0][0]
 
-    return load_s, lambda text: tok(text)["input_ids"], step, full, int(cfg["max_position_embeddings"])
+    return load_s, lambda text: tok.encode(text).ids, _stepper(step), full, int(cfg["max_position_embeddings"])
+
+
+def nll_sum(logits: np.ndarray, targets: list[int]) -> float:
+    """Summed cross-entropy of (T, V) LOGITS against T target ids, in float64 numpy (no torch in the worker)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    log_z = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]  # (T,)
+    return float((log_z - x[np.arange(len(targets)), targets]).sum())
+
+
+def timed(decode, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """Medians over REPEATS greedy runs after one untimed warm-up (first-call allocations, lazy kernel setup)."""
+    decode(prompt, min(new_tokens, 8))
+    prefill, decode_rates, lat = [], [], []
+    for _ in range(repeats):
+        p, steps = decode(prompt, new_tokens)
+        prefill.append(len(prompt) / p)
+        decode_rates.append(len(steps) / sum(steps))
+        lat += steps
+    return {"prompt_tokens": len(prompt), "repeats": repeats, "prefill_tok_s": float(np.median(prefill)),
+            "decode_tok_s": float(np.median(decode_rates)), "decode_tok_s_runs": decode_rates,
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p95_ms": 1e3 * float(np.percentile(lat, 95))}
 
 
 def worker(spec: dict) -> dict:
@@ -170,30 +207,15 @@ def worker(spec: dict) -> dict:
     if spec.get("memory_cap"):
         resource.setrlimit(resource.RLIMIT_DATA, (spec["memory_cap"], spec["memory_cap"]))
     threads = spec["threads"] or os.cpu_count() or 1
-    import torch
-
-    torch.set_num_threads(threads)
     path, backend = Path(spec["path"]), spec["backend"]
     if backend == "llama.cpp":
-        load_s, encode, step, full, ctx = _llama_cpp_runner(path, threads)
+        load_s, encode, decode, full, ctx = _llama_cpp_runner(path, threads)
     elif backend.startswith("onnxruntime"):
-        load_s, encode, step, full, ctx = _onnx_runner(path, threads)
+        load_s, encode, decode, full, ctx = _onnx_runner(path, threads)
     else:
-        load_s, encode, step, full, ctx = _torch_runner(path)
-    prompt = encode(PROMPT)[: max(1, ctx - spec["new_tokens"] - 1)]
-    t0 = time.perf_counter()
-    logits = step(prompt, 0)
-    prefill_s = time.perf_counter() - t0
-    lat, pos = [], len(prompt)
-    for _ in range(spec["new_tokens"]):  # greedy decode, one token per step
-        tok = int(np.argmax(logits))
-        t = time.perf_counter()
-        logits = step([tok], pos)
-        lat.append(time.perf_counter() - t)
-        pos += 1
-    result = {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_tok_s": len(prompt) / prefill_s,
-              "decode_tok_s": len(lat) / sum(lat), "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-              "p95_ms": 1e3 * float(np.percentile(lat, 95))}
+        load_s, encode, decode, full, ctx = _torch_runner(path, threads)
+    prompt = encode(PROMPT)[: max(1, ctx - spec["new_tokens"] - 2)]
+    result = {"load_s": load_s, **timed(decode, prompt, spec["new_tokens"], spec.get("repeats", 3))}
     if spec.get("data"):
         ids = encode(Path(spec["data"]).read_text(encoding="utf-8", errors="replace")[:200_000])
         window = min(ctx, 256)
@@ -202,19 +224,21 @@ def worker(spec: dict) -> dict:
             chunk = ids[s:s + window + 1]
             if len(chunk) < 2:
                 break
-            lg = torch.from_numpy(np.asarray(full(chunk[:-1]), dtype=np.float32))
-            nll += torch.nn.functional.cross_entropy(lg.double(), torch.tensor(chunk[1:]), reduction="sum").item()
+            nll += nll_sum(full(chunk[:-1]), chunk[1:])
             n += len(chunk) - 1
         result["perplexity"] = math.exp(nll / max(1, n))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    result["torch_imported"] = "torch" in sys.modules  # the llama.cpp and onnxruntime workers must say False
     return result
 
 
 def run_one(path: Path, threads: int | None, memory_cap: int | None, new_tokens: int, data: Path | None,
-            ppl_tokens: int) -> dict:
+            ppl_tokens: int, repeats: int = 3) -> dict:
+    """Profile PATH in a fresh Python process (`worker`); a row of measurements, or of its error."""
     backend = backend_of(path)
     spec = {"path": str(path), "backend": backend, "threads": threads, "memory_cap": memory_cap,
-            "new_tokens": new_tokens, "data": str(data) if data else None, "ppl_tokens": ppl_tokens}
+            "new_tokens": new_tokens, "data": str(data) if data else None, "ppl_tokens": ppl_tokens,
+            "repeats": repeats}
     code = "import json,sys; from slmkit.edge.bench import worker; print(json.dumps(worker(json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     row = {"target": str(path), "backend": backend, "size_mb": size_of(path) / 1e6}
@@ -264,13 +288,15 @@ def chart(rows: list[dict], path: Path) -> None:
 
 
 def main(targets: list[Path], threads: int | None = None, memory_cap: str | None = None, new_tokens: int = 64,
-         data: Path | None = None, ppl_tokens: int = 1024, as_json: bool = False, out: Path | None = None) -> list:
+         data: Path | None = None, ppl_tokens: int = 1024, as_json: bool = False, out: Path | None = None,
+         repeats: int = 3) -> list:
     """Profile each TARGET (model folder, int8 folder, ONNX export folder or .gguf) in its own process."""
     from slmkit.options import check_numbers
 
     cap = parse_size(memory_cap) if memory_cap else None
-    check_numbers(dict(threads=threads, new_tokens=new_tokens, ppl_tokens=ppl_tokens),
-                  {"new_tokens": "greedy tokens to decode per target", "ppl_tokens": "tokens of --data to score"})
+    check_numbers(dict(threads=threads, new_tokens=new_tokens, ppl_tokens=ppl_tokens, repeats=repeats),
+                  {"new_tokens": "greedy tokens to decode per target", "ppl_tokens": "tokens of --data to score",
+                   "repeats": "timed runs per target"})
     for t in targets:
         if not Path(t).exists():
             raise SystemExit(f"error: {t} does not exist; pass model folders, ONNX export folders or .gguf files")
@@ -279,7 +305,7 @@ def main(targets: list[Path], threads: int | None = None, memory_cap: str | None
         raise SystemExit(f"error: --data {data} does not exist")
     if out is not None and not Path(out).parent.is_dir():
         raise SystemExit(f"error: the directory of --out {out} does not exist; create it first")
-    rows = [run_one(Path(t), threads, cap, new_tokens, data, ppl_tokens) for t in targets]
+    rows = [run_one(Path(t), threads, cap, new_tokens, data, ppl_tokens, repeats) for t in targets]
     table = markdown(rows)
     if as_json:
         print(json.dumps(rows))
@@ -301,6 +327,8 @@ def add_args(p) -> None:
     p.add_argument("--memory-cap", default=None, help="limit each backend process's heap, e.g. 512M (RLIMIT_DATA); "
                    "a backend that does not fit reports out of memory")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens to decode per target (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per target after one warm-up; tokens/s are "
+                   "their medians (default: 3)")
     p.add_argument("--data", type=Path, default=None, help="held-out text file: adds perplexity per backend")
     p.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of --data to score (default: 1024)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON list of rows")

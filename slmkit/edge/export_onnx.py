@@ -23,7 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slmkit.edge.runtimes import Crash, empty_past, run_probe
 from slmkit.model.llama import ForwardOps
+
+__all__ = ["empty_past"]  # re-exported for older callers; it lives in runtimes.py (no torch)
 
 
 class OnnxOps(ForwardOps):
@@ -103,24 +106,10 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
                       opset_version=17, dynamo=False)
 
 
-def _session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def empty_past(cfg: dict, batch: int = 1) -> np.ndarray:
-    """(L, B, nkv, 0, hd) float32: the past of a fresh sequence."""
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return np.zeros((cfg["num_hidden_layers"], batch, cfg["num_key_value_heads"], 0, hd), dtype=np.float32)
-
-
 @torch.no_grad()
 def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = True, text: str | None = None) -> dict:
-    """Write OUT/model.onnx (+ tokenizer, config, slmkit_onnx.json) and check it in onnxruntime."""
+    """Write OUT/model.onnx (+ tokenizer, config, slmkit_onnx.json) and check it in onnxruntime (in a child process:
+    a failed check is an error, a crashed one leaves OUT marked unverified in slmkit_onnx.json)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -164,9 +153,13 @@ def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = T
             fp32.unlink()
         tokenizer.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        meta = {"kind": kind, "quant": "int8" if int8 else "fp32", "source": str(Path(model_dir).resolve())}
-        (tmp / "slmkit_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
         result = verify_onnx(path, model_dir, cfg, kind, probe, int8) if verify else {}
+        # a crashed checker keeps the export: its metadata says it is unverified and why
+        checked = {"verified": result.get("verified", False),
+                   **({"reason": result["reason"]} if "reason" in result else {})}
+        meta = {"kind": kind, "quant": "int8" if int8 else "fp32", "source": str(Path(model_dir).resolve()),
+                **checked}
+        (tmp / "slmkit_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,24 +195,19 @@ class _Logits(nn.Module):
 
 @torch.no_grad()
 def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.Tensor, int8: bool) -> dict:
-    """Max |logit difference| between onnxruntime and torch; decoders also through a prefill + decode-step split."""
+    """Max |logit difference| between onnxruntime (run in a child process) and torch; decoders also through a
+    prefill + decode-step split. {"verified": False, "reason": ...} when a signal killed the child."""
     from slmkit.infer.load import load_model
     from slmkit.model.folder import logits_of
 
-    sess = _session(path)
+    ran = run_probe("onnxruntime", {"path": str(path), "kind": kind, "cfg": cfg, "ids": probe.tolist(),
+                                    "threads": torch.get_num_threads()})
+    if isinstance(ran, Crash):
+        return {"verified": False, "reason": ran.reason}
+    got = ran["out"]
     if kind == "decoder-with-past":
         expected = logits_of(load_model(model_dir), probe)[0].numpy()  # (T, V)
-        ids = probe.numpy()
-        past = empty_past(cfg)
-        full = sess.run(None, {"input_ids": ids, "past_keys": past, "past_values": past})[0][0]
-        k = max(1, ids.shape[1] // 2)  # prefill half, then decode the rest one token at a time through the cache
-        logits, pk, pv = sess.run(None, {"input_ids": ids[:, :k], "past_keys": past, "past_values": past})
-        steps = [logits[0]]
-        for t in range(k, ids.shape[1]):
-            logits, pk, pv = sess.run(None, {"input_ids": ids[:, t:t + 1], "past_keys": pk, "past_values": pv})
-            steps.append(logits[0])
-        got = np.concatenate([full[None], np.concatenate(steps)[None]])  # (2, T, V)
-        err_t = np.abs(got - expected[None]).max(axis=(0, 2))  # (T,)
+        err_t = np.abs(got - expected[None]).max(axis=(0, 2))  # got: (2, T, V) full pass, prefill + decode
         agree = (got.argmax(-1) == expected.argmax(-1)[None]).all(0)
     else:
         from transformers import AutoModel, AutoModelForSequenceClassification
@@ -230,7 +218,6 @@ def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.
             expected = model(input_ids=probe, attention_mask=mask).logits.numpy()
         else:
             expected = Embedder(AutoModel.from_pretrained(model_dir, local_files_only=True).eval())(probe, mask).numpy()
-        got = sess.run(None, {"input_ids": probe.numpy(), "attention_mask": mask.numpy()})[0]
         err_t = np.abs(got - expected).max(axis=-1)
         agree = got.argmax(-1) == expected.argmax(-1)
     err = float(err_t.max())
@@ -239,4 +226,5 @@ def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.
         i = int(np.flatnonzero(err_t > tol)[0])
         raise SystemExit(f"error: {path} fails parity with onnxruntime: first diverging position {i}, max |logit "
                          f"error| {err:.3g} (tolerance {tol:.3g}); please report this model")
-    return {"runtime": "onnxruntime", "max_abs_logit_diff": err, "top1_agreement": float(np.mean(agree))}
+    return {"verified": True, "runtime": "onnxruntime", "max_abs_logit_diff": err,
+            "top1_agreement": float(np.mean(agree))}

@@ -38,6 +38,7 @@ def test_bench_profiles_each_backend_and_writes_a_report(tmp_path, corpus, capsy
                  out=tmp_path / "report.md")
     assert json.loads(capsys.readouterr().out) == rows
     assert [r["backend"] for r in rows][:2] == ["torch fp32", "torch int8"]
+    assert rows[0]["torch_imported"] is True  # the torch worker times slm generate's loop
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["p95_ms"] >= r["p50_ms"] * 0.99
@@ -66,3 +67,52 @@ def test_bench_rejects_what_it_cannot_run(tmp_path):
 def test_bench_names_a_number_that_cannot_profile(setting, message, tmp_path):
     with pytest.raises(SystemExit, match="^error: " + message):
         bench([tmp_path / "missing"], **setting)
+
+
+def test_llama_cpp_and_onnx_workers_never_import_torch_and_report_medians(tmp_path):
+    """Each worker runs in a fresh process; what it reports about its own sys.modules is the proof."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    from slmkit.edge.bench import run_one
+    from slmkit.edge.export import main as export
+
+    src = tiny_llama_folder(tmp_path / "fp32", seed=4)
+    export(src, tmp_path / "m.gguf", format="gguf", quant="f32", verify=False)
+    export(src, tmp_path / "onnx", format="onnx", verify=False)
+    for target in (tmp_path / "m.gguf", tmp_path / "onnx"):
+        row = run_one(target, threads=1, memory_cap=None, new_tokens=4, data=None, ppl_tokens=64, repeats=3)
+        assert "error" not in row, row
+        assert row["torch_imported"] is False, row["backend"]
+        assert row["repeats"] == 3 and len(row["decode_tok_s_runs"]) == 3
+        assert row["decode_tok_s"] == sorted(row["decode_tok_s_runs"])[1]  # the median of three
+
+
+def test_timed_takes_medians_after_a_warm_up():
+    from slmkit.edge.bench import timed
+
+    calls, speeds = [], iter([0.5, 0.1, 0.3])  # per-token seconds of the three timed runs
+
+    def decode(ids, n):
+        calls.append(n)
+        if len(calls) == 1:  # the warm-up: slow and untimed
+            return 9.0, [9.0] * n
+        s = next(speeds)
+        return 2 * s, [s] * n
+
+    r = timed(decode, [1, 2, 3, 4], 10, 3)
+    assert calls == [8, 10, 10, 10]
+    assert r["decode_tok_s"] == pytest.approx(1 / 0.3) and r["prefill_tok_s"] == pytest.approx(4 / 0.6)
+    assert r["p50_ms"] == pytest.approx(300) and r["p95_ms"] == pytest.approx(500)
+
+
+def test_nll_sum_is_cross_entropy():
+    import numpy as np
+    import torch
+
+    from slmkit.edge.bench import nll_sum
+
+    logits = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32) * 4
+    targets = [1, 0, 10, 3, 3]
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits).double(), torch.tensor(targets),
+                                                 reduction="sum").item()
+    assert nll_sum(logits, targets) == pytest.approx(expected, rel=1e-12)

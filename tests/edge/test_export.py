@@ -77,6 +77,9 @@ def test_rows_that_do_not_fit_a_block_fall_back_to_f16_with_a_message(tmp_path, 
 
     assert tensor_type("blk.0.ffn_down.weight", (32, 40), "q4_0")[0] == "f16"
     assert tensor_type("blk.0.attn_norm.weight", (32,), "q8_0") == ("f32", None)
+    # under q4_0 the output head (the tied embedding here) stays q8_0, as llama.cpp's quantizer keeps it
+    assert tensor_type("token_embd.weight", (320, 32), "q4_0", head="token_embd.weight") == ("q8_0", None)
+    assert tensor_type("token_embd.weight", (320, 32), "q4_0", head="output.weight") == ("q4_0", None)
     from slmkit.model.folder import save_model
     from slmkit.model.llama import Llama
 
@@ -124,7 +127,8 @@ def test_quantized_gguf_loads_and_stays_within_its_perplexity_bound(quant, bound
     pytest.importorskip("llama_cpp")
     result = export(tiny_model, tmp_path / f"m-{quant}.gguf", format="gguf", quant=quant)
     assert abs(result["perplexity_rise"]) <= bound
-    f32 = export(tiny_model, tmp_path / "m-f32.gguf", format="gguf", quant="f32", verify=False)
+    (tmp_path / "f32").mkdir()  # its own folder: each export writes a Modelfile beside its GGUF
+    f32 = export(tiny_model, tmp_path / "f32" / "m.gguf", format="gguf", quant="f32", verify=False)
     assert result["bytes"] < f32["bytes"]
 
 
@@ -140,7 +144,7 @@ def test_a_gguf_that_fails_parity_is_an_error_naming_the_position(tiny_model, tm
 
 def test_onnx_decoder_with_past_matches_torch_within_1e_4(bpe_model, tmp_path):
     pytest.importorskip("onnxruntime")
-    from slmkit.edge.export_onnx import _session, empty_past
+    from slmkit.edge.runtimes import empty_past, onnx_session
     from slmkit.infer.load import load_model, read_config
     from slmkit.model.folder import logits_of
 
@@ -149,7 +153,7 @@ def test_onnx_decoder_with_past_matches_torch_within_1e_4(bpe_model, tmp_path):
     assert result["max_abs_logit_diff"] < 1e-4
     ids = torch.tensor([[0, 5, 17, 99, 200, 33, 7, 150]])
     expected = logits_of(load_model(bpe_model), ids)[0].detach().numpy()
-    sess, past = _session(out / "model.onnx", 1), empty_past(read_config(bpe_model))
+    sess, past = onnx_session(out / "model.onnx", 1), empty_past(read_config(bpe_model))
     logits, k, v = sess.run(None, {"input_ids": ids[:, :5].numpy(), "past_keys": past, "past_values": past})
     step = sess.run(None, {"input_ids": ids[:, 5:].numpy(), "past_keys": k, "past_values": v})[0]
     got = np.concatenate([logits[0], step[0]])
