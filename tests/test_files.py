@@ -117,10 +117,10 @@ def test_no_verb_writes_over_the_current_folder_or_its_input(argv, model, tmp_pa
     assert listing(model) == before_model and listing(work) == before_work
 
 
-@pytest.mark.parametrize("verb", ["export-hf", "export-onnx", "export-gguf", "quantize", "import", "embed"])
+@pytest.mark.parametrize("verb", ["export-hf", "export-onnx", "export-gguf", "quantize", "import", "embed", "bench"])
 def test_an_existing_output_needs_overwrite(verb, model, tmp_path, capsys):
-    is_file = verb in ("export-gguf", "embed")
-    out = tmp_path / ("out.gguf" if verb == "export-gguf" else "out.npy" if is_file else "out")
+    is_file = verb in ("export-gguf", "embed", "bench")
+    out = tmp_path / {"export-gguf": "out.gguf", "embed": "out.npy", "bench": "out.md"}.get(verb, "out")
     if is_file:
         out.write_bytes(b"the user's file")
     else:
@@ -128,7 +128,8 @@ def test_an_existing_output_needs_overwrite(verb, model, tmp_path, capsys):
         (out / "keep.txt").write_text("the user's file")
     argv = {"export-hf": ("export", model, "--format", "hf"), "export-onnx": ("export", model, "--format", "onnx"),
             "export-gguf": ("export", model, "--format", "gguf"), "quantize": ("quantize", model),
-            "import": ("import", model), "embed": ("embed", model, "--data", model / "config.json")}[verb]
+            "import": ("import", model), "embed": ("embed", model, "--data", model / "config.json"),
+            "bench": ("bench", model)}[verb]
     before = listing(tmp_path)
     assert "pass --overwrite" in refused(capsys, *argv, "--out", out)
     assert listing(tmp_path) == before

@@ -289,8 +289,9 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def main(targets: list[Path], threads: int | None = None, memory_cap: str | None = None, new_tokens: int = 64,
          data: Path | None = None, ppl_tokens: int = 1024, as_json: bool = False, out: Path | None = None,
-         repeats: int = 3) -> list:
+         repeats: int = 3, overwrite: bool = False) -> list:
     """Profile each TARGET (model folder, int8 folder, ONNX export folder or .gguf) in its own process."""
+    from slmkit.files import atomic_write_bytes
     from slmkit.options import check_numbers
 
     cap = parse_size(memory_cap) if memory_cap else None
@@ -305,6 +306,11 @@ def main(targets: list[Path], threads: int | None = None, memory_cap: str | None
         raise SystemExit(f"error: --data {data} does not exist")
     if out is not None and not Path(out).parent.is_dir():
         raise SystemExit(f"error: the directory of --out {out} does not exist; create it first")
+    if out is not None:  # the report and its chart: neither replaces a file without --overwrite
+        from slmkit.files import check_out  # (light: the parent process imports no runtime)
+
+        for path in (Path(out), Path(out).with_suffix(".png")):
+            check_out(path, overwrite, sources=[Path(t) for t in targets], kind="file")
     rows = [run_one(Path(t), threads, cap, new_tokens, data, ppl_tokens, repeats) for t in targets]
     table = markdown(rows)
     if as_json:
@@ -315,7 +321,8 @@ def main(targets: list[Path], threads: int | None = None, memory_cap: str | None
         png = Path(out).with_suffix(".png")
         chart(rows, png)
         setting = f"threads {threads or os.cpu_count()}" + (f", memory cap {memory_cap}" if cap else "")
-        Path(out).write_text(f"# slm bench ({setting})\n\n{table}\n\n![decode tokens/s and size]({png.name})\n")
+        atomic_write_bytes(Path(out), f"# slm bench ({setting})\n\n{table}\n\n![decode tokens/s and size]({png.name})\n"
+                           .encode())
     return rows
 
 
@@ -333,3 +340,4 @@ def add_args(p) -> None:
     p.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of --data to score (default: 1024)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON list of rows")
     p.add_argument("--out", type=Path, default=None, help="write a markdown report here and a PNG chart beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report (and its chart)")
