@@ -66,3 +66,27 @@ def check_numbers(args: dict, positive: dict[str, str] | None = None, non_negati
         every = args.get(key)
         if every is not None and not (float(every) if str(every).isdigit() else parse_duration(every)) > 0:
             raise SystemExit(f"error: --{key.replace('_', '-')} {every} must be positive ({what})")
+
+
+# Options whose flag is not their name (argparse dest -> flag name)
+NEGATED = {"calibrate": "no-calibrate", "progress": "no-progress", "stream": "no-stream", "as_json": "json"}
+
+
+def refuse_unused(where: str, values: dict, unused: dict[str, str], defaults: dict | None = None) -> None:
+    """One line for the first flag of UNUSED (option name -> what to use instead) that VALUES gives away from its
+    default (DEFAULTS[name], else None/False: a flag left out): a flag the verb accepts but would drop in WHERE is
+    refused before any work, never silently ignored."""
+    for name, instead in unused.items():
+        default = (defaults or {}).get(name)
+        value = values.get(name, default)
+        if value != default and not (default is None and value is False):
+            flag = NEGATED.get(name, name).replace("_", "-")
+            raise SystemExit(f"error: --{flag} does not apply to {where}: {instead}")
+
+
+def defaults_of(fn) -> dict:
+    """FN's keyword defaults (a function's or a dataclass's): what refuse_unused compares against."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}

@@ -198,6 +198,28 @@ def check_inputs(small: Path, large: str, out: Path, max_escalation: float | Non
     return "classifier" if is_classifier(cfg) else "decoder"
 
 
+# The flags one kind of cascade (or of large model) reads: given for another, each is refused in one line.
+NOT_FOR = {
+    "classifier": {"max_new_tokens": "it is a decoder cascade's reply budget",
+                   "skip_bad_lines": "it is for a decoder cascade's chat JSONL"},
+    "decoder": {"text_col": "a decoder cascade calibrates on chat JSONL's messages",
+                "label_col": "a decoder cascade calibrates on chat JSONL's replies",
+                "batch_size": "a decoder cascade answers one calibration row at a time",
+                "max_length": "it is a classifier cascade's (a decoder reads its whole context)"},
+    "a large model folder": {k: "it is for a URL large model" for k in ("large_model", "api_key_env", "timeout")},
+}
+
+
+def refuse_unused(kind: str, large: str, given: dict) -> None:
+    """One line for a flag of GIVEN that a KIND cascade with LARGE would not read."""
+    from slmkit.options import defaults_of
+    from slmkit.options import refuse_unused as refuse
+
+    refuse(f"a {kind} cascade", given, NOT_FOR[kind], defaults_of(main))
+    if not is_url(large):
+        refuse("a large model folder", given, NOT_FOR["a large model folder"], defaults_of(main))
+
+
 def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: float | None = None,
          min_quality: float | None = None, large_model: str | None = None, api_key_env: str | None = None,
          text_col: str = "text", label_col: str = "label", max_new_tokens: int = 64, batch_size: int = 32,
@@ -221,6 +243,9 @@ def main(small: Path, large: str, calibrate: Path, out: Path, max_escalation: fl
                   {"max_new_tokens": "reply tokens at most per calibration row", "batch_size": "texts per pass"})
     out = Path(out)
     kind = check_inputs(small, large, out, max_escalation, min_quality, timeout, overwrite)
+    refuse_unused(kind, large, dict(large_model=large_model, api_key_env=api_key_env, text_col=text_col,
+                                    label_col=label_col, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    max_length=max_length, timeout=timeout, skip_bad_lines=skip_bad_lines))
     if min_quality is None and max_escalation is None:
         min_quality = DEFAULT_MIN_QUALITY
     device = pick_device(device)

@@ -61,16 +61,22 @@ def classify(model_dir: Path, text: str | None = None, data: Path | None = None,
 
 def evaluate(model_dir: Path, data: list[str], text_col: str = "text", label_col: str = "label",
              batch_size: int = 8, as_json: bool = False, skip_bad_lines: bool = False, device: str = "auto",
-             **_unused) -> dict:
+             block_size: int | None = None, **rest) -> dict:
     """`slm eval CASCADE --data ...`: a classifier cascade on labelled rows (accuracy, macro-F1), a decoder cascade on
     chat JSONL (loss); both with the escalation rate and the per-model split."""
+    from slmkit.infer.evaluate import refuse_for
+    from slmkit.options import check_numbers
+
+    check_numbers(dict(block_size=block_size, batch_size=batch_size))
     cascade = load_cascade(Path(model_dir), device)
+    given = dict(rest, text_col=text_col, label_col=label_col, skip_bad_lines=skip_bad_lines, block_size=block_size)
+    refuse_for("classifier" if cascade.kind == "classifier" else "chat", given)
     if cascade.kind == "classifier":
         result = _evaluate_classifier(cascade, data, text_col, label_col, batch_size)
         head = f"accuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f}"
         score = "accuracy"
     else:
-        result = _evaluate_decoder(cascade, data, batch_size, skip_bad_lines)
+        result = _evaluate_decoder(cascade, data, batch_size, skip_bad_lines, block_size)
         head = f"assistant-token loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
         score = "loss"
     if as_json:
@@ -105,11 +111,13 @@ def _evaluate_classifier(cascade: Cascade, data: list[str], text_col: str, label
             len(rows), "per_model": per_model, "threshold": cascade.threshold, "examples": len(rows)}
 
 
-def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_bad_lines: bool) -> dict:
+def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_bad_lines: bool,
+                      block_size: int | None = None) -> dict:
     """Each conversation goes where the cascade would send it (the small model answers its last assistant turn
     greedily, as at calibration; the mean log-prob of that answer decides), and the model it goes to scores it: the
     loss on its assistant tokens, as `slm eval` computes on chat JSONL. The loss is the mean over all scored tokens
-    (each conversation in its own model's tokens)."""
+    (each conversation in its own model's tokens). BLOCK_SIZE (at most each model's context) caps the tokens a
+    conversation is scored on, as `slm eval --block-size` does on a model folder."""
     import math
 
     import torch
@@ -136,7 +144,8 @@ def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_b
         r = {"loss": None, "tokens": 0}
         if convs:
             with torch.no_grad():
-                r = evaluate_chat(lm.model, build_examples(convs, lm.tokenizer, lm.context),
+                block = min(block_size or lm.context, lm.context)
+                r = evaluate_chat(lm.model, build_examples(convs, lm.tokenizer, block),
                                   pad_id_of(lm.tokenizer), batch_size, str(next(lm.model.parameters()).device))
             total, tokens = total + r["loss"] * r["tokens"], tokens + r["tokens"]
         per_model[who] = {"model": cascade.names[who], "n": len(convs), "loss": r["loss"], "tokens": r["tokens"]}
@@ -144,6 +153,25 @@ def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_b
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
             "escalation_rate": len(routed["large"]) / len(conversations), "per_model": per_model,
             "threshold": cascade.threshold, "examples": len(conversations)}
+
+
+# generate's and chat's flags for one model's decoding, which a cascade (two models, each loaded as saved, decoded
+# eagerly) cannot honour: given, each is refused rather than dropped.
+NOT_FOR_CASCADE = {"draft": "give it a model folder", "draft_tokens": "speculative decoding needs a model folder",
+                   "compile": "a cascade decodes eagerly; give --compile with a model folder",
+                   "dtype": "a cascade loads its models in fp32"}
+
+
+def _decoding_flags(model_dir: Path, options: dict) -> None:
+    """Refuse the flags of NOT_FOR_CASCADE; honour --threads (CPU threads for both models)."""
+    import torch
+
+    from slmkit.options import check_numbers, refuse_unused
+
+    refuse_unused(f"a cascade folder ({model_dir})", options, NOT_FOR_CASCADE, {"dtype": "fp32"})
+    check_numbers({"threads": options.get("threads")})
+    if options.get("threads"):
+        torch.set_num_threads(options["threads"])
 
 
 def generate(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
@@ -155,8 +183,7 @@ def generate(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, tempe
     from slmkit.infer.generate import NonFiniteLogits, checked_sampling
     from slmkit.options import check_numbers
 
-    if unsupported.get("draft"):
-        raise SystemExit("error: --draft does not apply to a cascade folder; give it a model folder")
+    _decoding_flags(model_dir, unsupported)
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=list(stop or []))
     checked_sampling(**params)
@@ -187,7 +214,7 @@ def generate(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, tempe
 
 def chat(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
-         device: str = "auto", **_unused) -> None:
+         device: str = "auto", **unsupported) -> None:
     """`slm chat CASCADE`: each reply from the small model, or from the large one when the small one is unsure; the
     answering model is shown after each reply. A failed escalation is one line, and the conversation goes on."""
     from slmkit.infer.chat import user_turns
@@ -196,6 +223,7 @@ def chat(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, seed=seed)
     checked_sampling(**params)
+    _decoding_flags(model_dir, unsupported)
     cascade = _open(model_dir, "decoder", "chat", device)
     print(f"chatting with the cascade {Path(model_dir).name} ({cascade.names['small']} -> "
           f"{cascade.names['large']}); /reset clears, /quit leaves", file=sys.stderr)

@@ -103,6 +103,8 @@ def pick(router_dir: Path, text: list[str] | None = None, data: Path | None = No
 
     if bool(text) == (data is not None):
         raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
+    if text and text_col != "text":
+        raise SystemExit("error: --text-col does not apply to --text: it names the column of a --data file")
     texts = list(text) if text else read_texts(Path(data), text_col)
     picks = load_router(Path(router_dir)).route(texts)
     for t, (route, conf, why) in zip(texts, picks, strict=True):
@@ -155,6 +157,8 @@ def add_args(p) -> None:
     g.add_argument("--label-col", default="label", help="route field/column (default: label)")
     g.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda … (default: auto)")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="training precision, as slm finetune's "
+                   "(default: auto)")
     g.add_argument("--overwrite", action="store_true", help="replace a router already in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     k = sub.add_parser("pick", help="show the route of texts", description=pick.__doc__)

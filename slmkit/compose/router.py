@@ -151,11 +151,11 @@ def routing_report(router: Router, texts: list[str], truth: list[str]) -> dict:
 
 
 def evaluate_router(folder: Path, data: list[str], text_col: str = "text", label_col: str = "label",
-                    as_json: bool = False) -> dict:
+                    as_json: bool = False, device: str = "cpu") -> dict:
     """`slm eval ROUTER --data labelled.jsonl`: routing accuracy and the confusion matrix on labelled rows."""
     from slmkit.data.labelled import read_labelled_files
 
-    router = load_router(Path(folder))
+    router = load_router(Path(folder), device)
     texts, truth = read_labelled_files(data, text_col, label_col, router.routes, ("route", "router's routes"))
     result = routing_report(router, texts, truth)
     if as_json:

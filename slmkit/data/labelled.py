@@ -10,6 +10,9 @@ import numpy as np
 MAX_LABELS = 1000  # more distinct values than this is almost surely a text or id column, not labels
 
 
+COLUMNED = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # files with named fields; the rest: one text a line
+
+
 def read_rows(path: Path, columns: dict[str, str]) -> list[tuple]:
     """Rows of PATH as tuples (line number, value of each column). COLUMNS maps column name -> the flag naming it.
 
@@ -19,6 +22,14 @@ def read_rows(path: Path, columns: dict[str, str]) -> list[tuple]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: data file {path} does not exist")
+    try:
+        return _read_rows(path, columns)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); re-encode "
+                         "it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _read_rows(path: Path, columns: dict[str, str]) -> list[tuple]:
     names, suffix = list(columns), path.suffix.lower()
 
     def missing(col: str, where: str, have) -> SystemExit:
@@ -54,6 +65,9 @@ def read_rows(path: Path, columns: dict[str, str]) -> list[tuple]:
         cols = [table.column(c).to_pylist() for c in names]
         rows = [(i + 1, *vals) for i, vals in enumerate(zip(*cols, strict=True))]
     elif len(names) == 1:  # plain text: one example per non-empty line
+        if names[0] != "text":  # a column named for a file that has none would be dropped without a word
+            raise SystemExit(f"error: {columns[names[0]]} does not apply to {path}: a plain text file holds one text "
+                             "per line; drop it or give CSV, TSV, JSONL or Parquet")
         with open(path, encoding="utf-8", errors="strict") as fh:
             rows = [(i, line.rstrip("\n")) for i, line in enumerate(fh, 1) if line.strip()]
     else:

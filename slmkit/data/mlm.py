@@ -32,14 +32,18 @@ class MaskInfo(NamedTuple):
     cls_id: int
 
 
-def mask_info(tokenizer) -> MaskInfo:
-    """MaskInfo for TOKENIZER, or a one-line error when it cannot be used for masked-LM training."""
+# What to do about a tokenizer mask_info refuses, in `slm train`'s flags; other verbs (eval, distill) have no
+# tokenizer flags and pass their own advice.
+TRAIN_FIX = "use --tokenizer wordpiece or --tokenizer-from a BERT-family model folder"
+
+
+def mask_info(tokenizer, fix: str = TRAIN_FIX) -> MaskInfo:
+    """MaskInfo for TOKENIZER, or a one-line error (ending in FIX) when it cannot be used for masked-LM training."""
     if tokenizer.mask_token_id is None:
-        raise SystemExit("error: this tokenizer has no [MASK] token, which masked-LM training needs; use "
-                         "--tokenizer wordpiece or --tokenizer-from a BERT-family model folder")
+        raise SystemExit(f"error: this tokenizer has no [MASK] token, which masked-LM training needs; {fix}")
     cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     if cls is None:
-        raise SystemExit("error: this tokenizer has no [CLS] token; use --tokenizer wordpiece")
+        raise SystemExit(f"error: this tokenizer has no [CLS] token; {fix}")
     return MaskInfo(int(tokenizer.mask_token_id), len(tokenizer), tuple(sorted(set(tokenizer.all_special_ids))),
                     int(cls))
 
@@ -144,7 +148,8 @@ def masked_lm_evaluator(model_dir, tokenizer):
     from slmkit.model.weights import open_pretrained
 
     model = open_pretrained(AutoModelForMaskedLM, model_dir).eval()
-    return model, partial(evaluate_mlm, info=mask_info(tokenizer))
+    fix = f"{model_dir}'s tokenizer cannot mask: its masked-LM loss cannot be measured"
+    return model, partial(evaluate_mlm, info=mask_info(tokenizer, fix))
 
 
 def mlm_task(tokenizer, train_tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,

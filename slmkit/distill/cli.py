@@ -73,6 +73,8 @@ def add_args(p) -> None:
                    "folder keeps the best weights (default: 3; 0 = run the whole budget)")
     g.add_argument("--checkpoint-every", help="checkpoint interval in training time (default: 2m)")
     g.add_argument("--text-col", help="text field/column for JSONL, CSV, Parquet (default: text)")
+    g.add_argument("--replace-errors", action="store_true", default=None, help="causal, mlm: replace undecodable "
+                   "bytes of text files instead of failing")
     g.add_argument("--resume", action="store_true", default=None, help="continue the run saved in --out")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace a model already in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")

@@ -91,6 +91,43 @@ class DistillConfig(RunConfig):
                              "once anyway; mlm masks afresh every step)")
 
 
+# The flags only some tasks read (the rest of DistillConfig is every task's): given for another task, each is refused
+# in one line rather than dropped (refuse_unused).
+_MLM_WEIGHTS = {k: "DistilBERT's loss weights are for --task mlm; causal and classify mix the teacher's and the "
+                   "data's losses with --alpha" for k in ("alpha_ce", "alpha_mlm", "alpha_cos")}
+_CLASSIFY_DATA = {"unlabelled": "it adds texts for --task classify to label", "eval_data": "it is --task classify's "
+                  "held-out rows; text holds out --val-fraction of --data", "label_col": "text has no labels",
+                  "max_length": "use --block-size (tokens per window)"}
+NOT_FOR_TASK = {
+    "causal": {**_MLM_WEIGHTS, **_CLASSIFY_DATA},
+    "mlm": {**_CLASSIFY_DATA, **{k: "mlm's loss is DistilBERT's, weighted by --alpha-ce, --alpha-mlm, --alpha-cos"
+                                 for k in ("alpha", "loss", "beta")}},
+    "classify": {**_MLM_WEIGHTS, "block_size": "use --max-length (tokens per text)",
+                 "eval_tokens": "a classifier is scored on its whole held-out split",
+                 "checkpoint_every": "classify runs keep no checkpoint (they are minutes long)",
+                 "cache_k": "the teacher's labels are computed once anyway",
+                 "replace_errors": "labelled rows are read as UTF-8; re-encode the file"},
+}
+
+
+def refuse_unused(cfg: DistillConfig) -> None:
+    """One line for a flag CFG's task (or its --loss, its cache) would not read, before anything is loaded."""
+    from slmkit.options import defaults_of
+    from slmkit.options import refuse_unused as refuse
+
+    defaults, values = defaults_of(DistillConfig), vars(cfg)
+    refuse(f"--task {cfg.task}", values, NOT_FOR_TASK[cfg.task], defaults)
+    if cfg.loss != "jsd":
+        refuse(f"--loss {cfg.loss}", values, {"beta": "it is jsd's mixture weight (--loss jsd)"}, defaults)
+    if not cfg.cache_teacher:
+        refuse("a run without --cache-teacher", values, {"cache_k": "it sizes the teacher cache: add --cache-teacher"},
+               defaults)
+    if cfg.alpha == 0 and cfg.task != "mlm":  # the soft loss has weight 0: the teacher is not run for training
+        refuse("--alpha 0", values, dict.fromkeys(("temperature", "loss", "beta", "cache_teacher", "cache_k"),
+                                                  "it shapes the teacher's soft loss, which --alpha 0 leaves out"),
+               defaults)
+
+
 def main(teacher: Path, data: list[str], out: Path, **options) -> dict:
     """Distill the model in TEACHER into a smaller student on DATA and write the student's model folder to OUT.
 
@@ -106,6 +143,7 @@ def run(cfg: DistillConfig) -> dict:
     """The pipeline of `slm distill` over CFG (see the module docstring); returns the run's summary."""
     teacher_cfg = read_config(cfg.teacher)
     cfg.task = cfg.task or default_task(teacher_cfg)
+    refuse_unused(cfg)
     if cfg.out.resolve() == cfg.teacher.resolve():
         raise SystemExit("error: --out must differ from the teacher's folder")
     saved = open_output(cfg.out, cfg.resume, cfg.overwrite, RUN_FILE, clear=cfg.task != "classify",
@@ -157,9 +195,7 @@ def build_task(cfg: DistillConfig, tok, teacher, student, kd, dev: str, autocast
     if cfg.task == "mlm":
         return (*tasks.mlm_task(cfg, tok, teacher, student, data, cfg.block_size, kd, dev), {})
     cache, info = None, {}
-    if cfg.cache_teacher and kd.alpha == 0.0:
-        print("note: --alpha 0 trains on the data's labels alone; the teacher is not run, --cache-teacher is ignored")
-    elif cfg.cache_teacher:
+    if cfg.cache_teacher:  # (refused with --alpha 0: refuse_unused)
         cache, info = tasks.cache_for(cfg, teacher, data, cfg.block_size, kd, dev, autocast)
     task, score = tasks.causal_task(cfg, tok, teacher, data, cfg.block_size, kd, dev, cache)
     return task, score, {"cache": info} if info else {}

@@ -151,7 +151,8 @@ def mlm_task(cfg, tok, teacher, student, data, block: int, kd: KD, dev: str) -> 
     from slmkit.data.mlm import evaluate_mlm, get_mlm_batch, mask_info
 
     train, val, _ = data
-    info, bsz = mask_info(tok), cfg.batch_size
+    info, bsz = mask_info(tok, "the teacher's tokenizer cannot mask: --task mlm needs a BERT-family teacher"), \
+        cfg.batch_size
     gen = torch.Generator().manual_seed(cfg.seed)
     windows = EpochSampler(lambda epoch: epoch_windows(len(train), block, cfg.seed, epoch))
     same_width = student.config.hidden_size == teacher.config.hidden_size
@@ -265,6 +266,8 @@ def labelled_split(cfg, labels: list[str]) -> tuple[list, list, list, list]:
 
 
 def _unlabelled_texts(cfg) -> list[str]:
-    from slmkit.data.labelled import read_texts
+    from slmkit.data.labelled import COLUMNED, read_texts
 
-    return [t for f in expand_paths(cfg.unlabelled or []) for t in read_texts(f, cfg.text_col)]
+    # --text-col names the labelled rows' column: plain text lines (no columns) are read whole
+    return [t for f in expand_paths(cfg.unlabelled or [])
+            for t in read_texts(f, cfg.text_col if f.suffix.lower() in COLUMNED else "text")]

@@ -67,6 +67,8 @@ class FedSettings:
     eval_tokens: int = 32768
     eval_every: int = 1  # rounds between the clients' held-out evaluations (the last round is always evaluated)
     val_fraction: float = 0.1
+    text_col: str = "text"  # the text field of every client's JSONL/CSV/Parquet
+    replace_errors: bool = False  # clients substitute U+FFFD for undecodable bytes instead of failing
     device: str = "cpu"
     autocast: str | None = None  # "bf16" or None
 
@@ -130,10 +132,10 @@ def _client_parts(s: FedSettings, context: Context) -> tuple[torch.nn.Module, Si
     if key not in _CACHE:
         _CACHE[key] = build(s).to(s.device)
     data = str(context.node_config["data-path"])
-    skey = (data, s.tokenizer, s.block)
+    skey = (data, s.tokenizer, s.block, s.val_fraction, s.text_col, s.replace_errors)
     if skey not in _CACHE:
         tok = load_tokenizer(Path(s.tokenizer)) if s.tokenizer else byte_tokenizer()
-        _CACHE[skey] = open_silo(data.split(","), tok, s.block, s.val_fraction)
+        _CACHE[skey] = open_silo(data.split(","), tok, s.block, s.val_fraction, s.text_col, s.replace_errors)
     return _CACHE[key], _CACHE[skey]
 
 

@@ -101,6 +101,9 @@ def _training_args(s) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
     g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
+    g.add_argument("--text-col", help="every client's text field/column for JSONL, CSV, Parquet (default: text)")
+    g.add_argument("--replace-errors", action="store_true", default=None, help="clients replace undecodable bytes "
+                   "of text files instead of failing")
     g.add_argument("--eval-every", type=int, help="rounds between the clients' held-out evaluations, the last round "
                    "always evaluated; the best model is chosen among evaluated rounds (default: 1)")
     g = s.add_argument_group("aggregation")
@@ -111,7 +114,7 @@ def _training_args(s) -> None:
     g.add_argument("--server-lr", type=float, help="the server's step: FedAdam's eta (default: 0.01), FedAvgM's "
                    "learning rate (default: 1.0)")
     g.add_argument("--server-momentum", type=float, help="FedAvgM's momentum (default: 0.9)")
-    g.add_argument("--timeout", type=float, help="seconds to wait for a round's replies (default: 600)")
+    g.add_argument("--timeout", type=float, help="server: seconds to wait for a round's replies (default: 600)")
     g = s.add_argument_group("differential privacy (client level)")
     g.add_argument("--dp", action="store_true", default=None, help="clip each client's update, add Gaussian noise to "
                    "the aggregate, report ε per round")

@@ -31,10 +31,11 @@ class Silo:
     token_bytes: np.ndarray  # bytes of text per token id: bits per byte
 
 
-def open_silo(paths: list[str], tokenizer, block: int, val_fraction: float = 0.1, text_col: str = "text") -> Silo:
+def open_silo(paths: list[str], tokenizer, block: int, val_fraction: float = 0.1, text_col: str = "text",
+              replace_errors: bool = False) -> Silo:
     """PATHS tokenized (cached by content, as `slm train` does), the last VAL_FRACTION held out."""
     files = expand_paths([str(p) for p in paths])
-    bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col)
+    bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
     train, val = split_tokens(load_tokens(bin_path, meta), val_fraction, block)
     if len(train) <= block + 1 or len(val) <= block + 1:
         raise SystemExit(f"error: --data {' '.join(map(str, paths))}: {len(train) + len(val):,} tokens are too few "

@@ -59,6 +59,8 @@ class FederateConfig:
     val_fraction: float = 0.1
     eval_tokens: int = 32768  # held-out tokens each client scores per round
     eval_every: int = 1  # rounds between evaluations
+    text_col: str = "text"  # every client's text field/column (JSONL, CSV, Parquet)
+    replace_errors: bool = False  # clients replace undecodable bytes instead of failing
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -100,6 +102,7 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
                        dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
                        val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, eval_every=cfg.eval_every,
+                       text_col=cfg.text_col, replace_errors=cfg.replace_errors,
                        device=dev,
                        autocast="bf16" if autocast == torch.bfloat16 else None)
 
@@ -262,9 +265,40 @@ def noise_for_epsilon(epsilon: float, rounds: int, delta: float) -> float:
     return hi
 
 
+# (the flag, when it is read, what to do instead): given where it is not read, each is refused in one line
+NOT_READ = (
+    ("lora_r", lambda c: c.lora, "without --lora", "it sizes the adapters: add --lora (with --base)"),
+    ("lora_alpha", lambda c: c.lora, "without --lora", "it scales the adapters: add --lora (with --base)"),
+    ("preset", lambda c: c.base is None, "--base", "the base folder's architecture is trained"),
+    ("tokenizer_from", lambda c: c.base is None, "--base", "the base folder's own tokenizer is used"),
+    ("tokens", lambda c: c.local_steps is None, "--local-steps", "it sets the steps per round; give one of them"),
+    ("proximal_mu", lambda c: c.strategy == "fedprox", "this --strategy", "it is FedProx's (--strategy fedprox)"),
+    ("server_lr", lambda c: c.strategy in ("fedadam", "fedavgm"), "this --strategy",
+     "it is FedAdam's and FedAvgM's server step"),
+    ("server_momentum", lambda c: c.strategy == "fedavgm", "this --strategy", "it is FedAvgM's (--strategy fedavgm)"),
+    ("dp_noise", lambda c: c.dp_epsilon is None, "--dp-epsilon", "the target epsilon picks the noise multiplier"),
+    *((k, lambda c: c.dp or c.dp_epsilon is not None, "a run without --dp", "add --dp (or --dp-epsilon)")
+      for k in ("dp_noise", "dp_clip", "dp_delta")),
+    ("timeout", lambda c: not c.data, "`slm federate simulate`",  # (a server's config has no data: clients bring it)
+     "its clients run in this process and always reply; --timeout is the server's"),
+)
+
+
+def refuse_unused(cfg: FederateConfig) -> None:
+    """One line for the first flag NOT_READ says this run would not read."""
+    from slmkit.options import defaults_of
+    from slmkit.options import refuse_unused as refuse
+
+    defaults = defaults_of(FederateConfig)
+    for name, read, where, instead in NOT_READ:
+        if not read(cfg):
+            refuse(where, vars(cfg), {name: instead}, defaults)
+
+
 def check(cfg: FederateConfig) -> None:
     from slmkit.federate import STRATEGIES
 
+    refuse_unused(cfg)
     if cfg.data and len(cfg.data) < 2:  # (a server has no data: its clients bring it)
         raise SystemExit("error: --data: give two or more silos (one path per client)")
     for d in cfg.data:

@@ -45,12 +45,13 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
          threads: int | None = None, device: str = "auto", compile: bool = False, draft: Path | None = None,
          draft_tokens: int | None = None) -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    from slmkit.infer.generate import NonFiniteLogits, checked_sampling, load
+    from slmkit.infer.generate import NonFiniteLogits, checked_sampling, load, refuse_draft_tokens
     from slmkit.options import check_numbers
 
     checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty)
     check_numbers(dict(threads=threads, draft_tokens=draft_tokens))
+    refuse_draft_tokens(draft, draft_tokens)
     lm = load(model_dir, threads=threads, device=device, compile=compile)
     if draft is not None:  # speculative decoding (compose/speculative.py)
         from slmkit.compose.speculative import attach_draft

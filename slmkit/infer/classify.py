@@ -139,13 +139,13 @@ def predict(model_dir: Path, texts: list[str], top_k: int = 1, batch_size: int =
 
 
 def evaluate_file(model_dir: Path, data: list[str], text_col: str = "text", label_col: str = "label",
-                  batch_size: int = 32, as_json: bool = False) -> dict:
+                  batch_size: int = 32, as_json: bool = False, device: str = "cpu") -> dict:
     """`slm eval` on a classifier: loss, accuracy, macro-F1 (and per-class figures) on labelled DATA."""
-    model, tokenizer, labels = load_classifier(model_dir)
+    model, tokenizer, labels = load_classifier(model_dir, device)
     texts, names = read_labelled_files(data, text_col, label_col, labels, ("label", "model's labels"))
     y = [labels.index(v) for v in names]
     seqs = encode(tokenizer, texts, max_length_for(model.config, tokenizer, None))
-    result = evaluate_classifier(model, seqs, y, pad_id_for(tokenizer), labels, batch_size)
+    result = evaluate_classifier(model, seqs, y, pad_id_for(tokenizer), labels, batch_size, device)
     if as_json:
         print(json.dumps({k: result[k] for k in ("loss", "accuracy", "macro_f1", "examples", "per_class")}))
     else:
@@ -167,6 +167,8 @@ def texts_to_classify(text: str | None, data: Path | None, text_col: str, top_k:
         raise SystemExit("error: give --text TEXT or --data FILE (one of them)")
     if text is not None and not text.strip():
         raise SystemExit("error: --text is empty; give the text to classify")
+    if text is not None and text_col != "text":
+        raise SystemExit("error: --text-col does not apply to --text: it names the column of a --data file")
     return [text] if text is not None else read_texts(Path(data), text_col)
 
 

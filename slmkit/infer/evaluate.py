@@ -98,6 +98,32 @@ def fit_temperature(model: torch.nn.Module, tokens: np.ndarray, block_size: int,
     return TEMPERATURES[best], losses[0], losses[best]
 
 
+_LABELLED = {"block_size": "labelled rows are read whole, each text up to the model's own length",
+             "max_tokens": "every labelled row is scored",
+             "replace_errors": "labelled rows are read as UTF-8; re-encode the file",
+             "skip_bad_lines": "labelled rows are read whole; fix or drop the malformed row"}
+# The flags only some folders or data read: given where nothing would read it, each is refused in one line
+# (refuse_for). The keys: a router or classifier folder on labelled rows, a decoder on chat JSONL or on text.
+UNUSED = {
+    "router": {**_LABELLED, "batch_size": "a router classifies 32 texts per pass"},
+    "classifier": _LABELLED,
+    "chat": {"text_col": "chat rows are read from their messages (or prompt/response) fields",
+             "label_col": "chat rows have no labels (--label-col is for classifier and router folders)",
+             "max_tokens": "every conversation is scored",
+             "replace_errors": "chat JSONL is read as UTF-8; re-encode the file"},
+    "text": {"label_col": "text has no labels (--label-col is for classifier and router folders)"},
+}
+
+
+def refuse_for(kind: str, given: dict) -> None:
+    """One line for a flag of GIVEN that `slm eval` on KIND (a key of UNUSED) would not read."""
+    from slmkit.options import defaults_of, refuse_unused
+
+    what = {"router": "a router folder", "classifier": "a classifier folder", "chat": "chat JSONL",
+            "text": "text"}.get(kind, kind)
+    refuse_unused(f"`slm eval` on {what}", given, UNUSED[kind], defaults_of(main))
+
+
 def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: int | None = None,
          batch_size: int = 8, max_tokens: int | None = None, replace_errors: bool = False,
          as_json: bool = False, skip_bad_lines: bool = False, label_col: str = "label", device: str = "auto") -> dict:
@@ -123,18 +149,24 @@ def main(model_dir: Path, data: list[str], text_col: str = "text", block_size: i
     model_dir = Path(model_dir)
     from slmkit.compose.router import evaluate_router, is_router
 
+    given = dict(text_col=text_col, label_col=label_col, block_size=block_size, batch_size=batch_size,
+                 max_tokens=max_tokens, replace_errors=replace_errors, skip_bad_lines=skip_bad_lines)
     if is_router(model_dir):  # a router: routing accuracy and the confusion matrix (slmkit/compose/router.py)
-        return evaluate_router(model_dir, data, text_col, label_col, as_json)
+        refuse_for("router", given)
+        return evaluate_router(model_dir, data, text_col, label_col, as_json, pick_device(device))
     cfg = read_config(model_dir)
     if is_classifier(cfg):  # sequence classifiers: accuracy and macro-F1 on labelled rows (slmkit/classify.py)
-        return evaluate_file(model_dir, data, text_col, label_col, batch_size, as_json)
+        refuse_for("classifier", given)
+        return evaluate_file(model_dir, data, text_col, label_col, batch_size, as_json, pick_device(device))
     tokenizer = load_tokenizer(model_dir)
     dev = pick_device(device)
     files = expand_paths(data)
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024
     if all(is_chat_jsonl(f) for f in files):  # chat rows: loss on the assistant tokens, as `finetune --task sft`
+        refuse_for("chat", given)
         return _evaluate_chat(model_dir, files, tokenizer, min(block_size or context, context), batch_size,
                               skip_bad_lines, as_json, dev)
+    refuse_for("text", given)
     bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors,
                                         skip_bad_lines=skip_bad_lines)
     tokens = load_tokens(bin_path, meta)

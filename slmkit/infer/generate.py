@@ -220,6 +220,7 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
     checked_sampling(**params)
     check_numbers(dict(num_samples=num_samples, threads=threads, draft_tokens=draft_tokens),
                   {"num_samples": "texts to sample"})
+    refuse_draft_tokens(draft, draft_tokens)
     lm = load(model_dir, threads=threads, dtype=dtype, device=device, compile=compile)
     if draft is not None:
         from slmkit.compose.speculative import attach_draft
@@ -294,6 +295,13 @@ def add_args(p) -> None:
                    "compiling, then ~1.3x the tokens/s in fp32 and 2-3x in bf16 on CPU from ~7M parameters (slmkit's "
                    "Llama models; needs a C++ compiler on CPU)")
     add_draft_args(p)
+
+
+def refuse_draft_tokens(draft: Path | None, draft_tokens: int | None) -> None:
+    """--draft-tokens sets how many tokens a --draft guesses: without a draft it would change nothing."""
+    if draft is None and draft_tokens is not None:
+        raise SystemExit("error: --draft-tokens does not apply without --draft: give --draft DIR (a small model "
+                         "with the same tokenizer) or drop --draft-tokens")
 
 
 def add_draft_args(p) -> None:

@@ -29,12 +29,35 @@ def main(teacher: str, prompts: list[Path], out: Path, as_json: bool = False, **
                   non_negative=("expand", "min_words", "temperature", "seed"))
     if options.get("top_p") is not None and not 0 < options["top_p"] <= 1:
         raise SystemExit(f"error: --top-p {options['top_p']} must be in (0, 1]")
+    refuse_unused(str(teacher), options)
     filters = FilterSettings(**{f.name: options.pop(f.name) for f in fields(FilterSettings)
                                 if options.get(f.name) is not None})
     options = {k: v for k, v in options.items() if v is not None}
     report = run(SynthConfig(teacher=str(teacher), prompts=list(prompts), out=Path(out), filters=filters, **options))
     print(json.dumps(report, indent=2) if as_json else summary(report))
     return report
+
+
+# The flags only one kind of teacher reads: given for another, each is refused in one line rather than dropped.
+_URL = {k: "it is for a URL teacher (an OpenAI-compatible API)"
+        for k in ("teacher_model", "api_key_env", "concurrency", "timeout", "retries")}
+_FOLDER = {k: "it is for a model folder teacher (decoded here with PyTorch)" for k in ("batch", "dtype", "device")}
+NOT_FOR_TEACHER = {"a URL teacher": {**_FOLDER, "threads": "the server decodes with its own threads"},
+                   "a .gguf teacher": {**_URL, **_FOLDER}, "a model folder teacher": _URL}
+
+
+def refuse_unused(teacher: str, options: dict) -> None:
+    """One line for a flag that TEACHER's kind, or another flag, leaves unread (OPTIONS: None = not given)."""
+    from slmkit.compose.remote import is_url
+    from slmkit.options import refuse_unused as refuse
+
+    kind = "a URL teacher" if is_url(teacher) else "a .gguf teacher" if teacher.lower().endswith(".gguf") else \
+        "a model folder teacher"
+    refuse(kind, options, NOT_FOR_TEACHER[kind])
+    if options.get("keep_system"):
+        refuse("--keep-system", options, {"erase_system": "the rows keep the strategy's system prompt; drop one"})
+    if options.get("near_dup") == "off":
+        refuse("--near-dup off", options, {"near_dup_threshold": "nothing is compared; drop one"})
 
 
 def summary(report: dict) -> str:

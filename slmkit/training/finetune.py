@@ -55,6 +55,10 @@ RUN_FILE = "finetune_args.json"
 # Settings a resumed run must share with the saved one (everything else comes from the saved run, budgets may grow).
 SAME_ON_RESUME = ("model_dir", "task", "lora")
 CLASSIFY_ONLY = ("label_col", "eval_data", "epochs", "max_length")
+# What one of causal and sft does not read: given, each is refused in one line rather than dropped.
+NOT_FOR_TASK = {"causal": {"packing": "raw text is already cut into full windows (--packing is sft's)"},
+                "sft": {"text_col": "chat rows are read from their messages (or prompt/response) fields",
+                        "replace_errors": "chat JSONL is read as UTF-8; re-encode the file"}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,6 +72,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     budget, keep the last weights). Returns a summary dict."""
     options = {k: v for k, v in options.items() if v is not None}  # None: the task's own default
     adapters = {k: options.pop(f"lora_{k}") for k in ("r", "alpha", "dropout", "targets") if f"lora_{k}" in options}
+    if adapters and not lora:
+        raise SystemExit(f"error: --lora-{next(iter(adapters))} does not apply without --lora: it shapes the "
+                         "adapters; add --lora or drop it")
     lora_cfg = LoraConfig(**adapters) if lora else None
     common = dict(model_dir=model_dir, data=data, out=out, lora=lora_cfg)
     if task == "classify":
@@ -78,6 +85,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
     if given:
         raise SystemExit(f"error: {', '.join('--' + k.replace('_', '-') for k in given)} are for --task classify; "
                          "causal and sft hold out the end of --data (--val-fraction) and use --block-size")
+    from slmkit.options import defaults_of, refuse_unused
+
+    refuse_unused(f"--task {task}", options, NOT_FOR_TASK.get(task, {}), defaults_of(TuneConfig))
     return run(TuneConfig.from_options(f"--task {task}", task=task, **common, **options))
 
 

@@ -113,6 +113,27 @@ class Plan:
         return replace(self, replan=[], **{k: picked[k] for k in self.replan})
 
 
+def refuse_unused(cfg: TrainConfig) -> None:
+    """Stage 0: one line for a tokenizer or dropout flag this run would not read, before anything is read."""
+    from slmkit.options import refuse_unused as refuse
+
+    values, preset = vars(cfg), PRESETS.get(cfg.preset, {})
+    if cfg.tokenizer_from:
+        refuse("--tokenizer-from", values, dict.fromkeys(("tokenizer", "vocab_size", "lowercase"),
+                                                          "the reused tokenizer is taken as it is"))
+    kind = cfg.tokenizer or ("wordpiece" if preset and is_encoder(cfg.preset) else "bpe")
+    if kind != "wordpiece":
+        refuse(f"a {kind} tokenizer", values, {"lowercase": "it is WordPiece's (--tokenizer wordpiece)"})
+    if kind == "byte":
+        refuse("--tokenizer byte", values, {"vocab_size": "its vocabulary is the 256 byte values"})
+    if preset and is_encoder(cfg.preset):
+        refuse(f"--preset {cfg.preset}", values, {"calibrate": "a masked-LM encoder's logits are never calibrated"},
+               {"calibrate": True})
+    if preset.get("model_type", "llama") != "llama":  # set_dropout reaches slmkit's Llama blocks only
+        refuse(f"--preset {cfg.preset}", values, dict.fromkeys(("dropout", "dropout_start"), "its dropout is its "
+                                                               "config's own (e.g. --set hidden_dropout_prob=0.2)"))
+
+
 def plan_run(cfg: TrainConfig, n_bytes: int, dev: str, budget: Budget) -> Plan:
     """Stage 1, before any data is read: --preset auto's choices (recipe.auto_recipe), explicit flags winning. A bad
     --set fails here, before the tokenizer trains."""
@@ -211,6 +232,7 @@ def main(**options) -> dict:
 @cleans_up()
 def run(cfg: TrainConfig) -> dict:
     """The pipeline of `slm train` over CFG (see the module docstring); returns the run's summary."""
+    refuse_unused(cfg)
     dev = pick_device(cfg.device)
     if cfg.compile and dev == "cpu":
         require_cpp_compiler()

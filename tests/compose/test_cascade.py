@@ -177,6 +177,19 @@ def test_cascade_refuses_bad_input_in_one_line(clf, tmp_path):
     assert not any((tmp_path / c).exists() for c in ("c1", "c3", "c4"))
 
 
+@pytest.mark.parametrize("kind, flag, value", [
+    ("classifier", "max_new_tokens", 32), ("classifier", "skip_bad_lines", True), ("classifier", "timeout", 5.0),
+    ("classifier", "large_model", "big"), ("decoder", "text_col", "body"), ("decoder", "batch_size", 8),
+    ("decoder", "max_length", 64), ("decoder", "api_key_env", "KEY")])
+def test_a_flag_this_cascade_would_not_read_is_refused_before_calibrating(clf, dec, tmp_path, kind, flag, value):
+    """--max-new-tokens on classifiers, --text-col/--batch-size/--max-length on decoders and the URL settings with a
+    local large model were accepted and dropped."""
+    d, data = (clf["dir"], clf["cal"]) if kind == "classifier" else (dec["dir"], dec["chats"])
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to a"):
+        build(d / "small", str(d / "large"), data, tmp_path / "c", **{flag: value})
+    assert not (tmp_path / "c").exists()
+
+
 # -- decoder cascades ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dec(tmp_path_factory):
@@ -264,6 +277,35 @@ def test_eval_on_a_decoder_cascade_scores_each_conversation_with_the_model_it_go
     assert r["escalation_rate"] == 0.5 and split["small"]["n"] == split["large"]["n"] == 2
     mixed = (split["small"]["loss"] * split["small"]["tokens"] + split["large"]["loss"] * split["large"]["tokens"])
     assert r["loss"] == pytest.approx(mixed / r["tokens"])
+
+
+def test_eval_on_a_decoder_cascade_honours_block_size_and_refuses_what_it_cannot_use(dec, capsys):
+    """--block-size was dropped (each model's whole context scored) while build_examples' note advised raising it;
+    --max-tokens, --threads and the decoding flags of generate/chat were dropped too."""
+    from slmkit.compose.cascade_verbs import chat, generate
+
+    d = dec["dir"]
+    build(d / "small", str(d / "large"), dec["chats"], d / "casc-flags", max_new_tokens=4)
+    set_threshold(d / "casc-flags", -1e9)  # the small model scores everything
+    short = ["--data", dec["chats"], "--block-size", "60", "--json"]
+    (r,) = run_json(capsys, "eval", d / "casc-flags", *short)
+    (alone,) = run_json(capsys, "eval", d / "small", *short)
+    (whole,) = run_json(capsys, "eval", d / "casc-flags", "--data", dec["chats"], "--json")
+    assert r["tokens"] == alone["tokens"] < whole["tokens"] and r["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert slm(["eval", str(d / "casc-flags"), "--data", str(dec["chats"]), "--max-tokens", "50"]) == 1
+    assert "--max-tokens does not apply to `slm eval` on chat JSONL" in capsys.readouterr().err
+    for flag, value in (("compile", True), ("dtype", "bf16"), ("draft", d / "small"), ("draft_tokens", 3)):
+        with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to a cascade"):
+            generate(d / "casc-flags", prompt="hi", **{flag: value})
+        if flag != "dtype":  # chat has no --dtype
+            with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to a cascade"):
+                chat(d / "casc-flags", **{flag: value})
+    before = torch.get_num_threads()
+    try:  # --threads was dropped too: now both models decode with it
+        generate(d / "casc-flags", prompt="hi", max_new_tokens=2, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- serve -----------------------------------------------------------------------------------------------------------

@@ -236,3 +236,40 @@ def test_serve_start_up_checks_the_route_names(router_dir, tiny, capsys):
     with pytest.raises(SystemExit, match="name a model behind a URL"):
         url_spec("http://127.0.0.1:8000/v1")
     assert url_spec("big=https://example.org/v1") == ("big", "https://example.org/v1") and url_spec("a=dir") is None
+
+
+def test_pick_refuses_text_col_with_text(tmp_path):
+    """--text-col names a --data file's column; with --text it was dropped without a word (checked before loading)."""
+    from slmkit.compose.route_cli import pick
+
+    with pytest.raises(SystemExit, match="^error: --text-col does not apply to --text"):
+        pick(tmp_path / "no-router", text=["hello"], text_col="body")
+
+
+def test_eval_on_a_router_refuses_flags_it_would_not_read(router_dir, toy):
+    """A router scores every labelled row whole, 32 texts a pass: --max-tokens, --block-size and --batch-size were
+    dropped."""
+    from slmkit.infer.evaluate import main as evaluate
+
+    for flag, value in (("max_tokens", 10), ("block_size", 16), ("batch_size", 4)):
+        with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to `slm eval` on a "
+                                             "router folder"):
+            evaluate(router_dir[0], [str(toy["test"])], **{flag: value})
+    assert evaluate(router_dir[0], [str(toy["test"])], device="cpu")["examples"] == 60
+
+
+def test_train_passes_dtype_to_the_classifier_run(toy, tmp_path, monkeypatch):
+    """A diverged loss advises `--dtype fp32`, which `slm route train` did not have."""
+    import slmkit.training.classify as classify
+    from slmkit.__main__ import main
+
+    seen = {}
+
+    def stop(*args, **options):  # the options the classifier run would get; then no training
+        seen.update(options)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(classify, "finetune", stop)
+    assert main(["route", "train", "--data", str(toy["train"]), "--encoder", str(toy["encoder"]), "--out",
+                 str(tmp_path / "r"), "--dtype", "fp32"]) == 1
+    assert seen["dtype"] == "fp32"

@@ -172,3 +172,68 @@ def test_the_cli_runs_a_preset_student_with_alpha_zero_and_prints_json(teacher, 
                           str(text), "--student-layers", "9", "--out", str(tmp_path / "t")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--student-layers 9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _teacher_of(kind: str, path):
+    from tests.tiny_encoders import tiny_bert_config, tiny_mlm_folder, wordpiece
+
+    if kind == "causal":
+        return tiny_llama_folder(path)
+    if kind == "mlm":
+        return tiny_mlm_folder(path, wordpiece())
+    from transformers import BertForSequenceClassification
+
+    tok = wordpiece()
+    BertForSequenceClassification(tiny_bert_config(tok, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                                   label2id={"neg": 0, "pos": 1})).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind, flag, value", [
+    ("causal", "alpha_ce", 1.0), ("causal", "max_length", 64), ("causal", "unlabelled", ["x.txt"]),
+    ("causal", "beta", 0.3), ("causal", "cache_k", 8), ("mlm", "alpha", 0.3), ("mlm", "loss", "jsd"),
+    ("mlm", "label_col", "y"), ("classify", "block_size", 32), ("classify", "checkpoint_every", "30s"),
+    ("classify", "replace_errors", True), ("classify", "alpha_cos", 0.5), ("causal", "cache_teacher", "auto"),
+    ("causal", "temperature", 4.0), ("classify", "loss", "jsd")])
+def test_a_flag_the_task_would_not_read_is_refused_before_any_work(tmp_path, kind, flag, value):
+    """Each of these was accepted and dropped: --alpha-ce on a causal run, --alpha on mlm, --block-size on classify,
+    --beta without --loss jsd, --cache-k without --cache-teacher, the soft loss's settings with --alpha 0."""
+    teacher_dir = _teacher_of(kind, tmp_path / "teacher")
+    data = tmp_path / "rows.txt"
+    data.write_text("the cat sat on the mat\n" * 50)
+    soft = flag in ("cache_teacher", "temperature", "loss") and kind != "mlm"
+    alpha = {"alpha": 0.0} if soft else {}  # the teacher's soft loss left out
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to "):
+        distill(teacher_dir, [str(data)], tmp_path / "s", steps=1, progress=False, **alpha, **{flag: value})
+    assert not (tmp_path / "s").exists()
+
+
+def test_replace_errors_is_a_distill_flag_and_reads_undecodable_text(tmp_path):
+    """The UTF-8 error advised --replace-errors, which `slm distill` did not have."""
+    import argparse
+
+    from slmkit.distill.run import add_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    assert p.parse_args(["--teacher", "t", "--data", "d", "--out", "o", "--replace-errors"]).replace_errors is True
+    teacher_dir = tiny_llama_folder(tmp_path / "teacher")
+    data = tmp_path / "text.txt"
+    data.write_bytes(b"the cat sat on the mat. " * 200 + b"\xff\xfe broken" + b" the dog sat on the log." * 200)
+    with pytest.raises(SystemExit, match="not valid UTF-8 .* pass --replace-errors"):
+        distill(teacher_dir, [str(data)], tmp_path / "s", student_layers=1, steps=1, **FAST)
+    s = distill(teacher_dir, [str(data)], tmp_path / "s2", student_layers=1, steps=1, replace_errors=True, **FAST)
+    assert s["step"] == 1
+
+
+def test_unlabelled_plain_text_is_read_whole_whatever_the_labelled_rows_text_col(tmp_path):
+    """--text-col names the labelled rows' column; a .txt of unlabelled texts has none and is read line by line."""
+    from types import SimpleNamespace
+
+    from slmkit.distill.tasks import _unlabelled_texts
+
+    (tmp_path / "more.txt").write_text("one\ntwo\n")
+    (tmp_path / "more.jsonl").write_text('{"body": "three"}\n')
+    cfg = SimpleNamespace(unlabelled=[str(tmp_path / "more.txt"), str(tmp_path / "more.jsonl")], text_col="body")
+    assert _unlabelled_texts(cfg) == ["one", "two", "three"]

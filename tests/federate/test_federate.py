@@ -199,3 +199,52 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path, silos):
 
     merge(tmp_path / "m", tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags", [
+    dict(lora_r=4), dict(lora_alpha=8.0), dict(proximal_mu=0.1), dict(strategy="fedadam", proximal_mu=0.1),
+    dict(server_lr=0.1), dict(strategy="fedprox", server_momentum=0.5), dict(dp_clip=0.5), dict(dp_delta=1e-6),
+    dict(dp_noise=2.0), dict(dp_epsilon=8.0, dp_noise=2.0), dict(local_steps=3, tokens=100_000),
+    dict(base="B", preset="slm-tiny"), dict(base="B", tokenizer_from="T"), dict(timeout=30.0)])
+def test_a_flag_this_run_would_not_read_is_refused_before_any_work(tmp_path, flags):
+    """Each was accepted and dropped: LoRA sizes without --lora, another strategy's settings, DP settings without
+    --dp, --dp-noise under --dp-epsilon, --tokens under --local-steps, --preset/--tokenizer-from under --base,
+    --timeout in a simulation (its clients always reply)."""
+    from slmkit.federate.run import check
+
+    data = [str(tmp_path / f"{i}.txt") for i in range(2)]
+    for d in data:
+        open(d, "w").write("some text\n")
+    flag = list(flags)[-1].replace("_", "-")
+    with pytest.raises(SystemExit, match=f"^error: --{flag} does not apply to "):
+        check(FederateConfig(data=data, out=tmp_path / "m", **flags))
+    assert not (tmp_path / "m").exists()
+    check(FederateConfig(data=data, out=tmp_path / "m", strategy="fedavgm", server_lr=0.5, server_momentum=0.8))
+
+
+def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos):
+    """The clients' read errors advised --text-col and --replace-errors, which `slm federate` did not have."""
+    import argparse
+
+    from slmkit.federate.cli import add_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    o = p.parse_args(["simulate", "--data", "a", "b", "--out", "m", "--text-col", "body", "--replace-errors"])
+    assert o.text_col == "body" and o.replace_errors is True
+    data = []
+    for i, silo in enumerate(silos[:2]):
+        text = open(silo).read()[:6000]
+        path = tmp_path / f"s{i}.jsonl"
+        path.write_text("".join(json.dumps({"body": text[j:j + 500]}) + "\n" for j in range(0, len(text), 500)))
+        data.append(str(path))
+
+    def trained(name: str, **kw) -> int:
+        return run(tmp_path, silos, name=name, rounds=1, **kw)["history"][0]["clients_trained"]
+
+    assert trained("a", data=data) == 0  # no "text" field: every client fails its round
+    assert trained("b", data=data, text_col="body") == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(open(silos[2], "rb").read()[:6000] + b"\xff\xfe")
+    assert trained("c", data=[silos[0], str(bad)]) == 1  # not UTF-8: that client fails
+    assert trained("d", data=[silos[0], str(bad)], replace_errors=True) == 2

@@ -47,3 +47,37 @@ def test_fit_temperature_recovers_an_overconfident_models_temperature():
     scale_logits(model, 1.25)
     temp, before, after = fit_temperature(model, tokens, 64)
     assert 1.15 <= temp <= 1.35 and after < before - 0.005
+
+
+@pytest.mark.parametrize("data, flag, value", [
+    ("chat", "max_tokens", 100), ("chat", "text_col", "body"), ("chat", "replace_errors", True),
+    ("chat", "label_col", "y"), ("text", "label_col", "y")])
+def test_eval_refuses_a_flag_its_data_would_not_read(tmp_path, data, flag, value):
+    """Chat JSONL is scored whole from its messages: --max-tokens, --text-col and --replace-errors were dropped."""
+    from tiny_models import tiny_llama_folder, write_chats
+
+    folder = tiny_llama_folder(tmp_path / "m")
+    path = write_chats(tmp_path / "c.jsonl") if data == "chat" else tmp_path / "t.txt"
+    if data == "text":
+        path.write_text("the cat sat on the mat. " * 40)
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to `slm eval` on "):
+        evaluate(folder, [str(path)], **{flag: value})
+    assert evaluate(folder, [str(path)])["tokens"] > 0  # without it: scored
+
+
+@pytest.mark.parametrize("flag, value", [("max_tokens", 10), ("block_size", 16), ("replace_errors", True),
+                                         ("skip_bad_lines", True)])
+def test_eval_on_a_classifier_refuses_window_and_text_flags(tmp_path, flag, value):
+    """A classifier scores every labelled row whole: the windowing and raw-text flags had no effect."""
+    from tiny_encoders import tiny_bert_config, toy_rows, wordpiece, write_csv
+    from transformers import BertForSequenceClassification
+
+    tok = wordpiece()
+    BertForSequenceClassification(tiny_bert_config(tok, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                                   label2id={"neg": 0, "pos": 1})).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    rows = write_csv(tmp_path / "rows.csv", toy_rows(12))
+    with pytest.raises(SystemExit, match=f"^error: --{flag.replace('_', '-')} does not apply to `slm eval` on a "
+                                         "classifier folder"):
+        evaluate(tmp_path / "clf", [str(rows)], **{flag: value})
+    assert evaluate(tmp_path / "clf", [str(rows)], device="cpu")["examples"] == 12

@@ -127,7 +127,10 @@ def test_generation_stops_at_the_context_end(tiny_model):
     ("generate", dict(threads=-1), "--threads -1 must be positive"),  # crashed in torch.set_num_threads
     ("generate", dict(threads=0), "--threads 0 must be positive"),  # quietly meant all cores
     ("generate", dict(num_samples=0), "--num-samples 0 must be positive"),
-    ("chat", dict(threads=-2), "--threads -2 must be positive")])
+    ("chat", dict(threads=-2), "--threads -2 must be positive"),
+    # --draft-tokens sizes a --draft's guesses: without a draft it was dropped without a word
+    ("generate", dict(draft_tokens=4), "--draft-tokens does not apply without --draft"),
+    ("chat", dict(draft_tokens=4), "--draft-tokens does not apply without --draft")])
 def test_cli_numbers_are_named_before_loading(verb, setting, message, tmp_path):
     from slmkit.infer.chat import main as chat
     from slmkit.infer.generate import main as generate

@@ -154,3 +154,18 @@ def test_the_rows_are_what_finetune_sft_reads(tiny, tmp_path):
                        block_size=256, progress=False, eval_every="1000", lr=3e-3, warmup=0)
     assert (tmp_path / "ft" / "model.safetensors").is_file() and summary
     assert json.loads((tmp_path / "data.report.json").read_text())["kept"] == 4
+
+
+@pytest.mark.parametrize("teacher, flags", [
+    ("http://127.0.0.1:9/v1", dict(batch=4)), ("http://127.0.0.1:9/v1", dict(threads=2)),
+    ("x.gguf", dict(device="cpu")), ("x.gguf", dict(concurrency=2)), ("folder", dict(timeout=5.0)),
+    ("folder", dict(retries=2)), ("folder", dict(keep_system=True, erase_system="Be kind.")),
+    ("folder", dict(near_dup="off", near_dup_threshold=0.5))])
+def test_a_flag_nothing_would_read_is_refused_before_any_work(tiny, tmp_path, teacher, flags):
+    """--batch/--dtype/--device are a folder teacher's, --concurrency/--timeout/--retries a URL's: given to another
+    kind they were dropped; so were --erase-system under --keep-system and a threshold with --near-dup off."""
+    flag = list(flags)[-1].replace("_", "-")
+    with pytest.raises(SystemExit, match=f"^error: --{flag} does not apply to "):
+        synth(str(tiny) if teacher == "folder" else teacher, [prompts_file(tmp_path / "p.txt", 2)],
+              tmp_path / "d.jsonl", quiet=True, **flags)
+    assert not (tmp_path / "d.jsonl").exists()

@@ -195,8 +195,9 @@ def test_lora_resume_continues_the_same_loss_curve(base, chats, tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "slmkit_adapter.json", "tokenizer.json"):
         assert (tmp_path / "cut" / name).is_file(), name
     assert not (tmp_path / "cut" / "config.json").exists()
+    plain = {k: v for k, v in common.items() if not k.startswith("lora_")}  # (--lora-r alone is refused)
     with pytest.raises(SystemExit, match="lora False differs"):
-        finetune(base, [str(chats)], tmp_path / "cut", steps=14, resume=True, **{**common, "lora": False})
+        finetune(base, [str(chats)], tmp_path / "cut", steps=14, resume=True, **{**plain, "lora": False})
 
 
 def test_classify_is_handed_to_slmkit_classify(base, chats, tmp_path, monkeypatch):
@@ -268,3 +269,15 @@ def test_best_adapter_is_restored_from_the_adapter_folder(base, tmp_path):
     for n, p in model.named_parameters():
         if "lora_" in n:
             torch.testing.assert_close(p, kept[n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("task, setting", [
+    ("sft", dict(lora_r=4)), ("causal", dict(lora_targets="q_proj")), ("classify", dict(lora_alpha=8.0)),
+    ("causal", dict(packing=True)), ("sft", dict(text_col="body")), ("sft", dict(replace_errors=True))])
+def test_a_flag_the_run_would_not_read_is_refused_first(base, chats, tmp_path, task, setting):
+    """Each was accepted and dropped: adapter settings without --lora (on every task), --packing on raw text,
+    --text-col and --replace-errors on chat JSONL."""
+    flag = list(setting)[0].replace("_", "-")
+    with pytest.raises(SystemExit, match=f"^error: --{flag} does not apply "):
+        finetune(base, [str(chats)], tmp_path / "o", task=task, steps=1, **{**FAST, **setting})
+    assert not (tmp_path / "o").exists()

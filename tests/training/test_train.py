@@ -388,3 +388,19 @@ def test_a_time_budget_replans_decay_and_dropout_from_the_runs_own_speed(corpus,
     saved = json.loads((tmp_path / "c" / RUN_FILE).read_text())
     assert (saved["weight_decay"], saved["dropout"], saved["replan"]) == (0.1, 0.0, [])
     assert "re-planned" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    dict(tokenizer_from="DIR", vocab_size=500), dict(tokenizer_from="DIR", tokenizer="bpe"),
+    dict(tokenizer_from="DIR", lowercase=True), dict(lowercase=True), dict(tokenizer="byte", lowercase=True),
+    dict(tokenizer="byte", vocab_size=500), dict(preset="bert-tiny", dropout=0.1),
+    dict(preset="gpt-neo-125m", dropout_start=0.5), dict(preset="bert-tiny", no_calibrate=False)])
+def test_a_tokenizer_or_dropout_flag_the_run_would_not_read_is_refused_first(tmp_path, flags):
+    """Each was accepted and dropped: the tokenizer's flags with --tokenizer-from, --lowercase without WordPiece,
+    --vocab-size with raw bytes, --dropout on presets whose blocks are not slmkit's Llama block, --no-calibrate on
+    encoders (never calibrated)."""
+    flag = list(flags)[-1].replace("_", "-")
+    options = {("calibrate" if k == "no_calibrate" else k): v for k, v in flags.items()}  # --no-calibrate's option
+    with pytest.raises(SystemExit, match=f"^error: --{flag} does not apply to "):
+        train(data=[str(tmp_path / "none.txt")], out=tmp_path / "m", steps=1, **options)
+    assert not (tmp_path / "m").exists()
