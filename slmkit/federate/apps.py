@@ -14,6 +14,7 @@ No text, no token ids, no gradients of single examples. Under --dp the update is
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -257,6 +258,15 @@ class Recorder:
         messages = list(messages)
         self.sent += sum(nbytes(r) for m in messages for r in m.content.array_records.values())
         replies = list(self.original(messages, timeout=timeout))
+        failed = [r for r in replies if r.has_error()]
+        if failed and len(failed) == len(replies):  # nothing to aggregate: say why instead of a round over 0 clients
+            first = (failed[0].error.reason or "no reason given").strip().splitlines()[0]
+            raise SystemExit(f"error: every client failed its {messages[0].metadata.message_type} round; the first "
+                             f"said: {first}")
+        for r in failed:  # the round goes on with the others; the failure is not hidden
+            print(f"warning: client {r.metadata.src_node_id} failed its {r.metadata.message_type} round: "
+                  f"{(r.error.reason or '').strip().splitlines()[0] if r.error.reason else 'no reason given'}",
+                  file=sys.stderr)
         for r in replies:
             if r.has_error():
                 continue

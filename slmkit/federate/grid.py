@@ -59,7 +59,8 @@ class LocalGrid(Grid):
             try:
                 reply = self.client_app(msg, self.nodes[dst])
             except (Exception, SystemExit) as e:  # noqa: BLE001 — a failing client is an error reply, not a dead server
-                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+                why = str(e.code) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+                reply = Message(Error(code=0, reason=why.removeprefix("error: ")), reply_to=msg)
             reply = copy.deepcopy(reply)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self._replies[mid] = reply

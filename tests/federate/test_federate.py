@@ -222,7 +222,7 @@ def test_a_flag_this_run_would_not_read_is_refused_before_any_work(tmp_path, fla
     check(FederateConfig(data=data, out=tmp_path / "m", strategy="fedavgm", server_lr=0.5, server_momentum=0.8))
 
 
-def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos):
+def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos, capsys):
     """The clients' read errors advised --text-col and --replace-errors, which `slm federate` did not have."""
     import argparse
 
@@ -242,9 +242,12 @@ def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos):
     def trained(name: str, **kw) -> int:
         return run(tmp_path, silos, name=name, rounds=1, **kw)["history"][0]["clients_trained"]
 
-    assert trained("a", data=data) == 0  # no "text" field: every client fails its round
+    with pytest.raises(SystemExit, match="every client failed its train round; the first said: .*no 'text' field"):
+        trained("a", data=data)  # no "text" field: every client fails, and the run says why
     assert trained("b", data=data, text_col="body") == 2
     bad = tmp_path / "bad.txt"
     bad.write_bytes(open(silos[2], "rb").read()[:6000] + b"\xff\xfe")
-    assert trained("c", data=[silos[0], str(bad)]) == 1  # not UTF-8: that client fails
+    capsys.readouterr()
+    assert trained("c", data=[silos[0], str(bad)]) == 1  # not UTF-8: that client fails, and it is said
+    assert "failed its train round: " in capsys.readouterr().err
     assert trained("d", data=[silos[0], str(bad)], replace_errors=True) == 2
