@@ -38,13 +38,14 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          max_queue: int = 64, max_tokens_limit: int = 1024, max_prompt_tokens: int | None = None,
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
          device: str = "auto", compile: bool = False, router: Path | None = None, remote_key_env: str | None = None,
-         draft: list[str] | None = None, draft_tokens: int | None = None) -> None:
+         draft: list[str] | None = None, draft_tokens: int | None = None, kv_memory: str | int = "2G",
+         prefill_chunk: int = 64) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
     A model is named after its folder, or NAME=DIR; NAME=URL serves a model behind an OpenAI-compatible URL.
     --router ROUTER adds the model `auto`, which sends each request to the served model the router picks.
-    Binds 127.0.0.1 unless --host says otherwise.
+    Binds 127.0.0.1 unless --host says otherwise. --kv-memory bounds each decoder's key/value cache (e.g. 2G).
     """
     try:
         import fastapi  # noqa: F401
@@ -56,6 +57,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
     from slmkit.compose.router_serve import ROUTER_NAME, remote_served, router_served, url_spec
     from slmkit.options import check_numbers
     from slmkit.serve.app import create_app
+    from slmkit.serve.kv import parse_memory
     from slmkit.serve.protocol import Settings
 
     if api_key and api_keys_file:
@@ -64,10 +66,15 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SystemExit(f"error: --port {port} must be in 1-65535")
     check_numbers(dict(max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
                        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, threads=threads,
-                       draft_tokens=draft_tokens),
+                       draft_tokens=draft_tokens, prefill_chunk=prefill_chunk),
                   {"max_batch": "sequences decoded together", "max_queue": "requests that may wait for a batch row",
                    "max_tokens_limit": "the largest max_tokens a request may ask for",
-                   "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000"})
+                   "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000",
+                   "prefill_chunk": "prompt tokens read per step while others decode, e.g. 64"})
+    try:
+        kv_bytes = parse_memory(kv_memory)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if threads:
         torch.set_num_threads(threads)
     keys = [api_key] if api_key else read_keys(api_keys_file) if api_keys_file else []
@@ -82,7 +89,8 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
             continue
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
-        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile)
+        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile, kv_bytes,
+                                   prefill_chunk)
     if draft:  # speculative decoding for the decoder(s) named
         from slmkit.serve.registry import serve_drafts
 
@@ -119,6 +127,12 @@ def add_args(p) -> None:
                    "model's context)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body; larger is 413 "
                    "(default: 1000000)")
+    p.add_argument("--kv-memory", default="2G", metavar="SIZE", help="key/value cache budget per decoder, e.g. 2G "
+                   "or 512M: the cache grows with the sequences in flight up to it, and a request that would pass it "
+                   "waits for a row to finish (default: 2G)")
+    p.add_argument("--prefill-chunk", type=int, default=64, metavar="N", help="prompt tokens read per decode step "
+                   "while other requests stream: longer prompts take several steps, so no stream stalls for a whole "
+                   "prompt (default: 64)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="decoder weight precision")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda, cuda:1 …")

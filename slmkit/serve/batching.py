@@ -4,12 +4,14 @@ Decoding a small model on a CPU is bound by per-step overhead (Python, op dispat
 arithmetic, so one forward pass over 16 sequences costs little more than over one: batching is what makes the
 aggregate tokens/s grow with the number of clients. Sequences join and leave between steps ("continuous"):
 
-- a new request is prefilled alone (batch 1) into a free row of a preallocated key/value cache (B_max rows),
+- a new request takes a row of the key/value cache (kv.py: grown as rows need it, within `--kv-memory`) once the
+  budget allows; its prompt is read in chunks of at most `prefill_chunk` tokens that ride in the same forward pass
+  as the decode steps of the rows already streaming (ragged.py), so those never stall for a whole prompt,
 - every step then runs the model once on the last token of all active rows, each at its own position
-  (`Llama.forward(..., pos=LongTensor)`; a lone row takes `Llama.step`, the batch-1 decode step), and samples each
-  row with `sampling.sample_next`,
-- the active rows are kept at the front of the cache (a finished row is replaced by the last one), so the step
-  only touches `cache[:n]` views, never copies,
+  (`Llama.forward(..., pos=LongTensor)`; a lone row takes `Llama.step`, the batch-1 decode step, as `slm generate`
+  does), and samples each row with `sampling.sample_next`,
+- the active rows are kept at the front of the cache (a finished row's successors move up), so the step only
+  touches `cache[:n]` views, and a prompt being read sits behind the rows that decode,
 - with a draft model (`slm serve --draft`), a request that arrives while nothing else is running decodes
   speculatively in a row of its own (compose/speculative.py: several tokens per target pass); requests that arrive
   under load, or ask for logprobs, join the batch as usual: batching already amortises the weight reads there.
@@ -76,30 +78,48 @@ class Request:
 class _Row:
     req: Request
     limit: int  # tokens this row may still generate
-    pos: int  # cache position of the next token fed to the model
-    logits: torch.Tensor | None  # (V,) logits of the next token (fast path)
+    pos: int  # positions of this row in the cache: prompt tokens read so far, then every token fed
+    logits: torch.Tensor | None  # (V,) logits of the next token (fast path); None while the prompt is being read
     gen: torch.Generator | None
     made: int = 0
     ids_iter: Iterator[int] | None = None  # fallback path: generate_ids for models without our cache
 
+    @property
+    def reserve(self) -> int:
+        """Cache positions this row may reach: its prompt and every token it may generate."""
+        return len(self.req.prompt_ids) + self.limit
+
+    @property
+    def reading(self) -> bool:
+        """Still reading its prompt (fast path)."""
+        return self.ids_iter is None and self.pos < len(self.req.prompt_ids)
+
+
+# Prompt tokens read in one pass while no row is decoding: nobody waits on them but requests not yet admitted.
+IDLE_PREFILL = 512
+
 
 class Engine:
     """Batches the decoding of one model. `start()` launches the thread; `stop()` ends it (pending requests get
-    Finish("cancelled"))."""
+    Finish("cancelled")). KV_MEMORY bounds the key/value cache in bytes (default kv.DEFAULT_KV_MEMORY); PREFILL_CHUNK
+    is how many prompt tokens join a step while other rows decode."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64, kv_memory: int | None = None,
+                 prefill_chunk: int = 64):
         from slmkit.model.llama import Llama
+        from slmkit.serve.kv import DEFAULT_KV_MEMORY, KVCache
 
-        self.lm, self.max_batch, self.max_queue = lm, max_batch, max_queue
+        self.lm, self.max_batch, self.max_queue, self.prefill_chunk = lm, max_batch, max_queue, prefill_chunk
         self.fast = isinstance(lm.model, Llama)
-        self.cache = lm.model.new_cache(max_batch, lm.context) if self.fast else None
+        self.kv = KVCache(lm.model, kv_memory or DEFAULT_KV_MEMORY, max_batch) if self.fast else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row] = []
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.steps = 0  # batched forward passes so far (tests and metrics)
+        self.steps = 0  # forward passes so far (tests and metrics)
         self.max_seen_batch = 0
+        self.max_step_tokens = 0  # most tokens (decode + prompt) in one pass
         self.spec_rows: list[_Row] = []  # speculative rows (with a draft): own caches, tokens from row.ids_iter
         self.spec_stats = None  # compose.speculative.SpecStats summed over every speculative request
 
@@ -129,11 +149,19 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
                top_logprobs: int | None = None) -> Request:
-        """Queue one sequence. Raises Overloaded when the queue is full, ValueError when the prompt leaves no room."""
+        """Queue one sequence. Raises Overloaded when the queue is full, ValueError when the prompt leaves no room
+        (in the context, or in the key/value memory budget)."""
+        from slmkit.serve.kv import format_bytes
+
         if not prompt_ids:
             raise ValueError("the prompt is empty (no tokens)")
         if len(prompt_ids) >= self.lm.context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.lm.context}")
+        need = len(prompt_ids) + min(params.max_new_tokens, self.lm.context - len(prompt_ids))
+        if self.kv is not None and not self.kv.fits([need]):
+            raise ValueError(f"the prompt and max_tokens need {need} positions of key/value memory "
+                             f"({format_bytes(need * self.kv.position_bytes)}); the server's --kv-memory "
+                             f"{format_bytes(self.kv.budget)} holds {self.kv.budget_positions}: lower max_tokens")
         req = Request(prompt_ids, params, sink, top_logprobs)
         with self.cond:
             if not self.running:
@@ -165,18 +193,14 @@ class Engine:
         while True:
             with self.cond:
                 while self.running and not self.waiting and not self.rows and not self.spec_rows:
+                    if self.kv is not None and self.kv.rows:
+                        self.kv.release()  # idle: give the cache's memory back
                     self.cond.wait()
                 if not self.running:
                     break
-                admitted = []
-                while self.waiting and self.active + len(admitted) < self.max_batch:
-                    req = self.waiting.popleft()
-                    if not req.cancelled:
-                        admitted.append(req)
+                self._admit_waiting()
             try:
                 with torch.inference_mode():
-                    for req in admitted:
-                        self._admit(req)
                     self._step()
             except Exception as e:  # a bug must not kill the thread silently: fail the requests in flight
                 for row in self.rows + self.spec_rows:
@@ -188,7 +212,22 @@ class Engine:
         for req in pending:
             req.sink(Finish("cancelled", len(req.prompt_ids), 0, "the server is shutting down"))
 
-    def _admit(self, req: Request) -> None:
+    def _admit_waiting(self) -> None:
+        """Move waiting requests into rows, first come first served, while rows and the KV budget allow (called
+        under the lock; no model work here: prompts are read by the steps)."""
+        while self.waiting and self.active < self.max_batch:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                req.sink(Finish("cancelled", len(req.prompt_ids), 0))
+                continue
+            row = self._row_for(req)
+            if row.ids_iter is None and not self.kv.fits([r.reserve for r in self.rows] + [row.reserve]):
+                return  # waits for rows to finish: the cache could not grow to what every row may need
+            self.waiting.popleft()
+            (self.spec_rows if self._speculate(req) else self.rows).append(row)
+
+    def _row_for(self, req: Request) -> _Row:
         p, ids, ctx = req.params, req.prompt_ids, self.lm.context
         limit = min(p.max_new_tokens, ctx - len(ids))
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
@@ -199,21 +238,15 @@ class Engine:
             # the pair's DraftLength (attach_draft's: --draft-tokens, or adaptive) carries over from request to request
             it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
                                  self.lm.draft.context, stats=self.spec_stats, length=self.lm.draft_length)
-            self.spec_rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
-        elif self.fast:
-            i = len(self.rows)
-            view = [(k[i:i + 1], v[i:i + 1]) for k, v in self.cache]  # this row of every layer's cache
-            device = self.lm.model.cos.device  # a buffer every Llama module has (int8 ones too)
-            logits = self.lm.model(torch.tensor([ids], device=device), cache=view, pos=0)[0, -1]
-            self.rows.append(_Row(req, limit, len(ids), logits.float().cpu(), gen))
-        else:
-            it = generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx)
-            self.rows.append(_Row(req, limit, len(ids), None, gen, ids_iter=it))
+            return _Row(req, limit, len(ids), None, gen, ids_iter=it)
+        if self.fast:
+            return _Row(req, limit, 0, None, gen)  # its prompt is read by the coming steps
+        return _Row(req, limit, len(ids), None, gen, ids_iter=generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx))
 
     def _speculate(self, req: Request) -> bool:
         """Decode REQ speculatively: there is a draft, nothing else is running or waiting, no logprobs asked."""
         return (self.lm.draft is not None and self.fast and req.top_logprobs is None
-                and not self.rows and not self.spec_rows and not self.waiting)
+                and not self.rows and not self.spec_rows and len(self.waiting) <= 1)
 
     def _next_of(self, rows: list[_Row]) -> list[_Row]:
         """One token from each iterator row (generate.py's batch-1 loop, or the speculative one); the rows left."""
@@ -232,62 +265,94 @@ class Engine:
             keep.append(row)
         return keep
 
+    def _sample(self, row: _Row) -> int | None:
+        """ROW's next token, sent to its sink; None when the row is done (its Finish sent)."""
+        req = row.req
+        if req.cancelled:
+            req.sink(Finish("cancelled", len(req.prompt_ids), row.made))
+            return None
+        if row.made >= row.limit:
+            req.sink(Finish("length", len(req.prompt_ids), row.made))
+            return None
+        tok = sample_next(row.logits.clone(), req.params, None, row.gen)
+        if tok in self.lm.eos_ids:
+            req.sink(Finish("stop", len(req.prompt_ids), row.made))
+            return None
+        row.made += 1
+        req.sink(self._token(tok, row.logits, req.top_logprobs))
+        if row.made >= row.limit:
+            req.sink(Finish("length", len(req.prompt_ids), row.made))
+            return None
+        return tok
+
     def _step(self) -> None:
-        """Sample one token for every active row, retire finished rows, then one batched forward pass."""
+        """Sample one token for every decoding row, retire finished rows, then one forward pass over the decoding
+        rows' tokens and the next chunks of the prompts being read."""
         self.spec_rows = self._next_of(self.spec_rows)
         feed: list[int] = []
         keep: list[_Row] = []
         for row in self.rows:
-            req = row.req
             if row.ids_iter is not None:  # fallback for models without our cache: generate.py's loop
                 keep += self._next_of([row])
-                continue
-            if req.cancelled:
-                req.sink(Finish("cancelled", len(req.prompt_ids), row.made))
-                continue
-            if row.made >= row.limit:
-                req.sink(Finish("length", len(req.prompt_ids), row.made))
-                continue
-            tok = sample_next(row.logits.clone(), req.params, None, row.gen)
-            if tok in self.lm.eos_ids:
-                req.sink(Finish("stop", len(req.prompt_ids), row.made))
-                continue
-            row.made += 1
-            req.sink(self._token(tok, row.logits, req.top_logprobs))
-            if row.made >= row.limit:
-                req.sink(Finish("length", len(req.prompt_ids), row.made))
-                continue
-            keep.append(row)
-            feed.append(tok)
+            elif row.reading:
+                if row.req.cancelled:
+                    row.req.sink(Finish("cancelled", len(row.req.prompt_ids), 0))
+                else:
+                    keep.append(row)
+            elif (tok := self._sample(row)) is not None:
+                keep.append(row)
+                feed.append(tok)
         if self.fast:
             self._compact(keep)
         self.rows = keep
-        if not self.fast or not keep:
-            return
-        n = len(keep)
-        device = self.lm.model.cos.device
-        pos = torch.tensor([r.pos for r in keep], device=device)  # (n,)
-        view = [(k[:n], v[:n]) for k, v in self.cache]
-        if n == 1:  # one client: generate()'s batch-1 step, in about half the ops of a one-row batched forward
-            logits = self.lm.model.step(feed[0], view, keep[0].pos)[None]  # (1, V)
+        if self.fast and keep:
+            self._forward(keep, feed)
+
+    def _forward(self, rows: list[_Row], feed: list[int]) -> None:
+        """One pass: FEED (a token for each of the first len(feed) rows, which decode) and the next prompt chunks of
+        the rows after them (reading, first come first served, prefill_chunk tokens in all while any row decodes)."""
+        from slmkit.serve.ragged import Plan, ragged_forward
+
+        d = len(feed)
+        budget = self.prefill_chunk if d else max(self.prefill_chunk, IDLE_PREFILL)
+        chunks: list[tuple[int, _Row, int]] = []
+        for i, row in enumerate(rows[d:], start=d):
+            take = min(len(row.req.prompt_ids) - row.pos, budget)
+            if take <= 0:
+                break
+            chunks.append((i, row, take))
+            budget -= take
+        self.kv.ensure(len(rows), max([r.pos + 1 for r in rows[:d]] + [r.pos + t for _, r, t in chunks]),
+                       max(r.reserve for r in rows))
+        device = self.lm.model.cos.device  # a buffer every Llama module has (int8 ones too)
+        cache = self.kv.view(len(rows))
+        if not chunks and d == 1:  # one client: generate()'s batch-1 step, in about half the ops of a forward
+            logits = self.lm.model.step(feed[0], self.kv.view(1), rows[0].pos)[None]  # (1, V)
+        elif not chunks:
+            pos = torch.tensor([r.pos for r in rows[:d]], device=device)  # (d,)
+            logits = self.lm.model(torch.tensor(feed, device=device)[:, None], cache=self.kv.view(d), pos=pos)[:, -1]
         else:
-            logits = self.lm.model(torch.tensor(feed, device=device)[:, None], cache=view, pos=pos)[:, -1]  # (n, V)
+            plan = Plan([r.pos for r in rows[:d]], [(i, r.pos, t) for i, r, t in chunks], device)
+            tokens = feed + [tok for _, r, t in chunks for tok in r.req.prompt_ids[r.pos:r.pos + t]]
+            logits = ragged_forward(self.lm.model, tokens, cache, plan)  # (d + chunks, V)
         logits = logits.float().cpu()
-        for i, row in enumerate(keep):
+        for i, row in enumerate(rows[:d]):
             row.logits, row.pos = logits[i], row.pos + 1
+        for j, (_, row, t) in enumerate(chunks):
+            row.pos += t
+            if not row.reading:  # its whole prompt is in: the logits of its first token
+                row.logits = logits[d + j]
         self.steps += 1
-        self.max_seen_batch = max(self.max_seen_batch, n)
+        self.max_seen_batch = max(self.max_seen_batch, d + len(chunks))
+        self.max_step_tokens = max(self.max_step_tokens, d + sum(t for *_, t in chunks))
 
     def _compact(self, keep: list[_Row]) -> None:
         """Move the cache rows of the surviving sequences to the front, in KEEP's order (rows keep their order, so
         a row only ever moves towards the front and never overwrites one not yet moved)."""
         src = [self.rows.index(r) for r in keep]
         for dst, s in enumerate(src):
-            if s != dst:
-                end = keep[dst].pos
-                for k, v in self.cache:
-                    k[dst, :, :end] = k[s, :, :end]
-                    v[dst, :, :end] = v[s, :, :end]
+            if s != dst and keep[dst].pos:
+                self.kv.move(dst, s, keep[dst].pos)
 
     @staticmethod
     def _token(tok: int, logits: torch.Tensor, top: int | None) -> Token:

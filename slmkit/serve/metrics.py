@@ -105,6 +105,13 @@ class Metrics:
         out += [f'slm_queue_depth{{model="{m}"}} {e.queue_depth}' for m, e in engines.items()]
         out += ["# HELP slm_active_sequences Sequences being decoded.", "# TYPE slm_active_sequences gauge"]
         out += [f'slm_active_sequences{{model="{m}"}} {e.active}' for m, e in engines.items()]
+        kv = {m: e.kv for m, e in engines.items() if getattr(e, "kv", None) is not None}
+        out += ["# HELP slm_kv_cache_bytes Key/value cache allocated now (grows with the rows, freed when idle).",
+                "# TYPE slm_kv_cache_bytes gauge"]
+        out += [f'slm_kv_cache_bytes{{model="{m}"}} {c.allocated_bytes}' for m, c in kv.items()]
+        out += ["# HELP slm_kv_budget_bytes The --kv-memory budget the cache stays within.",
+                "# TYPE slm_kv_budget_bytes gauge"]
+        out += [f'slm_kv_budget_bytes{{model="{m}"}} {c.budget}' for m, c in kv.items()]
         drafted = {m: e.spec_stats for m, e in engines.items() if e.spec_stats is not None}
         if drafted:  # --draft: guesses made and kept (their ratio is the acceptance rate)
             out += ["# HELP slm_draft_tokens_total Draft guesses in speculative decoding: proposed, accepted.",

@@ -30,9 +30,10 @@ class Served:
 
 
 def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32",
-                device: str = "cpu", compile: bool = False) -> Served:
+                device: str = "cpu", compile: bool = False, kv_memory: int | None = None,
+                prefill_chunk: int = 64) -> Served:
     """Open MODEL_DIR as whatever kind it is, on DEVICE ("auto": a GPU when there is one); decoders get a (not yet
-    started) batching engine."""
+    started) batching engine whose key/value cache stays within KV_MEMORY bytes (batching.Engine)."""
     from slmkit.compose.cascade import is_cascade
     from slmkit.hardware import pick_device
     from slmkit.infer.classify import is_classifier, load_classifier
@@ -60,7 +61,8 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
 
     lm = load(Path(model_dir), dtype=dtype, device=device, compile=compile)  # compile: batch-1 steps only
     return Served(name, Path(model_dir), "decoder", lm.context, device, lm=lm,
-                  engine=Engine(lm, max_batch=max_batch, max_queue=max_queue))
+                  engine=Engine(lm, max_batch=max_batch, max_queue=max_queue, kv_memory=kv_memory,
+                                prefill_chunk=prefill_chunk))
 
 
 def cascade_served(name: str, folder: Path, device: str = "cpu") -> Served:

@@ -132,7 +132,8 @@ async def completions(req: CompletionRequest, request: Request, models: Models, 
     if (remote := remote_of(models, req.model)) is not None:  # NAME=URL (compose/router_serve.py)
         return await remote_reply(req, remote, prompt, None, settings, routed)
     m = lookup(models, req.model, "decoder")
-    job = check_prompt(req, m, prompt, req.max_tokens, False, req.logprobs, settings)
+    ids = await asyncio.to_thread(m.lm.encode, prompt)  # off the event loop, which streams every other reply
+    job = check_prompt(req, m, prompt, req.max_tokens, False, req.logprobs, settings, ids)
     if m.cascade is not None:  # the small model, then maybe the large one (compose/cascade_serve.py)
         return routed_reply(await cascade_reply(job, None, metrics), routed)
     return routed_reply(await reply(request, job, metrics), routed)
@@ -149,12 +150,13 @@ async def chat_completions(req: ChatRequest, request: Request, models: Models, s
     if (remote := remote_of(models, req.model)) is not None:
         return await remote_reply(req, remote, None, messages, settings, routed)
     m = lookup(models, req.model, "decoder")
-    try:
-        prompt = render_prompt(m.lm.tokenizer, messages)
+    try:  # in a worker thread, as the tokenizing: a long conversation must not hold up every stream's next token
+        prompt = await asyncio.to_thread(render_prompt, m.lm.tokenizer, messages)
     except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
         raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
     top = (req.top_logprobs or 0) if req.logprobs else None
-    job = check_prompt(req, m, prompt, req.max_completion_tokens or req.max_tokens, True, top, settings)
+    ids = await asyncio.to_thread(m.lm.encode, prompt)
+    job = check_prompt(req, m, prompt, req.max_completion_tokens or req.max_tokens, True, top, settings, ids)
     if m.cascade is not None:
         return routed_reply(await cascade_reply(job, messages, metrics), routed)
     return routed_reply(await reply(request, job, metrics), routed)
@@ -178,9 +180,10 @@ class Job:
 
 
 def check_prompt(req: CompletionRequest | ChatRequest, m: Served, prompt: str, max_tokens: int | None, chat: bool,
-                 top: int | None, settings: Settings) -> Job:
-    """PROMPT tokenized and checked against the model's context and the server's limits, or a 400 naming the limit."""
-    ids = m.lm.encode(prompt)
+                 top: int | None, settings: Settings, ids: list[int] | None = None) -> Job:
+    """PROMPT (tokenized as IDS, or here) checked against the model's context and the server's limits, or a 400
+    naming the limit."""
+    ids = m.lm.encode(prompt) if ids is None else ids
     limit = min(settings.max_prompt_tokens or m.context, m.context - 1)
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -224,12 +227,25 @@ def submit_all(job: Job) -> tuple[asyncio.Queue, list]:
                                seed=None if req.seed is None else req.seed + i, stop=req.stop_list())
             sink = lambda ev, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev))  # noqa: E731
             handles.append(job.m.engine.submit(job.ids, p, sink, job.top))
-    except Overloaded as e:
+    except (Overloaded, ValueError) as e:
         for h in handles:
             h.cancel()
+        if isinstance(e, ValueError):  # more key/value memory than --kv-memory holds, even alone
+            raise APIError(400, str(e), param="max_tokens", code="kv_memory_exceeded") from None
         raise APIError(429, str(e), "rate_limit_exceeded", code="server_busy",
                        headers={"Retry-After": str(e.retry_after)}) from None
     return q, handles
+
+
+async def watch_disconnect(request: Request, handles: list) -> None:
+    """Cancel HANDLES once the client of a whole (not streamed) reply hangs up: that reply has no write to fail.
+    A task beside the reply, so the token loop waits on its queue alone (no timer per token)."""
+    while True:
+        await asyncio.sleep(0.5)
+        if await request.is_disconnected():
+            for h in handles:
+                h.cancel()
+            return
 
 
 async def events(request: Request, job: Job,
@@ -239,19 +255,12 @@ async def events(request: Request, job: Job,
     streams = [TextStream(job.m.lm.tokenizer, job.req.stop_list()) for _ in handles]
     open_ = set(range(len(handles)))
     t0, first = time.perf_counter(), True
-    checked = t0
+    # a stream learns of a hang-up from its failed write (Starlette then closes this generator)
+    watcher = None if job.req.stream else asyncio.create_task(watch_disconnect(request, handles))
     try:
         while open_:
-            try:
-                i, ev = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                ev = None
-            # a whole (not streamed) reply has no write to fail when the client leaves: ask now and then
-            if not job.req.stream and time.perf_counter() - checked > 0.5:
-                checked = time.perf_counter()
-                if await request.is_disconnected():
-                    return
-            if ev is None or i not in open_:
+            i, ev = await q.get()  # cancelled rows end with Finish("cancelled"), so this never waits forever
+            if i not in open_:
                 continue
             if isinstance(ev, Token):
                 if first:
@@ -269,6 +278,8 @@ async def events(request: Request, job: Job,
             yield i, streams[i].finish(), None, Finish(ev.reason if ev.reason != "cancelled" else "stop",
                                                        len(job.ids), ev.completion_tokens)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for h in handles:
             h.cancel()
         metrics.tokens(job.m.name, len(job.ids) * len(handles), sum(len(s.ids) for s in streams))
