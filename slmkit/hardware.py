@@ -147,3 +147,56 @@ def matmul_rates(dtypes: tuple[torch.dtype, ...], rounds: int = 5, reps: int = 4
                 a @ b
             best[i] = max(best[i], 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which thread runs the math
+
+# Measured on 2 cores (Xeon AMX, torch 2.13 with MKL and GNU OpenMP): once a thread that stays alive has run a
+# multi-threaded MKL/oneDNN product (loading a model, an embedding request), every *other* thread's small matrix-vector
+# products run as if single-threaded: a 576 x 1536 fp32 matvec takes 150-170 us instead of 40-50, and SmolLM2-135M
+# decodes at 21 tokens/s instead of 36 in a server's engine thread. No OpenMP/MKL setting fixed it; threads that have
+# ended stop counting. So work that does heavy math outside the decoding thread runs in a short-lived thread.
+
+
+def in_fresh_thread(fn, *args, **kwargs):
+    """FN(*ARGS, **KWARGS) run in a new thread that ends with it (its result returned, its exception raised here)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"slm-{getattr(fn, '__name__', 'work')}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+async def in_fresh_thread_async(fn, *args, **kwargs):
+    """in_fresh_thread for the event loop: awaits FN run in a new, short-lived thread (asyncio.to_thread's pool
+    threads live on, which slows every decoding thread: see above)."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(key: str, value) -> None:
+        if not done.done():  # the awaiting request may have been cancelled meanwhile
+            (done.set_result if key == "result" else done.set_exception)(value)
+
+    def target():
+        try:
+            loop.call_soon_threadsafe(settle, "result", fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - delivered to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, "error", e)
+
+    threading.Thread(target=target, name=f"slm-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return await done

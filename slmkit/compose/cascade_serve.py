@@ -10,7 +10,6 @@ answer must be whole before the decision, so a streamed reply sends the chosen a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from slmkit.compose.cascade import RemoteError
+from slmkit.hardware import in_fresh_thread_async
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import APIError
 
@@ -31,7 +31,7 @@ def _escalation_failed(name: str, e: RemoteError) -> APIError:
 async def cascade_classify(req, m, texts: list[str], metrics: Metrics) -> JSONResponse:
     """/v1/classify through the cascade M (registry.Served): top-k labels per text, each row with its model."""
     try:
-        rows = await asyncio.to_thread(m.cascade.classify, texts, req.top_k)
+        rows = await in_fresh_thread_async(m.cascade.classify, texts, req.top_k)
     except RemoteError as e:
         metrics.cascade(m.name, "large_failed")
         raise _escalation_failed(req.model, e) from None
@@ -58,7 +58,7 @@ async def cascade_reply(job, messages: list[dict] | None, metrics: Metrics) -> J
                     seed=req.seed, stop=req.stop_list())
     t0 = time.perf_counter()
     try:
-        out = await asyncio.to_thread(m.cascade.generate, None if job.chat else job.prompt, messages, **sampling)
+        out = await in_fresh_thread_async(m.cascade.generate, None if job.chat else job.prompt, messages, **sampling)
     except RemoteError as e:
         metrics.cascade(m.name, "large_failed")
         raise _escalation_failed(req.model, e) from None

@@ -12,7 +12,6 @@ arrives whole, so a streamed one is sent as one chunk (compose/cascade_serve.py'
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from slmkit.compose.remote import RemoteError, RemoteModel, is_url
+from slmkit.hardware import in_fresh_thread_async
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.protocol import APIError, Settings
 from slmkit.serve.registry import Served
@@ -81,7 +81,7 @@ async def route_request(models: dict[str, Served], req, text: str, metrics: Metr
     if m is None or m.kind != "router":
         return {}
     async with m.lock:  # one classifier pass at a time; the event loop stays free meanwhile
-        route, confidence, reason = (await asyncio.to_thread(m.model.route, [text]))[0]
+        route, confidence, reason = (await in_fresh_thread_async(m.model.route, [text]))[0]
     metrics.route(m.name, route, reason)
     req.model = route
     return {"X-Slm-Model": route, "X-Slm-Route-Reason": reason, "X-Slm-Route-Confidence": f"{confidence:.4f}"}
@@ -121,8 +121,8 @@ async def remote_reply(req, m: Served, prompt: str | None, messages: list[dict] 
     sampling = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                     seed=req.seed)
     try:
-        out = await (asyncio.to_thread(m.model.chat, messages, **sampling) if messages is not None else
-                     asyncio.to_thread(m.model.complete, prompt, **sampling))
+        out = await (in_fresh_thread_async(m.model.chat, messages, **sampling) if messages is not None else
+                     in_fresh_thread_async(m.model.complete, prompt, **sampling))
     except RemoteError as e:
         raise APIError(502, f"model {m.name!r} (a remote model) could not answer: {e}", "server_error",
                        code="remote_model_unavailable") from None

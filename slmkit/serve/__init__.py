@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slmkit.hardware import in_fresh_thread
 from slmkit.serve.registry import Served, load_served  # also importable from here, as before
 
 
@@ -71,6 +72,10 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
                    "max_tokens_limit": "the largest max_tokens a request may ask for",
                    "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000",
                    "prefill_chunk": "prompt tokens read per step while others decode, e.g. 64"})
+    if not draft and draft_tokens is not None:
+        from slmkit.infer.generate import refuse_draft_tokens
+
+        refuse_draft_tokens(None, draft_tokens)
     try:
         kv_bytes = parse_memory(kv_memory)
     except ValueError as e:
@@ -89,14 +94,15 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
             continue
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d} is not a folder; give model folders (or NAME=DIR)")
-        served[name] = load_served(name, Path(d), max_batch, max_queue, dtype, device, compile, kv_bytes,
-                                   prefill_chunk)
+        # loaded in a thread of its own: a live thread that ran the loading math would slow the engine's decoding
+        served[name] = in_fresh_thread(load_served, name, Path(d), max_batch, max_queue, dtype, device, compile,
+                                       kv_bytes, prefill_chunk)
     if draft:  # speculative decoding for the decoder(s) named
         from slmkit.serve.registry import serve_drafts
 
-        serve_drafts(served, draft, draft_tokens, dtype, device, compile)
+        in_fresh_thread(serve_drafts, served, draft, draft_tokens, dtype, device, compile)
     if router is not None:  # the model `auto`: its route labels must be the names served above
-        served[ROUTER_NAME] = router_served(Path(router), served, "cpu")
+        served[ROUTER_NAME] = in_fresh_thread(router_served, Path(router), served, "cpu")
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                         max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, max_queue=max_queue,
                         cors_origins=list(cors_origin or []))

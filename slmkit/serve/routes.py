@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from slmkit.compose.cascade_serve import cascade_classify, cascade_reply
 from slmkit.compose.router_serve import chat_text, remote_of, remote_reply, route_request, routed_reply
+from slmkit.hardware import in_fresh_thread_async
 from slmkit.infer.generate import SamplingParams, TextStream
 from slmkit.serve.batching import Finish, Overloaded, Token
 from slmkit.serve.metrics import Metrics
@@ -407,7 +408,7 @@ async def embeddings(req: EmbeddingRequest, models: Models, settings: ServerSett
     texts = texts_of(req.input, settings)
     n_tokens = sum(len(m.tokenizer(t)["input_ids"]) for t in texts)
     async with m.lock:  # one forward pass at a time per model; the event loop stays free meanwhile
-        vecs = await asyncio.to_thread(embed, m.path, texts, 32, None, m.device, m.model, m.tokenizer)
+        vecs = await in_fresh_thread_async(embed, m.path, texts, 32, None, m.device, m.model, m.tokenizer)
     if req.dimensions is not None:
         vecs = vecs[:, :req.dimensions]
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
@@ -429,7 +430,7 @@ async def classify(req: ClassifyRequest, models: Models, settings: ServerSetting
         return await cascade_classify(req, m, texts, metrics)
     seqs = encode(m.tokenizer, texts, max_length_for(m.model.config, m.tokenizer, None))
     async with m.lock:
-        logits = await asyncio.to_thread(predict_logits, m.model, seqs, pad_id_for(m.tokenizer), 32, m.device)
+        logits = await in_fresh_thread_async(predict_logits, m.model, seqs, pad_id_for(m.tokenizer), 32, m.device)
     probs = torch.softmax(logits, dim=-1)
     p, idx = probs.topk(min(req.top_k, len(m.labels)), dim=-1)  # (N, k)
     n_tokens = sum(map(len, seqs))

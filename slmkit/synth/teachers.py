@@ -44,11 +44,13 @@ class LocalTeacher:
 
     def __init__(self, folder: Path, batch: int = 16, dtype: str = "fp32", device: str = "auto",
                  threads: int | None = None):
+        from slmkit.hardware import in_fresh_thread
         from slmkit.infer.chat import reply_stops
         from slmkit.infer.generate import load
 
         self.name, self.batch = Path(folder).name, batch
-        self.lm = load(Path(folder), threads=threads, dtype=dtype, device=device)
+        # loaded in a thread that ends: a live thread that ran the loading math slows the engine thread's decoding
+        self.lm = in_fresh_thread(load, Path(folder), threads=threads, dtype=dtype, device=device)
         self.native_context, self.engine = self.lm.context, None
         self.stop = reply_stops(self.lm.tokenizer)
 

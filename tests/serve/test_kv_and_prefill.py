@@ -122,7 +122,8 @@ def test_kv_memory_sizes_parse(text, n):
 @pytest.mark.parametrize("setting, message", [
     (dict(kv_memory="lots"), "--kv-memory 'lots' is not a size: give bytes or a number with K, M, G or T, e.g. 2G"),
     (dict(kv_memory="0"), "--kv-memory '0' must be positive"),
-    (dict(prefill_chunk=0), "--prefill-chunk 0 must be positive")])
+    (dict(prefill_chunk=0), "--prefill-chunk 0 must be positive"),
+    (dict(draft_tokens=3), "--draft-tokens does not apply without --draft")])
 def test_kv_memory_and_prefill_chunk_errors_are_one_line(setting, message, tmp_path):
     from slmkit.serve import main as serve
 
