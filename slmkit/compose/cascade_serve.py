@@ -10,7 +10,6 @@ answer must be whole before the decision, so a streamed reply sends the chosen a
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from slmkit.compose.cascade import RemoteError
 from slmkit.hardware import in_fresh_thread_async
 from slmkit.serve.metrics import Metrics
-from slmkit.serve.protocol import APIError
+from slmkit.serve.protocol import APIError, sse_event
 
 
 def _escalation_failed(name: str, e: RemoteError) -> APIError:
@@ -96,7 +95,7 @@ def _chunks(job, base: dict, text: str, finish: str, usage: dict | None) -> Iter
 
     pieces = ([choice(None, None, role=True)] if job.chat else []) + [choice(text, None), choice(None, finish)]
     for c in pieces:
-        yield f"data: {json.dumps({**base, 'choices': [c]}, ensure_ascii=False)}\n\n"
+        yield sse_event({**base, "choices": [c]})
     if usage is not None:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield sse_event({**base, "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"

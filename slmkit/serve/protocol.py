@@ -6,6 +6,7 @@ error shape (`{"error": {"message", "type", "param", "code"}}`, see `error_body`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -197,3 +198,14 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# Characters that str.splitlines (and so httpx's line reader) treats as line ends but JSON leaves raw: a generated
+# U+2028 cut an event in two for such clients (found by the 10-minute soak). JSON escapes them just as well.
+_LINE_BREAKERS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def sse_event(obj: dict) -> str:
+    """One server-sent event: a single `data:` line whatever the text holds (UTF-8 kept readable otherwise)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKERS)}\n\n"
+

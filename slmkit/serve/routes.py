@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,6 +40,7 @@ from slmkit.serve.protocol import (
     EmbeddingRequest,
     ModelList,
     Settings,
+    sse_event,
 )
 from slmkit.serve.registry import Served
 
@@ -294,7 +294,7 @@ async def sse_lines(job: Job, rid: str, first, gen: AsyncIterator) -> AsyncItera
             "model": req.model}
     if job.chat:
         for i in range(req.n):
-            yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+            yield sse_event({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}]})
     try:
         async for i, piece, tok, fin in _chain(first, gen):
@@ -302,11 +302,11 @@ async def sse_lines(job: Job, rid: str, first, gen: AsyncIterator) -> AsyncItera
                 completion += 1
             if not piece and fin is None and job.top is None:
                 continue
-            yield _sse({**base, "choices": [chunk_choice(job, i, piece, tok, fin)]})
+            yield sse_event({**base, "choices": [chunk_choice(job, i, piece, tok, fin)]})
         if req.stream_options and req.stream_options.include_usage:
             n_prompt = len(job.ids)
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                                                          "total_tokens": n_prompt + completion}})
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+            yield sse_event({**base, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
     finally:
         await gen.aclose()  # client gone or done: cancel the sequences, free their rows
@@ -368,10 +368,6 @@ def legacy_logprobs(entries: list[dict]) -> dict:
     """/v1/completions' older shape of the same ENTRIES: parallel lists, alternatives as {token: logprob}."""
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{x["token"]: x["logprob"] for x in e["top_logprobs"]} for e in entries]}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 async def _first(gen: AsyncIterator):

@@ -327,3 +327,18 @@ def test_serve_names_a_setting_that_cannot_serve_before_loading(setting, message
 
     with pytest.raises(SystemExit, match="^error: " + message):
         serve([str(tmp_path / "no-model")], **setting)
+
+
+def test_a_streamed_event_stays_one_line_for_clients_that_split_on_unicode_line_breaks():
+    """httpx (and str.splitlines) end a line at U+2028, U+2029 and NEL too; a generated one cut an SSE event in two."""
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from slmkit.serve.protocol import sse_event
+
+    text = "a\u2028b\u2029c\x85d\ne é 日本 \U0001f600"
+    lines = [line for line in LineDecoder().decode(sse_event({"choices": [{"text": text}]})) if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == text
+    assert "é 日本" in lines[0]  # other text stays readable UTF-8
