@@ -166,7 +166,7 @@ async def level(url: str, clients: int, requests_each: int, max_tokens: int, sec
             r += 1
             try:
                 first, took, n, ok = await one_request(http, url, body)
-            except httpx.HTTPError:
+            except (httpx.HTTPError, json.JSONDecodeError):  # a broken event is the server's error, not the bench's
                 errors += 1
                 continue
             errors += not ok
