@@ -28,6 +28,21 @@ def parse_count(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2)])
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2G', '512M', '1.5GiB', '800MB', '1000000' -> bytes (K, M, G, T are powers of 1024); a sign is read, so a
+    caller can call '-5M' not positive rather than unreadable. ValueError for anything else; each flag words its own
+    one-line error (slm serve --kv-memory, slm bench --memory-cap)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
 # Numbers the verbs share, checked before any work: None is "the default". A verb passes its values and, for flags of
 # its own, more (flag -> hint) to check_numbers.
 POSITIVE = {"steps": "leave it out for the default budget", "tokens": "leave it out for the default budget",

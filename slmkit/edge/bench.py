@@ -29,11 +29,11 @@ PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\
 
 
 def parse_size(text: str) -> int:
-    """'512M' -> bytes (K, M, G suffixes; plain numbers are bytes); a size of 0 or less is an error."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    t = text.strip().upper().removesuffix("B")
+    """'512M' -> bytes (options.parse_size: K, M, G, T; plain numbers are bytes); 0 or less is an error."""
+    from slmkit.options import parse_size as bytes_of
+
     try:
-        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+        size = bytes_of(text)
     except ValueError:
         raise SystemExit(f"error: --memory-cap {text!r} is not a size; write e.g. 512M or 2G") from None
     if size <= 0:  # the user's words, not a byte count: "-5M", not -5242880

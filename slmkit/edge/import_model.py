@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from slmkit.files import check_out, replace_dir
+from slmkit.model.weights import first_line
 
 # Encoder families (model_type in config.json): imported with their own head, no chat template.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
@@ -55,10 +56,6 @@ def gguf_architecture(path: Path) -> str:
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _gguf_string(path: Path, key: str) -> str | None:
@@ -115,7 +112,7 @@ def _load_gguf(src: Path):
         model = AutoModelForCausalLM.from_pretrained(src.parent, dtype=torch.float32, **dense, **kw)
         tokenizer = AutoTokenizer.from_pretrained(src.parent, **kw)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot import {src}: {_first_line(e)}") from None
+        raise SystemExit(f"error: cannot import {src}: {first_line(e, 300)}") from None
     keep_gguf_pre_tokenizer(src, tokenizer)
     if getattr(model, "hf_quantizer", None) is not None:  # still marked quantized: copy into a plain model
         config = copy.deepcopy(model.config)
@@ -145,7 +142,7 @@ def _load_hf(src: Path):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {src} holds no usable tokenizer ({_first_line(e)}); copy its tokenizer files "
+        raise SystemExit(f"error: {src} holds no usable tokenizer ({first_line(e, 300)}); copy its tokenizer files "
                          "(tokenizer.json, tokenizer_config.json) into the folder") from None
     return model, tokenizer, auto
 
@@ -202,7 +199,7 @@ def main(src: Path, out: Path, overwrite: bool = False) -> Path:
         except (SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # the GGUF readers raise whatever a corrupt header makes them hit
-            raise SystemExit(f"error: {src}: not a readable GGUF file ({type(e).__name__}: {_first_line(e)}); the "
+            raise SystemExit(f"error: {src}: not a readable GGUF file ({type(e).__name__}: {first_line(e, 300)}); the "
                              "file is truncated or corrupt — download or export it again") from None
     else:
         fmt = "huggingface"

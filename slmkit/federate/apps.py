@@ -243,6 +243,11 @@ def make_strategy(s: FedSettings, on_evaluate: Callable[[MetricRecord], None], a
     return wrapped
 
 
+def _reason(reply: Message) -> str:
+    """The first line of a failed reply's reason."""
+    return ((reply.error.reason or "").strip().splitlines() or ["no reason given"])[0]
+
+
 class Recorder:
     """Wraps a Grid's send_and_receive: bytes each way, every reply's sender and content kinds (the audit), and the
     per-client metrics of the last call of each kind."""
@@ -260,13 +265,11 @@ class Recorder:
         replies = list(self.original(messages, timeout=timeout))
         failed = [r for r in replies if r.has_error()]
         if failed and len(failed) == len(replies):  # nothing to aggregate: say why instead of a round over 0 clients
-            first = (failed[0].error.reason or "no reason given").strip().splitlines()[0]
             raise SystemExit(f"error: every client failed its {messages[0].metadata.message_type} round; the first "
-                             f"said: {first}")
+                             f"said: {_reason(failed[0])}")
         for r in failed:  # the round goes on with the others; the failure is not hidden
             print(f"warning: client {r.metadata.src_node_id} failed its {r.metadata.message_type} round: "
-                  f"{(r.error.reason or '').strip().splitlines()[0] if r.error.reason else 'no reason given'}",
-                  file=sys.stderr)
+                  f"{_reason(r)}", file=sys.stderr)
         for r in replies:
             if r.has_error():
                 continue

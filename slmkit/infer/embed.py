@@ -90,11 +90,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling = Pooling())
     return F.normalize(out, dim=-1) if pooling.normalize else out
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden (B, T, H), mask (B, T) of 0/1 -> L2-normalized mean over the unmasked positions (B, H)."""
-    return pool(hidden, mask, Pooling())
-
-
 @torch.no_grad()
 def embed(model_dir: Path, texts: list[str], batch_size: int = 32, max_length: int | None = None,
           device: str = "cpu", model=None, tokenizer=None, pooling: Pooling | None = None) -> np.ndarray:

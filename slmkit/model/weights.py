@@ -21,8 +21,9 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth",
 FIX_CORRUPT = "the file is truncated or corrupt; copy it again from where the model came from"
 
 
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of E's message (its type's name when it has none), cut at LIMIT characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def read_weights(path: Path, check_finite: bool = True) -> dict[str, torch.Tensor]:

@@ -72,10 +72,9 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
                    "max_tokens_limit": "the largest max_tokens a request may ask for",
                    "max_prompt_tokens": "leave it out for the model's context", "max_body_bytes": "e.g. 1000000",
                    "prefill_chunk": "prompt tokens read per step while others decode, e.g. 64"})
-    if not draft and draft_tokens is not None:
-        from slmkit.infer.generate import refuse_draft_tokens
+    from slmkit.infer.generate import refuse_draft_tokens
 
-        refuse_draft_tokens(None, draft_tokens)
+    refuse_draft_tokens(draft or None, draft_tokens)
     try:
         kv_bytes = parse_memory(kv_memory)
     except ValueError as e:

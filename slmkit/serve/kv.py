@@ -17,25 +17,22 @@ the moment of the copy.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 DEFAULT_KV_MEMORY = 2 << 30  # 2 GiB: 16 rows x 2,800 positions of SmolLM2-135M in fp32, twice that in bf16
 LENGTH_STEP = 64  # lengths are rounded up to a multiple of this: fewer growths, little waste
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_memory(text: str | int) -> int:
-    """'2G', '512M', '1.5GiB', '800MB', '1000000' -> bytes (K, M, G, T are powers of 1024). ValueError naming the
-    value otherwise."""
-    if isinstance(text, int):
-        n = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), re.IGNORECASE)
-        if m is None:
-            raise ValueError(f"--kv-memory {text!r} is not a size: give bytes or a number with K, M, G or T, e.g. 2G")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """'2G', '512M', '1.5GiB', '800MB', '1000000' -> bytes (options.parse_size). ValueError naming the value
+    otherwise."""
+    from slmkit.options import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError:
+        raise ValueError(f"--kv-memory {text!r} is not a size: give bytes or a number with K, M, G or T, "
+                         "e.g. 2G") from None
     if n <= 0:
         raise ValueError(f"--kv-memory {text!r} must be positive, e.g. 2G")
     return n

@@ -27,6 +27,7 @@ class Served:
     labels: list[str] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cascade: Any = None  # compose.cascade.Cascade: a cascade folder, answered through compose/cascade_serve.py
+    pooling: Any = None  # infer.embed.Pooling of an encoder: read from its folder once, not per request
 
 
 def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int = 64, dtype: str = "fp32",
@@ -49,13 +50,13 @@ def load_served(name: str, model_dir: Path, max_batch: int = 16, max_queue: int 
         return Served(name, Path(model_dir), "classifier", int(getattr(model.config, "max_position_embeddings", 512)),
                       device, model=model, tokenizer=tok, labels=labels)
     if is_encoder(cfg):
-        from slmkit.infer.embed import load_encoder
+        from slmkit.infer.embed import load_encoder, pooling_of
 
         model, tok = load_encoder(Path(model_dir), device)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return Served(name, Path(model_dir), "encoder", int(getattr(model.config, "max_position_embeddings", 512)),
-                      device, model=model, tokenizer=tok)
+                      device, model=model, tokenizer=tok, pooling=pooling_of(Path(model_dir)))
     from slmkit.infer.generate import load
     from slmkit.serve.batching import Engine
 

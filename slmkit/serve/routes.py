@@ -404,7 +404,8 @@ async def embeddings(req: EmbeddingRequest, models: Models, settings: ServerSett
     texts = texts_of(req.input, settings)
     n_tokens = sum(len(m.tokenizer(t)["input_ids"]) for t in texts)
     async with m.lock:  # one forward pass at a time per model; the event loop stays free meanwhile
-        vecs = await in_fresh_thread_async(embed, m.path, texts, 32, None, m.device, m.model, m.tokenizer)
+        vecs = await in_fresh_thread_async(embed, m.path, texts, 32, None, m.device, m.model, m.tokenizer,
+                                           m.pooling)
     if req.dimensions is not None:
         vecs = vecs[:, :req.dimensions]
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)

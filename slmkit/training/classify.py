@@ -13,7 +13,7 @@ the best (not before one epoch). Runs are minutes long: no checkpoints, no --res
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from slmkit.infer.classify import (
 from slmkit.infer.load import read_config
 from slmkit.model.tokenizer import load_tokenizer
 from slmkit.model.weights import quiet_transformers
+from slmkit.options import defaults_of, refuse_unused
 from slmkit.training.config import Budget, ClassifyConfig, LoraConfig
 from slmkit.training.fit import EarlyStop
 from slmkit.training.optim import make_optimizer
@@ -126,18 +127,10 @@ NOT_FOR_CLASSIFY = {
 }
 
 
-def refuse_unused(cfg: ClassifyConfig) -> None:
-    """One line for the first flag given that a classifier run would otherwise ignore."""
-    defaults = {f.name: f.default for f in fields(cfg)}
-    for name, why in NOT_FOR_CLASSIFY.items():
-        if getattr(cfg, name) != defaults[name]:
-            raise SystemExit(f"error: --{name.replace('_', '-')} does not apply to --task classify: {why}")
-
-
 @cleans_up()
 def run(cfg: ClassifyConfig) -> dict:
     """The pipeline of `slm finetune --task classify` over CFG; returns the run's summary."""
-    refuse_unused(cfg)
+    refuse_unused("--task classify", vars(cfg), NOT_FOR_CLASSIFY, defaults_of(ClassifyConfig))
     read_config(cfg.model_dir)
     if cfg.out.resolve() == cfg.model_dir.resolve():
         raise SystemExit("error: --out must differ from the model folder being fine-tuned")

@@ -109,7 +109,8 @@ def test_bad_sources_fail_with_one_line_and_write_nothing(tmp_path):
     taken = tiny_llama_folder(tmp_path / "taken")
     with pytest.raises(SystemExit, match="is \\(or holds\\) the input"):
         import_model(taken, taken)
+    tiny_llama_folder(tmp_path / "taken-too")
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        import_model(taken, tmp_path / "taken-too") if tiny_llama_folder(tmp_path / "taken-too") else None
+        import_model(taken, tmp_path / "taken-too")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
