@@ -16,7 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("slmkit.infer.evaluate", "loss, perplexity and bits per byte on held-out text"),
     "info": ("slmkit.infer.info", "architecture and exact parameter count of a model folder or preset"),
     "classify": ("slmkit.infer.classify", "top-k labels with probabilities from a classifier folder"),
-    "embed": ("slmkit.infer.embed", "sentence embeddings (mean-pooled, L2-normalized) from an encoder folder"),
+    "embed": ("slmkit.infer.embed", "sentence embeddings from an encoder folder, pooled as the folder declares"),
     "import": ("slmkit.edge.import_model", "a local Hugging Face folder or GGUF file -> a model folder"),
     "finetune": ("slmkit.training.finetune",
                  "fine-tune a model folder: continued pretraining or chat SFT, full or LoRA"),

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.edge.runtimes import Crash, empty_past, run_probe
+from slmkit.infer.embed import Pooling, pool, pooling_of
 from slmkit.model.llama import ForwardOps
 
 __all__ = ["empty_past"]  # re-exported for older callers; it lives in runtimes.py (no torch)
@@ -88,17 +89,16 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Embedder(nn.Module):
-    """Encoder -> mean-pooled, L2-normalised sentence embeddings (B, C)."""
+    """Encoder -> sentence embeddings (B, C), pooled as `slm embed` pools them (infer.embed.pool: the folder's
+    declared pooling, by default the L2-normalised mean), so the ONNX graph and `slm embed` agree."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, pooling: Pooling | None = None):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.pooling = encoder, pooling or Pooling()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(pooled, dim=-1)
+        return pool(h, attention_mask, self.pooling)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
@@ -179,7 +179,8 @@ def _export_encoder(model_dir: Path, cfg: dict, path: Path) -> tuple[str, torch.
                 {**axes, "logits": {0: "batch"}})
         return "classifier", ids
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
-    _export(Embedder(model).eval(), (ids, mask), path, ["input_ids", "attention_mask"], ["embeddings"],
+    embedder = Embedder(model, pooling_of(model_dir)).eval()
+    _export(embedder, (ids, mask), path, ["input_ids", "attention_mask"], ["embeddings"],
             {**axes, "embeddings": {0: "batch"}})
     return "embedding", ids
 
@@ -217,7 +218,8 @@ def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
             expected = model(input_ids=probe, attention_mask=mask).logits.numpy()
         else:
-            expected = Embedder(AutoModel.from_pretrained(model_dir, local_files_only=True).eval())(probe, mask).numpy()
+            encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+            expected = Embedder(encoder, pooling_of(model_dir))(probe, mask).numpy()
         err_t = np.abs(got - expected).max(axis=-1)
         agree = got.argmax(-1) == expected.argmax(-1)
     err = float(err_t.max())

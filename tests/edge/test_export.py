@@ -212,3 +212,28 @@ def test_cli_help_documents_every_option():
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
+
+
+def test_an_onnx_embedding_graph_pools_as_slm_embed_does(tmp_path):
+    """A folder declaring CLS pooling without normalisation: the ONNX graph gives `slm embed`'s vectors."""
+    import json
+
+    ort = pytest.importorskip("onnxruntime")
+    from slmkit.infer.embed import embed
+    from slmkit.model.tokenizer import load_tokenizer
+
+    texts = ["the cat sat on the mat", "a dog"]
+    enc = tiny_base_folder(tmp_path / "enc", wordpiece(extra=texts * 5))
+    (enc / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (enc / "1_Pooling").mkdir()
+    (enc / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    export(enc, tmp_path / "onnx", format="onnx")
+    tok = load_tokenizer(enc)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    for text, want in zip(texts, embed(enc, texts), strict=True):
+        batch = tok([text], return_tensors="np")
+        got = session.run(None, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})[0][0]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert abs(np.linalg.norm(want) - 1.0) > 1e-3  # CLS, not normalised: the mean-pooled graph would differ
