@@ -20,12 +20,6 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeon Sapphire Rapids and later), as PyTorch detects it."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 def pick_device(device: str) -> str:
     """'auto' -> this process's GPU when there is one, else 'cpu'; an explicit GPU that is not there is a one-line
     error here rather than a CUDA traceback later."""
