@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.edge.runtimes import Crash, empty_past, run_probe
-from slmkit.infer.embed import Pooling, pool, pooling_of
+from slmkit.infer.embed import Pooling, load_encoder, pool, pooling_of
 from slmkit.model.llama import ForwardOps
+from slmkit.model.weights import open_pretrained
 
 __all__ = ["empty_past"]  # re-exported for older callers; it lives in runtimes.py (no torch)
 
@@ -167,18 +168,18 @@ def export_onnx(model_dir: Path, out: Path, int8: bool = False, verify: bool = T
 
 
 def _export_encoder(model_dir: Path, cfg: dict, path: Path) -> tuple[str, torch.Tensor]:
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     archs = cfg.get("architectures") or []
     ids = torch.tensor([[2, 10, 11, 12, 13, 3]])  # (1, 6) [CLS]-like id, a few tokens, [SEP]-like id
     mask = torch.ones_like(ids)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     if any(a.endswith("ForSequenceClassification") for a in archs):
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        model = open_pretrained(AutoModelForSequenceClassification, model_dir).eval()
         _export(_Logits(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits"],
                 {**axes, "logits": {0: "batch"}})
         return "classifier", ids
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    model = load_encoder(model_dir)[0]  # checked against its config, as `slm embed` loads it
     embedder = Embedder(model, pooling_of(model_dir)).eval()
     _export(embedder, (ids, mask), path, ["input_ids", "attention_mask"], ["embeddings"],
             {**axes, "embeddings": {0: "batch"}})
@@ -211,14 +212,14 @@ def verify_onnx(path: Path, model_dir: Path, cfg: dict, kind: str, probe: torch.
         err_t = np.abs(got - expected[None]).max(axis=(0, 2))  # got: (2, T, V) full pass, prefill + decode
         agree = (got.argmax(-1) == expected.argmax(-1)[None]).all(0)
     else:
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
         mask = torch.ones_like(probe)
         if kind == "classifier":
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+            model = open_pretrained(AutoModelForSequenceClassification, model_dir).eval()
             expected = model(input_ids=probe, attention_mask=mask).logits.numpy()
         else:
-            encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+            encoder = load_encoder(model_dir)[0]
             expected = Embedder(encoder, pooling_of(model_dir))(probe, mask).numpy()
         err_t = np.abs(got - expected).max(axis=-1)
         agree = got.argmax(-1) == expected.argmax(-1)

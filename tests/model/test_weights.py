@@ -128,6 +128,8 @@ def test_an_encoder_missing_weights_is_refused_not_random(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a cat sat\n")
     err = one_line(capsys, "embed", folder, "--data", tmp_path / "t.txt", "--out", tmp_path / "v.npy")
     assert "missing" in err and "layer.1." in err
+    err = one_line(capsys, "export", folder, "--format", "onnx", "--out", tmp_path / "onnx")
+    assert "missing" in err and "layer.1." in err and not (tmp_path / "onnx").exists()
 
 
 # --- fuzz ---------------------------------------------------------------------------------------------------------
