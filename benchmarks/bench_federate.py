@@ -66,7 +66,8 @@ def federated(args, work: Path, silos: list[dict], name: str, **extra) -> dict:
     s = simulate(FederateConfig(data=[x["all"] for x in silos], out=work / name, rounds=args.rounds,
                                 preset=args.preset, tokens=args.tokens, block_size=args.block,
                                 batch_size=args.client_batch or max(1, args.batch // len(silos)),
-                                lr=args.lr, eval_tokens=args.eval_tokens, overwrite=True, **extra))
+                                lr=args.client_lr or args.lr, eval_tokens=args.eval_tokens,
+                                eval_every=args.eval_every, weight_decay=args.weight_decay, overwrite=True, **extra))
     return {"wall_s": round(time.time() - t0, 1), "tokens": s["tokens"], "bytes_per_round": s["bytes_per_round"],
             "epsilon": s["epsilon"], "best_round": s["best"]["round"], "held_out": mean_eval(work / name, silos)}
 
@@ -102,7 +103,12 @@ def main() -> None:
                     "then spans --batch sequences per step, as the centralised step does, and both make as many "
                     "steps)")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1, help="the clients' weight decay")
+    ap.add_argument("--client-lr", type=float, help="the clients' peak lr (default: --lr, the centralised run's)")
+    ap.add_argument("--server-lr", type=float, help="fedavgm/fedadam: the server's step size on the mean update")
+    ap.add_argument("--server-momentum", type=float, help="fedavgm: the server's momentum (default 0.9)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-every", type=int, default=1, help="rounds between the clients' held-out evaluations")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--runs", default="fedavg,fedavg_dp", help="federated runs, of fedavg, fedprox, fedavgm, "
                     "fedavg_dp (default: fedavg,fedavg_dp)")
@@ -119,14 +125,16 @@ def main() -> None:
     result["central"] = central(args, args.work, silos)
     print("central:", result["central"], flush=True)
     runs = {"fedavg": {}, "fedprox": {"strategy": "fedprox"},
-            "fedavgm": {"strategy": "fedavgm", "server_lr": 0.7},  # DiLoCo's outer step size
+            "fedavgm": {"strategy": "fedavgm", "server_lr": args.server_lr or 0.7,  # DiLoCo's outer step size
+                        "server_momentum": 0.9 if args.server_momentum is None else args.server_momentum},
+            "fedadam": {"strategy": "fedadam", "server_lr": args.server_lr},
             "fedavg_dp": {"dp_epsilon": args.epsilon}}
     for name in args.runs.split(","):
         result[name] = federated(args, args.work, silos, name, **runs[name])
         print(f"{name}:", result[name], flush=True)
     base = result["central"]["held_out"]["mean_loss"]
     print(f"\n{'run':<12} {'mean held-out loss':>18} {'vs central':>10} {'MiB/round':>10} {'wall s':>7} {'epsilon':>8}")
-    for name in ("central", "fedavg", "fedprox", "fedavgm", "fedavg_dp"):
+    for name in ("central", *runs):
         if name in result:
             r = result[name]
             loss = r["held_out"]["mean_loss"]

@@ -54,6 +54,7 @@ class FedSettings:
     lora: dict | None = None  # with base: LoRA adapters (r, alpha, dropout) are all that trains and travels
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "muon": `slm train`'s default for decoders from scratch
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float | None = None  # FedAdam's eta (default 0.01), FedAvgM's server learning rate (default 1.0)
@@ -72,6 +73,9 @@ class FedSettings:
     replace_errors: bool = False  # clients substitute U+FFFD for undecodable bytes instead of failing
     device: str = "cpu"
     autocast: str | None = None  # "bf16" or None
+    secagg: bool = False  # SecAgg+ (secagg.py): the server sees only the sum of the clients' weights
+    secagg_shares: float = 1.0  # SecAgg+: the share of a round's clients each client's secrets are split among
+    secagg_threshold: float = 0.67  # SecAgg+: the share of those holders needed to unmask (dropouts tolerated)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -108,18 +112,30 @@ def build(s: FedSettings) -> torch.nn.Module:
     return lora_model(Path(s.base), LoraConfig(**s.lora), s.seed)[0]
 
 
-def load_weights(model: torch.nn.Module, record: ArrayRecord) -> None:
+def load_weights(model: torch.nn.Module, record: ArrayRecord | dict[str, np.ndarray]) -> None:
+    """The trainable parameters from RECORD (an ArrayRecord, or name -> array)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(record.keys()) != set(params):
         raise ValueError(f"the global weights do not fit this model ({len(record.keys())} arrays for "
                          f"{len(params)} parameters)")
     with torch.no_grad():
         for name, arr in record.items():
-            params[name].copy_(torch.from_numpy(arr.numpy().astype(np.float32)))
+            arr = arr.numpy() if isinstance(arr, Array) else arr
+            params[name].copy_(torch.from_numpy(np.asarray(arr, dtype=np.float32)))
 
 
 def nbytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The arrays' bytes, and the byte strings of config records (SecAgg+'s masked vectors, keys and shares)."""
+    n = sum(nbytes(a) for a in content.array_records.values())
+    for record in content.config_records.values():
+        for v in record.values():
+            n += len(v) if isinstance(v, bytes) else sum(len(b) for b in v if isinstance(b, bytes)) \
+                if isinstance(v, list) else 0
+    return n
 
 
 # -- the client -------------------------------------------------------------------------------------------------
@@ -127,6 +143,7 @@ _CACHE: dict = {}  # per process: one model skeleton per configuration, one Silo
 
 
 def _client_parts(s: FedSettings, context: Context) -> tuple[torch.nn.Module, Silo]:
+    from slmkit.model.presets import is_encoder
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
     key = json.dumps([s.model_config, s.base, s.lora], sort_keys=True)
@@ -136,7 +153,8 @@ def _client_parts(s: FedSettings, context: Context) -> tuple[torch.nn.Module, Si
     skey = (data, s.tokenizer, s.block, s.val_fraction, s.text_col, s.replace_errors)
     if skey not in _CACHE:
         tok = load_tokenizer(Path(s.tokenizer)) if s.tokenizer else byte_tokenizer()
-        _CACHE[skey] = open_silo(data.split(","), tok, s.block, s.val_fraction, s.text_col, s.replace_errors)
+        _CACHE[skey] = open_silo(data.split(","), tok, s.block, s.val_fraction, s.text_col, s.replace_errors,
+                                 is_encoder(s.model_config))
     return _CACHE[key], _CACHE[skey]
 
 
@@ -151,40 +169,57 @@ def _optimizer_state(model: torch.nn.Module, s: FedSettings, context: Context) -
     if "optimizer" not in context.state.array_records:
         return None
     flat = {k: v.numpy() for k, v in context.state.array_records["optimizer"].items()}
-    return nested_optimizer_state(flat, make_optimizer(model, s.lr, s.weight_decay, s.device).state_dict())
+    template = make_optimizer(model, s.lr, s.weight_decay, s.device, s.optimizer).state_dict()
+    return nested_optimizer_state(flat, template)
+
+
+def local_train(s: FedSettings, context: Context, weights, rnd: int, prox_mu: float = 0.0
+                ) -> tuple[dict[str, np.ndarray], dict]:
+    """One round on this client: WEIGHTS (the global ones) trained on its silo -> (new weights, figures). ROUND is
+    1-based over the whole run (resumed runs included): it anneals the learning rate and seeds the batches."""
+    model, silo = _client_parts(s, context)
+    load_weights(model, weights)
+    lr = get_lr(rnd - 1, (rnd - 1) / max(1, s.rounds - 1), s.lr, 0, s.min_lr_ratio)  # cosine across rounds
+    seed = s.seed * 1_000_003 + rnd * 1009 + int(context.node_config.get("partition-id", 0))
+    plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, s.weight_decay, prox_mu, optimizer=s.optimizer)
+    r = train_round(model, silo, plan, s.device, _autocast(s), _optimizer_state(model, s, context))
+    # the moments stay on the client, in its node's state (it persists across rounds, in Flower's SuperNode too)
+    context.state["optimizer"] = ArrayRecord({k: Array(v) for k, v in flat_optimizer_state(
+        r["optimizer_state"]).items()})
+    weight = 1 if s.dp_noise is not None or s.secagg else r["tokens"]  # DP's accountant, SecAgg+: equal weights
+    return model_weights(model), {"train_loss": r["train_loss"], "tokens": r["tokens"], "seconds": r["seconds"],
+                                  "num-examples": weight}
+
+
+def local_evaluate(s: FedSettings, context: Context, weights) -> dict:
+    """WEIGHTS scored on this client's held-out part -> {"eval_loss", "bits_per_byte", "num-examples"}."""
+    model, silo = _client_parts(s, context)
+    load_weights(model, weights)
+    r = evaluate_silo(model, silo, s.block, s.eval_tokens, s.device, _autocast(s))
+    return {"eval_loss": float(r["loss"]), "bits_per_byte": float(r.get("bits_per_byte") or 0.0),
+            "num-examples": int(r["tokens"])}
 
 
 def make_client_app(s: FedSettings) -> ClientApp:
+    if s.secagg:
+        from slmkit.federate.secagg import make_secagg_client_app
+
+        return make_secagg_client_app(s, local_train, local_evaluate, lambda context: list(
+            model_weights(_client_parts(s, context)[0])))
     app = ClientApp()
 
     # per handler, not app-wide: the clipping mod reads the train message's config and would fail evaluations
     @app.train(mods=[fixedclipping_mod] if s.dp_noise is not None else [])
     def train(msg: Message, context: Context) -> Message:
-        model, silo = _client_parts(s, context)
-        load_weights(model, msg.content["arrays"])
         cfg = msg.content["config"]
-        rnd = int(cfg["round"])  # 1-based, counted over the whole run (resumed runs included)
-        lr = get_lr(rnd - 1, (rnd - 1) / max(1, s.rounds - 1), s.lr, 0, s.min_lr_ratio)  # cosine across rounds
-        seed = s.seed * 1_000_003 + rnd * 1009 + int(context.node_config.get("partition-id", 0))
-        plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, s.weight_decay,
-                         float(cfg.get("proximal-mu", 0.0)))
-        r = train_round(model, silo, plan, s.device, _autocast(s), _optimizer_state(model, s, context))
-        # the moments stay on the client, in its node's state (it persists across rounds, in Flower's SuperNode too)
-        context.state["optimizer"] = ArrayRecord({k: Array(v) for k, v in flat_optimizer_state(
-            r["optimizer_state"]).items()})
-        weight = 1 if s.dp_noise is not None else r["tokens"]
-        metrics = MetricRecord({"train_loss": r["train_loss"], "tokens": r["tokens"], "seconds": r["seconds"],
-                                "num-examples": weight})
-        return Message(RecordDict({"arrays": to_record(model_weights(model)), "metrics": metrics}), reply_to=msg)
+        weights, metrics = local_train(s, context, msg.content["arrays"], int(cfg["round"]),
+                                       float(cfg.get("proximal-mu", 0.0)))
+        return Message(RecordDict({"arrays": to_record(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        model, silo = _client_parts(s, context)
-        load_weights(model, msg.content["arrays"])
-        r = evaluate_silo(model, silo, s.block, s.eval_tokens, s.device, _autocast(s))
-        metrics = MetricRecord({"eval_loss": float(r["loss"]), "bits_per_byte": float(r.get("bits_per_byte") or 0.0),
-                                "num-examples": int(r["tokens"])})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        metrics = local_evaluate(s, context, msg.content["arrays"])
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
 
@@ -252,8 +287,8 @@ class Recorder:
     """Wraps a Grid's send_and_receive: bytes each way, every reply's sender and content kinds (the audit), and the
     per-client metrics of the last call of each kind."""
 
-    def __init__(self, grid: Grid, audit: list | None = None):
-        self.audit = audit
+    def __init__(self, grid: Grid, audit: list | None = None, timeout: float | None = None):
+        self.audit, self.timeout = audit, timeout  # TIMEOUT: for callers that give none (flwr's legacy workflows)
         self.sent = self.received = 0
         self.per_client: dict[str, dict[int, dict]] = {}
         self.original = grid.send_and_receive
@@ -261,8 +296,8 @@ class Recorder:
 
     def __call__(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        self.sent += sum(nbytes(r) for m in messages for r in m.content.array_records.values())
-        replies = list(self.original(messages, timeout=timeout))
+        self.sent += sum(content_bytes(m.content) for m in messages)
+        replies = list(self.original(messages, timeout=self.timeout if timeout is None else timeout))
         failed = [r for r in replies if r.has_error()]
         if failed and len(failed) == len(replies):  # nothing to aggregate: say why instead of a round over 0 clients
             raise SystemExit(f"error: every client failed its {messages[0].metadata.message_type} round; the first "
@@ -273,10 +308,10 @@ class Recorder:
         for r in replies:
             if r.has_error():
                 continue
-            self.received += sum(nbytes(a) for a in r.content.array_records.values())
-            kind = r.metadata.message_type
-            m = next(iter(r.content.metric_records.values()), None)
-            self.per_client.setdefault(kind, {})[r.metadata.src_node_id] = dict(m) if m is not None else {}
+            self.received += content_bytes(r.content)
+            m = r.content.metric_records.get("metrics")  # (SecAgg+'s replies: secagg.py collects the figures)
+            if m is not None:
+                self.per_client.setdefault(r.metadata.message_type, {})[r.metadata.src_node_id] = dict(m)
             if self.audit is not None:
                 self.audit.append(r)
         return replies
@@ -291,7 +326,7 @@ def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        recorder = Recorder(grid, audit)
+        recorder = Recorder(grid, audit, s.timeout)
         latest: dict = {}
         strategy = make_strategy(s, lambda m: latest.update(evaluate=dict(m)), accountant_state)
 
@@ -300,14 +335,20 @@ def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round:
                 return None  # the starting weights: nothing trained yet
             rnd = start_round + flwr_round - 1
             spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
-            figures = {"evaluate": latest.pop("evaluate", {}), "clients": recorder.per_client,
+            figures = {"evaluate": latest.pop("evaluate", {}), "clients": dict(recorder.per_client),
                        "bytes_sent": recorder.sent, "bytes_received": recorder.received,
                        "epsilon": None if spent is None else float(spent.epsilon),
                        "accountant": strategy.slm_accountant.state_dict() if spent is not None else None}
-            recorder.per_client, recorder.sent, recorder.received = {}, 0, 0
+            recorder.per_client.clear()  # (the same dict: secagg.py's strategy fills it)
+            recorder.sent = recorder.received = 0
             after_round(rnd, arrays, figures)
             return None
 
+        if s.secagg:
+            from slmkit.federate.secagg import run_secagg
+
+            run_secagg(grid, context, s, initial, start_round, recorder.per_client, latest, on_round, to_record)
+            return
         train_config = ConfigRecord({"round": start_round})
         rounds = s.rounds - start_round + 1
         # the round number travels in the config; flwr counts from 1 in every start(), so it is advanced per round

@@ -86,6 +86,15 @@ def _training_args(s) -> None:
     g.add_argument("--preset", help="the architecture trained from scratch (default: slm-1m)")
     g.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="a model folder whose tokenizer every client "
                    "uses (default: raw bytes, so no statistics of any client's text are needed)")
+    g.add_argument("--tokenizer-from-clients", action="store_true", default=None, help="simulate: build a BPE "
+                   "tokenizer from word counts the clients send (their frequent words and counts only; "
+                   "docs/federate.md) instead of raw bytes")
+    g.add_argument("--vocab-size", type=int, help="with --tokenizer-from-clients: the vocabulary (default: by the "
+                   "clients' text size, as slm train)")
+    g.add_argument("--vocab-min-count", type=int, help="with --tokenizer-from-clients: a client sends only words it "
+                   "holds at least this often (default: 5)")
+    g.add_argument("--vocab-words", type=int, help="with --tokenizer-from-clients: at most this many of a client's "
+                   "most frequent words (default: 20000)")
     g.add_argument("--base", type=Path, metavar="DIR", help="fine-tune this model folder instead of a preset from "
                    "scratch (every client needs the same folder at the same path); its tokenizer is used")
     g.add_argument("--lora", action="store_true", default=None, help="with --base: train LoRA adapters only; only "
@@ -99,6 +108,9 @@ def _training_args(s) -> None:
     g.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's)")
     g.add_argument("--block-size", type=int, help="tokens per sequence (default: the recipe's)")
     g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], help="each client's optimizer, its state kept on the "
+                   "client between rounds (default: muon from scratch, as slm train; adamw with --base)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0.1)")
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
     g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
     g.add_argument("--text-col", help="every client's text field/column for JSONL, CSV, Parquet (default: text)")
@@ -123,6 +135,13 @@ def _training_args(s) -> None:
                    "(implies --dp)")
     g.add_argument("--dp-clip", type=float, help="L2 bound of a client's update (default: 1.0)")
     g.add_argument("--dp-delta", type=float, help="δ of the (ε, δ) guarantee (default: 1e-5)")
+    g = s.add_argument_group("secure aggregation")
+    g.add_argument("--secagg", action="store_true", default=None, help="SecAgg+ (Flower's): each client masks its "
+                   "weights so that the server can unmask only their sum; FedAvg only, not with --dp")
+    g.add_argument("--secagg-shares", type=float, help="the share of a round's clients that each client's secrets "
+                   "are split among (default: 1.0; smaller for large cohorts)")
+    g.add_argument("--secagg-threshold", type=float, help="the share of those holders needed to unmask: the dropouts "
+                   "a round survives (default: 0.67)")
     g = s.add_argument_group("the run")
     g.add_argument("--seed", type=int, help="weights, batches (default: 0)")
     g.add_argument("--device", help="cpu, cuda, auto (default: auto)")

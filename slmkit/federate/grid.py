@@ -73,7 +73,11 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def set_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Message() reads these
+
+
 def run_in_process(server_app, grid: LocalGrid, run_config: dict) -> None:
     """SERVER_APP's main over GRID, in this thread."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Message() reads these
+    set_identity()
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
 from slmkit.data.corpus import expand_paths, get_batch, load_tokens, split_tokens, tokenize_to_memmap
+from slmkit.data.mlm import MaskInfo, evaluate_mlm, get_mlm_batch, mask_info, mlm_loss
 from slmkit.hardware import eval_dtype
 from slmkit.infer.evaluate import evaluate_tokens
 from slmkit.model.tokenizer import token_byte_lengths
@@ -29,18 +31,20 @@ class Silo:
     train: np.ndarray
     val: np.ndarray
     token_bytes: np.ndarray  # bytes of text per token id: bits per byte
+    mask: MaskInfo | None = None  # an encoder's: its text trains and scores as a masked LM
 
 
 def open_silo(paths: list[str], tokenizer, block: int, val_fraction: float = 0.1, text_col: str = "text",
-              replace_errors: bool = False) -> Silo:
-    """PATHS tokenized (cached by content, as `slm train` does), the last VAL_FRACTION held out."""
+              replace_errors: bool = False, encoder: bool = False) -> Silo:
+    """PATHS tokenized (cached by content, as `slm train` does), the last VAL_FRACTION held out; ENCODER: masked
+    LM batches and scores instead of next-token ones (data/mlm.py, as `slm train` pretrains encoders)."""
     files = expand_paths([str(p) for p in paths])
     bin_path, meta = tokenize_to_memmap(files, tokenizer, text_col=text_col, replace_errors=replace_errors)
     train, val = split_tokens(load_tokens(bin_path, meta), val_fraction, block)
     if len(train) <= block + 1 or len(val) <= block + 1:
         raise SystemExit(f"error: --data {' '.join(map(str, paths))}: {len(train) + len(val):,} tokens are too few "
                          f"for blocks of {block} tokens with a held-out part; give this client more text")
-    return Silo(train, val, token_byte_lengths(tokenizer))
+    return Silo(train, val, token_byte_lengths(tokenizer), mask_info(tokenizer) if encoder else None)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class RoundPlan:
     weight_decay: float = 0.1
     prox_mu: float = 0.0  # FedProx: (mu/2) * ||w - w_global||^2 added to the loss
     clip: float = 1.0  # gradient clipping inside local training (not DP's update clipping)
+    optimizer: str = "adamw"  # or "muon" (training/optim.py), as `slm train` picks
 
 
 def proximal(loss_fn, model: nn.Module, mu: float):
@@ -72,20 +77,24 @@ def proximal(loss_fn, model: nn.Module, mu: float):
 def train_round(model: nn.Module, silo: Silo, plan: RoundPlan, device: str = "cpu",
                 autocast: torch.dtype | None = None, optimizer_state: dict | None = None) -> dict:
     """PLAN.steps steps of local training on SILO, in place -> {"train_loss", "tokens", "seconds",
-    "optimizer_state"}. OPTIMIZER_STATE: the client's AdamW moments from its previous round (they stay on the client):
+    "optimizer_state"}. OPTIMIZER_STATE: the client's AdamW moments (and Muon's momentum) from its previous round
+    (they stay on the client):
     restarting Adam every round makes its first steps sign-like jumps of size lr on every weight, which the
     average then has to undo; the first round, without moments, warms the learning rate up instead."""
     gen = torch.Generator().manual_seed(plan.seed)
-    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, device)
+    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, device, plan.optimizer)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = proximal(causal_lm_loss, model, plan.prox_mu) if plan.prox_mu > 0 else causal_lm_loss
+    base_loss = mlm_loss if silo.mask else causal_lm_loss
+    loss_fn = proximal(base_loss, model, plan.prox_mu) if plan.prox_mu > 0 else base_loss
+    next_batch = (lambda: get_mlm_batch(silo.train, plan.batch, plan.block, gen, silo.mask, device)) if silo.mask \
+        else (lambda: get_batch(silo.train, plan.batch, plan.block, gen, device))
     last: dict = {}
     warmup = 0 if optimizer_state is not None else min(plan.steps, 20)
     cfg = FitConfig(lr=plan.lr, min_lr_ratio=1.0, warmup_steps=warmup, clip=plan.clip, eval_every_s=math.inf,
                     checkpoint_every_s=math.inf, log_every_s=0.0, autocast_dtype=autocast, device=device,
                     progress_bar=False)
-    state = fit(model, optimizer, lambda: get_batch(silo.train, plan.batch, plan.block, gen, device), loss_fn,
+    state = fit(model, optimizer, next_batch, loss_fn,
                 Budget(steps=plan.steps), cfg, FitState(), log=last.update)
     if state.last_eval.get("interrupted"):  # Ctrl-C / SIGTERM in a simulation: stop the run, not just this round
         raise KeyboardInterrupt
@@ -112,5 +121,6 @@ def nested_optimizer_state(flat: dict[str, np.ndarray], template: dict) -> dict:
 def evaluate_silo(model: nn.Module, silo: Silo, block: int, max_tokens: int = 65536, device: str = "cpu",
                   autocast: torch.dtype | None = None) -> dict:
     """The model's loss on the client's held-out tokens: {"loss", "tokens", "bits_per_byte", ...}."""
-    return evaluate_tokens(model, silo.val, block, silo.token_bytes, max_windows=max(1, max_tokens // block),
-                           device=device, autocast_dtype=eval_dtype(autocast, device))
+    score = partial(evaluate_mlm, info=silo.mask) if silo.mask else evaluate_tokens
+    return score(model, silo.val, block, silo.token_bytes, max_windows=max(1, max_tokens // block), device=device,
+                 autocast_dtype=eval_dtype(autocast, device))

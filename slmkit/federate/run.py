@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from slmkit.files import atomic_write_json
+from slmkit.model.presets import is_encoder
 from slmkit.training.stages import cleans_up, open_output
 
 RUN_FILE = "federation.json"
 LAST = "last"
+CLIENTS_TOKENIZER = "clients-tokenizer"
 
 
 @dataclass
@@ -40,11 +42,17 @@ class FederateConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     tokenizer_from: Path | None = None
+    tokenizer_from_clients: bool = False  # BPE built from the clients' word counts (vocab.py)
+    vocab_size: int | None = None
+    vocab_min_count: int = 5
+    vocab_words: int = 20000
     tokens: int | None = None
     local_steps: int | None = None
     batch_size: int | None = None
     block_size: int | None = None
     lr: float | None = None
+    optimizer: str | None = None  # default: muon for a decoder from scratch (as slm train), adamw for --base
+    weight_decay: float = 0.1
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float | None = None
@@ -54,6 +62,9 @@ class FederateConfig:
     dp_epsilon: float | None = None  # a target ε after --rounds: sets dp_noise
     dp_clip: float = 1.0
     dp_delta: float = 1e-5
+    secagg: bool = False  # SecAgg+ (secagg.py)
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
     min_clients: int | None = None
     timeout: float = 600.0
     val_fraction: float = 0.1
@@ -90,16 +101,20 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
     batch = cfg.batch_size or max(1, step_tokens // block)
     steps = cfg.local_steps or (max(1, cfg.tokens // (cfg.rounds * clients * batch * block)) if cfg.tokens else 20)
     autocast = pick_dtype(cfg.dtype, dev, model_cfg["hidden_size"])
+    llama = model_cfg.get("model_type", "llama") == "llama"
+    optimizer = cfg.optimizer or ("muon" if cfg.base is None and llama else "adamw")
     lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0} if cfg.lora else None
     tokenizer = cfg.tokenizer_from or cfg.base
     return FedSettings(model_config=model_cfg, tokenizer=str(tokenizer) if tokenizer else None,
                        base=str(cfg.base.resolve()) if cfg.base else None, lora=lora,
                        rounds=cfg.rounds, local_steps=steps, batch=batch, block=block,
                        lr=cfg.lr or (2e-4 if cfg.base and not cfg.lora else 1e-3 if cfg.base else
-                                     recipe.peak_lr(model_cfg["hidden_size"])), strategy=cfg.strategy,
+                                     recipe.peak_lr(model_cfg["hidden_size"], optimizer)),
+                       optimizer=optimizer, weight_decay=cfg.weight_decay, strategy=cfg.strategy,
                        proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
                        server_momentum=cfg.server_momentum, dp_noise=cfg.dp_noise if cfg.dp else None,
-                       dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients,
+                       dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta, clients=clients, secagg=cfg.secagg,
+                       secagg_shares=cfg.secagg_shares, secagg_threshold=cfg.secagg_threshold,
                        min_clients=cfg.min_clients or clients, timeout=cfg.timeout, seed=cfg.seed,
                        val_fraction=cfg.val_fraction, eval_tokens=cfg.eval_tokens, eval_every=cfg.eval_every,
                        text_col=cfg.text_col, replace_errors=cfg.replace_errors,
@@ -174,9 +189,10 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def open_run(cfg: FederateConfig, clients: int | None = None) -> tuple:
+def open_run(cfg: FederateConfig, clients: int | None = None, gather=None) -> tuple:
     """OUT checked (or the resumed state read), the shared tokenizer and the settings both apps use ->
-    (resumed state or None, tokenizer, device, settings). All `slm federate server` needs before Flower starts."""
+    (resumed state or None, tokenizer, device, settings). All `slm federate server` needs before Flower starts.
+    GATHER: under --tokenizer-from-clients, a callable that asks the clients for their counts (vocab.py)."""
     from slmkit.hardware import pick_device
     from slmkit.model.tokenizer import byte_tokenizer, load_tokenizer
 
@@ -186,12 +202,53 @@ def open_run(cfg: FederateConfig, clients: int | None = None) -> tuple:
     if saved and saved["round"] >= cfg.rounds:
         raise SystemExit(f"error: --resume: {cfg.out} already ran {saved['round']} rounds; raise --rounds to go on")
     dev = pick_device(cfg.device)
+    if cfg.tokenizer_from_clients:
+        cfg.tokenizer_from = clients_tokenizer(cfg, gather)
     shared = cfg.tokenizer_from or cfg.base
     tok = load_tokenizer(shared) if shared else byte_tokenizer()
-    return saved, tok, dev, settings_for(cfg, tok, dev, clients or len(cfg.data))
+    settings = settings_for(cfg, tok, dev, clients or len(cfg.data))
+    if is_encoder(settings.model_config):  # a masked LM needs [MASK]: refused here, not in every client's round
+        from slmkit.data.mlm import mask_info
+
+        mask_info(tok, "pass --tokenizer-from-clients (a WordPiece built from the clients' word counts) or "
+                       "--tokenizer-from a BERT-style folder")
+    return saved, tok, dev, settings
 
 
-def prepare(cfg: FederateConfig, clients: int | None = None):
+def clients_tokenizer(cfg: FederateConfig, gather) -> Path:
+    """OUT/clients-tokenizer: built once from the clients' word counts (a resumed run keeps it)."""
+    folder = cfg.out / CLIENTS_TOKENIZER
+    if not (folder / "tokenizer.json").is_file():
+        tok, figures = gather()
+        tok.save_pretrained(folder)
+        atomic_write_json(folder / "statistics.json", figures)
+        print(f"tokenizer from the clients' word counts: {figures['vocab_size']:,} tokens from "
+              f"{figures['distinct_words']:,} distinct words ({figures['words_received']:,} counts received from "
+              f"{figures['clients']} clients; no text)", flush=True)
+    return folder
+
+
+def gather_in_process(cfg: FederateConfig):
+    """The word-count query to the simulated clients (in this process, as the rounds are)."""
+    from flwr.clientapp import ClientApp
+
+    from slmkit.federate.grid import FIRST_NODE, LocalGrid, set_identity
+    from slmkit.federate.vocab import gather_tokenizer, words_handler
+    from slmkit.model.presets import build_config
+
+    app = ClientApp()
+    app.query("words")(words_handler(cfg.text_col, cfg.replace_errors, cfg.val_fraction))
+    grid = LocalGrid(app, [{"partition-id": i, "data-path": d} for i, d in enumerate(cfg.data)], {})
+    grid.down = {FIRST_NODE + i for i in cfg.drop}
+    set_identity()
+    from slmkit.model.presets import is_encoder
+
+    return gather_tokenizer(grid, cfg.vocab_min_count, cfg.vocab_words, cfg.vocab_size,
+                            build_config(cfg.preset, 256)["hidden_size"],
+                            "wordpiece" if is_encoder(cfg.preset) else "bpe")
+
+
+def prepare(cfg: FederateConfig, clients: int | None = None, gather=None):
     """The stages before Flower: open_run, then the starting weights (the resumed ones) in the server's copy of the
     model -> (settings, weights, state, first round, writer, tokenizer)."""
     import logging
@@ -199,7 +256,7 @@ def prepare(cfg: FederateConfig, clients: int | None = None):
     from slmkit.federate.apps import model_weights
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr logs every message at INFO; our lines say the round
-    saved, tok, dev, settings = open_run(cfg, clients)
+    saved, tok, dev, settings = open_run(cfg, clients, gather)
     torch.manual_seed(cfg.seed)
     state = {"round": 0, "best": None, "history": [], "settings": json.loads(settings.to_json())}
     writer = RoundWriter(cfg, settings, tok, state)  # holds the server's copy of the model
@@ -211,7 +268,8 @@ def prepare(cfg: FederateConfig, clients: int | None = None):
     cfg.out.mkdir(parents=True, exist_ok=True)
     what = f"{cfg.base.name}{' + LoRA' if cfg.lora else ''}" if cfg.base else cfg.preset
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"federate ({cfg.strategy}{', dp' if cfg.dp else ''}): {settings.clients} clients | {what} "
+    mode = f"{cfg.strategy}{', dp' if cfg.dp else ''}{', secagg+' if cfg.secagg else ''}"
+    print(f"federate ({mode}): {settings.clients} clients | {what} "
           f"{trained:,} parameters trained | rounds {start}-{cfg.rounds} x "
           f"{settings.local_steps} local steps of {settings.batch}x{settings.block} tokens | lr {settings.lr:g} | "
           f"{dev}", flush=True)
@@ -226,7 +284,7 @@ def simulate(cfg: FederateConfig, audit: list | None = None) -> dict:
     from slmkit.federate.grid import FIRST_NODE, LocalGrid, run_in_process
 
     check(cfg)
-    settings, weights, state, start, writer, tok = prepare(cfg)
+    settings, weights, state, start, writer, tok = prepare(cfg, gather=lambda: gather_in_process(cfg))
     grid = LocalGrid(make_client_app(settings),
                      [{"partition-id": i, "data-path": d} for i, d in enumerate(cfg.data)], {})
     grid.down = {FIRST_NODE + i for i in cfg.drop}
@@ -276,9 +334,13 @@ NOT_READ = (
     ("server_lr", lambda c: c.strategy in ("fedadam", "fedavgm"), "this --strategy",
      "it is FedAdam's and FedAvgM's server step"),
     ("server_momentum", lambda c: c.strategy == "fedavgm", "this --strategy", "it is FedAvgM's (--strategy fedavgm)"),
+    *((k, lambda c: c.tokenizer_from_clients, "a run without --tokenizer-from-clients",
+       "add --tokenizer-from-clients") for k in ("vocab_size", "vocab_min_count", "vocab_words")),
     ("dp_noise", lambda c: c.dp_epsilon is None, "--dp-epsilon", "the target epsilon picks the noise multiplier"),
     *((k, lambda c: c.dp or c.dp_epsilon is not None, "a run without --dp", "add --dp (or --dp-epsilon)")
       for k in ("dp_noise", "dp_clip", "dp_delta")),
+    *((k, lambda c: c.secagg, "a run without --secagg", "add --secagg")
+      for k in ("secagg_shares", "secagg_threshold")),
     ("timeout", lambda c: not c.data, "`slm federate simulate`",  # (a server's config has no data: clients bring it)
      "its clients run in this process and always reply; --timeout is the server's"),
 )
@@ -309,6 +371,12 @@ def check(cfg: FederateConfig) -> None:
         raise SystemExit("error: --lora needs --base DIR (the model folder whose adapters the clients train)")
     if cfg.base is not None and not (Path(cfg.base) / "config.json").is_file():
         raise SystemExit(f"error: --base {cfg.base}: not a model folder (no config.json)")
+    if cfg.base is not None:
+        from slmkit.infer.load import read_config
+
+        if is_encoder(read_config(Path(cfg.base))):
+            raise SystemExit(f"error: --base {cfg.base} is an encoder: federated fine-tuning takes decoder folders; "
+                             "encoders pretrain from scratch (--preset bert-tiny ... with --tokenizer-from-clients)")
     if cfg.strategy not in STRATEGIES:
         raise SystemExit(f"error: --strategy {cfg.strategy!r}: use one of {', '.join(STRATEGIES)}")
     if cfg.data and cfg.min_clients is not None and not 1 <= cfg.min_clients <= len(cfg.data):
@@ -319,6 +387,17 @@ def check(cfg: FederateConfig) -> None:
         cfg.dp, cfg.dp_noise = True, noise_for_epsilon(cfg.dp_epsilon, cfg.rounds, cfg.dp_delta)
         print(f"--dp-epsilon {cfg.dp_epsilon:g} after {cfg.rounds} rounds at δ {cfg.dp_delta:g}: noise multiplier "
               f"{cfg.dp_noise:.3f}")
+    if cfg.tokenizer_from_clients and (cfg.tokenizer_from or cfg.base or not cfg.data):
+        raise SystemExit("error: --tokenizer-from-clients builds the tokenizer in `slm federate simulate` from "
+                         "scratch: not with --tokenizer-from or --base, and not yet in a deployment (build one with "
+                         "a simulation's clients, then pass it with --tokenizer-from)")
+    if cfg.tokenizer_from_clients and not (cfg.vocab_min_count >= 1 and cfg.vocab_words >= 1):
+        raise SystemExit("error: --vocab-min-count and --vocab-words must be 1 or more")
+    if cfg.secagg and (cfg.dp or cfg.strategy != "fedavg"):
+        raise SystemExit("error: --secagg runs Flower's SecAgg+ workflow, which aggregates with FedAvg and without "
+                         "--dp here: drop --dp / --strategy, or --secagg")
+    if cfg.secagg and not (0 < cfg.secagg_shares <= 1 and 0 < cfg.secagg_threshold <= 1):
+        raise SystemExit("error: --secagg-shares and --secagg-threshold are shares of the clients: give each in (0, 1]")
     if cfg.dp and not (cfg.dp_noise > 0 and cfg.dp_clip > 0 and 0 < cfg.dp_delta < 1):
         raise SystemExit("error: --dp-noise and --dp-clip must be positive, --dp-delta in (0, 1)")
 
@@ -350,7 +429,8 @@ def write_card(cfg: FederateConfig, s: dict) -> None:
     dp = (f"Differential privacy: update clipping to {cfg.dp_clip:g} on each client, Gaussian noise (multiplier "
           f"{cfg.dp_noise:g}) on the aggregate: ε = {s['epsilon']:.2f} at δ = {cfg.dp_delta:g} after "
           f"{s['rounds']} rounds (client level).\n" if cfg.dp else "No differential privacy.\n")
-    text = (f"# {cfg.out.name}\n\nA {cfg.preset} decoder trained with `slm federate {s['mode']}` across {s['clients']} "
+    kind = "masked-LM encoder" if is_encoder(s["settings"]["model_config"]) else "decoder"
+    text = (f"# {cfg.out.name}\n\nA {cfg.preset} {kind} trained with `slm federate {s['mode']}` across {s['clients']} "
             f"data silos ({cfg.strategy}); no silo's text left it.\n\n- rounds: {s['rounds']} (best: round "
             f"{best['round']})\n- held-out loss, the clients' mean: {best['eval_loss']:.4f} ({per})\n"
             f"- training tokens, all clients: {s['tokens']:,}\n- bytes moved per round (both ways): "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,8 +61,7 @@ def _wrap(tok, chat_template: str | None = CHATML_TEMPLATE):
                                    model_max_length=1_000_000, clean_up_tokenization_spaces=False)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
-    """Train a byte-level BPE tokenizer on TEXTS (streamed) and return a transformers fast tokenizer."""
+def _bpe_trainer(vocab_size: int, min_frequency: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIALS):
@@ -72,6 +72,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    return tok, trainer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """Train a byte-level BPE tokenizer on TEXTS (streamed) and return a transformers fast tokenizer."""
+    tok, trainer = _bpe_trainer(vocab_size, min_frequency)
     tok.train_from_iterator(texts, trainer)
     return _wrap(tok)
 
@@ -79,15 +85,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0-4, the order BERT's vocab.txt uses
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = False, min_frequency: int = 2):
-    """Train a BERT-style WordPiece tokenizer on TEXTS (streamed) and return a transformers fast tokenizer.
-
-    WordPieceTrainer, BertNormalizer (lowercasing and accent stripping when LOWERCASE, as BERT's uncased models),
-    BertPreTokenizer, `##` continuation pieces; every encoded text becomes `[CLS] text [SEP]` (pairs:
-    `[CLS] a [SEP] b [SEP]` with token type 1 for b).
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _wordpiece_trainer(vocab_size: int, lowercase: bool, min_frequency: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 2 * len(BERT_SPECIALS):
         raise SystemExit(f"error: --vocab-size {vocab_size} is too small for a WordPiece tokenizer")
@@ -99,13 +98,65 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = Fal
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=BERT_SPECIALS, continuing_subword_prefix="##",
                                         show_progress=False)
-    tok.train_from_iterator(texts, trainer)
+    return tok, trainer
+
+
+def _wrap_wordpiece(tok, lowercase: bool):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
                                    cls_token="[CLS]", mask_token="[MASK]", model_max_length=512,
                                    do_lower_case=lowercase, clean_up_tokenization_spaces=True)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = False, min_frequency: int = 2):
+    """Train a BERT-style WordPiece tokenizer on TEXTS (streamed) and return a transformers fast tokenizer.
+
+    WordPieceTrainer, BertNormalizer (lowercasing and accent stripping when LOWERCASE, as BERT's uncased models),
+    BertPreTokenizer, `##` continuation pieces; every encoded text becomes `[CLS] text [SEP]` (pairs:
+    `[CLS] a [SEP] b [SEP]` with token type 1 for b).
+    """
+    tok, trainer = _wordpiece_trainer(vocab_size, lowercase, min_frequency)
+    tok.train_from_iterator(texts, trainer)
+    return _wrap_wordpiece(tok, lowercase)
+
+
+def count_words(texts: Iterable[str], kind: str = "bpe", lowercase: bool = False) -> Counter:
+    """How often each pre-token ("word", as train_bpe (KIND "bpe": byte-level, 'Ġthe') or train_wordpiece
+    ("wordpiece": normalized, split on spaces and punctuation) splits text) occurs: all the statistics either
+    trainer reads."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                      lowercase=lowercase) if kind == "wordpiece" else None
+    split = pre_tokenizers.BertPreTokenizer() if kind == "wordpiece" else pre_tokenizers.ByteLevel(
+        add_prefix_space=False)
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(w for w, _ in split.pre_tokenize_str(norm.normalize_str(text) if norm else text))
+    return counts
+
+
+def train_from_counts(counts: dict[str, int], vocab_size: int, kind: str = "bpe", lowercase: bool = False,
+                      min_frequency: int = 2, cap: int = 20_000_000):
+    """train_bpe's (KIND "bpe") or train_wordpiece's tokenizer from word counts (count_words') instead of text: what
+    either learns depends on nothing else. Counts beyond CAP in total are scaled down (the order barely moves)."""
+    from tokenizers import pre_tokenizers
+
+    tok, trainer = _bpe_trainer(vocab_size, min_frequency) if kind == "bpe" else _wordpiece_trainer(
+        vocab_size, lowercase, min_frequency)
+    split_for_use = tok.pre_tokenizer
+    scale = min(1.0, cap / max(1, sum(counts.values())))
+    # words hold no whitespace (byte-level maps it to visible characters; BERT's split drops it): one per space
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator((" ".join([w] * max(1, round(c * scale))) for w, c in counts.items() if w.strip() == w),
+                            trainer)
+    tok.pre_tokenizer = split_for_use
+    return _wrap(tok) if kind == "bpe" else _wrap_wordpiece(tok, lowercase)
 
 
 def byte_tokenizer():

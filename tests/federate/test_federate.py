@@ -71,6 +71,83 @@ def test_the_server_receives_weights_and_figures_only(tmp_path, silos):
             assert all(isinstance(v, (int, float)) for v in metrics.values())
 
 
+def test_secure_aggregation_matches_fedavg_and_the_server_sees_only_masked_weights(tmp_path, silos):
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from safetensors.torch import load_file
+
+    run(tmp_path, silos, name="plain", data=silos, rounds=1)
+    audit: list = []
+    sec = simulate(FederateConfig(data=silos, out=tmp_path / "sec", rounds=1, secagg=True, **TINY), audit)
+    assert sec["history"][0]["clients_trained"] == 3 and sec["history"][0]["clients_evaluated"] == 3
+    # the unmasked sum is FedAvg's mean (equal token counts), up to SecAgg+'s quantization (16 / 2^22 per weight)
+    a, b = (load_file(tmp_path / name / "last" / "model.safetensors") for name in ("plain", "sec"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # (and it did go through the quantized path)
+    masked = []
+    for reply in audit:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())  # no weight in the clear
+        stage = reply.content.config_records.get("secaggplus_configs", {})
+        masked += [bytes_to_ndarray(x) for x in stage.get(Key.MASKED_PARAMETERS, [])]
+    from slmkit.infer.load import load_model
+
+    n_arrays = len(list(load_model(tmp_path / "sec").parameters())) + 1  # (+ SecAgg+'s weighting factor)
+    assert len(masked) == 3 * n_arrays  # each client's weights, masked: values spread over the whole modulus
+    values = np.concatenate([m.ravel() for m in masked]).astype(np.float64)
+    quantized_alone = 2**22  # an unmasked weight would sit in [0, 2^22]
+    assert (values > 4 * quantized_alone).mean() > 0.95
+
+
+def test_a_tokenizer_built_from_the_clients_word_counts(tmp_path, silos):
+    from slmkit.federate.vocab import client_words
+    from slmkit.model.tokenizer import load_tokenizer
+
+    text = open(silos[0]).read()
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Zyxwvutsr met Zyxwvutsr.\n" + text + " Qqqqqqq" * 50)  # a rare word; a word only held out
+    answer = client_words([str(mine)], "text", False, 0.1, 5, 20000)
+    assert set(answer) == {"words", "counts", "bytes"}  # all that leaves the client
+    assert "Ġthe" in answer["words"] and min(answer["counts"]) >= 5
+    assert not any("Zyxwvutsr" in w or "Qqqqqqq" in w for w in answer["words"])
+    assert client_words([str(mine)], "text", False, 0.1, 5, 10)["words"] == answer["words"][:10]
+
+    s = run(tmp_path, silos, rounds=1, tokenizer_from_clients=True, vocab_size=320)
+    out = tmp_path / "m"
+    stats = json.loads((out / "clients-tokenizer" / "statistics.json").read_text())
+    assert stats["clients"] == 2 and stats["vocab_size"] == 320
+    tok = load_tokenizer(out)
+    assert len(tok) == 320 == json.loads((out / "config.json").read_text())["vocab_size"]
+    ids = tok(text[:2000])["input_ids"]
+    assert len(ids) < 0.8 * len(text[:2000].encode())  # merges learned: fewer tokens than bytes
+    assert tok.decode(ids, skip_special_tokens=True) == text[:2000]
+    assert s["history"][0]["eval_loss"] is not None
+    with pytest.raises(SystemExit, match="--tokenizer-from-clients"):
+        run(tmp_path, silos, name="m2", rounds=1, tokenizer_from_clients=True, tokenizer_from=out)
+
+
+def test_an_encoder_from_scratch_with_a_wordpiece_from_the_clients(tmp_path, silos):
+    """A masked-LM encoder pretrained across silos (full weights travel), its WordPiece built from the clients'
+    counts; the folder is an ordinary encoder folder. Raw bytes (no [MASK]) are refused before any work."""
+    from transformers import AutoModelForMaskedLM
+
+    from slmkit.model.tokenizer import load_tokenizer
+
+    kw = dict(TINY, preset="bert-tiny", block_size=32)
+    with pytest.raises(SystemExit, match=r"no \[MASK\] token.*--tokenizer-from-clients"):
+        simulate(FederateConfig(data=silos[:2], out=tmp_path / "bytes", rounds=1, **kw))
+    s = simulate(FederateConfig(data=silos[:2], out=tmp_path / "enc", rounds=2, tokenizer_from_clients=True,
+                                vocab_size=400, **kw))
+    losses = [r["eval_loss"] for r in s["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] < 7.0  # masked-token loss, falling
+    tok = load_tokenizer(tmp_path / "enc")
+    assert tok.mask_token == "[MASK]" and len(tok) == 400
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "enc")
+    assert model.config.model_type == "bert" and model.config.vocab_size == 400
+    assert "masked-LM encoder" in (tmp_path / "enc" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="is an encoder: federated fine-tuning takes decoder folders"):
+        simulate(FederateConfig(data=silos[:2], out=tmp_path / "ft", rounds=1, base=tmp_path / "enc"))
+
+
 def test_a_failing_client_does_not_stop_the_run(tmp_path, silos):
     bad = tmp_path / "tiny.txt"
     bad.write_text("too short")  # this client fails in every round (its silo is too small to train on)
@@ -182,6 +259,96 @@ def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
     assert (tmp_path / "m" / "model.safetensors").is_file() and "round 2/2" in out
 
 
+def _tls_files(d):
+    """A CA and a certificate for 127.0.0.1 signed by it (PEM files), as an operator would make with openssl."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, key, issuer, issuer_key, ca, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test CA", ca_key, "test CA", ca_key, True)
+    server = cert("127.0.0.1", key, "test CA", ca_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
+
+
+def test_a_tls_deployment_that_a_late_client_joins(tmp_path, silos):
+    """Server and clients over TLS (certificates from a private CA); a third client connects after round 1 and
+    trains from the next round on."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from tiny_server import free_port
+
+    tls = _tls_files(tmp_path)
+    port = free_port()
+    slm = [sys.executable, "-m", "slmkit", "federate"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(slm + ["server", "--out", str(tmp_path / "m"), "--min-clients", "2", "--rounds", "3",
+                                     "--local-steps", "2", "--preset", "slm-tiny", "--block-size", "32",
+                                     "--batch-size", "4", "--dtype", "fp32", "--port", str(port),
+                                     "--ssl-cert", str(tls["cert"]), "--ssl-key", str(tls["key"]),
+                                     "--ssl-ca", str(tls["ca"])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    round_1 = threading.Event()
+
+    def read():
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("round 1/3"):
+                round_1.set()
+        round_1.set()  # (the server ended: the assertion below shows its output)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def client(i):
+        return subprocess.Popen(slm + ["client", "--data", silos[i], "--server", f"127.0.0.1:{port}",
+                                       "--root-certificates", str(tls["ca"])],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    clients = [client(0), client(1)]
+    try:
+        assert round_1.wait(300), "".join(lines)
+        clients.append(client(2))  # the late one
+        server.wait(300)
+        reader.join(10)
+        assert server.returncode == 0, "".join(lines)
+        for c in clients:
+            text, _ = c.communicate(timeout=60)
+            assert c.returncode == 0 and "the run is over" in text, text
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.kill()
+    trained = [r["clients_trained"] for r in json.loads((tmp_path / "m" / "federation.json").read_text())["history"]]
+    assert trained[0] == 2 and trained[-1] == 3, trained  # it took part once connected
+
+
 def test_lora_fine_tuning_sends_only_the_adapters(tmp_path, silos):
     pytest.importorskip("peft")
     from tiny_models import tiny_llama_folder
@@ -205,7 +372,9 @@ def test_lora_fine_tuning_sends_only_the_adapters(tmp_path, silos):
     dict(lora_r=4), dict(lora_alpha=8.0), dict(proximal_mu=0.1), dict(strategy="fedadam", proximal_mu=0.1),
     dict(server_lr=0.1), dict(strategy="fedprox", server_momentum=0.5), dict(dp_clip=0.5), dict(dp_delta=1e-6),
     dict(dp_noise=2.0), dict(dp_epsilon=8.0, dp_noise=2.0), dict(local_steps=3, tokens=100_000),
-    dict(base="B", preset="slm-tiny"), dict(base="B", tokenizer_from="T"), dict(timeout=30.0)])
+    dict(base="B", preset="slm-tiny"), dict(base="B", tokenizer_from="T"), dict(timeout=30.0),
+    dict(secagg_shares=0.5), dict(secagg_threshold=0.5), dict(vocab_size=512), dict(vocab_min_count=2),
+    dict(vocab_words=100)])
 def test_a_flag_this_run_would_not_read_is_refused_before_any_work(tmp_path, flags):
     """Each was accepted and dropped: LoRA sizes without --lora, another strategy's settings, DP settings without
     --dp, --dp-noise under --dp-epsilon, --tokens under --local-steps, --preset/--tokenizer-from under --base,
@@ -220,6 +389,9 @@ def test_a_flag_this_run_would_not_read_is_refused_before_any_work(tmp_path, fla
         check(FederateConfig(data=data, out=tmp_path / "m", **flags))
     assert not (tmp_path / "m").exists()
     check(FederateConfig(data=data, out=tmp_path / "m", strategy="fedavgm", server_lr=0.5, server_momentum=0.8))
+    for bad in (dict(dp=True), dict(strategy="fedprox"), dict(secagg_shares=1.5)):  # SecAgg+ is FedAvg's, without DP
+        with pytest.raises(SystemExit, match="^error: --secagg"):
+            check(FederateConfig(data=data, out=tmp_path / "m", secagg=True, **bad))
 
 
 def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos, capsys):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,18 @@ def test_our_folders_load_without_autoconfig_and_match_autotokenizer(tiny_model)
              "print('transformers.models.auto.configuration_auto' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe, str(tiny_model)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_tokenizer_trained_from_word_counts_equals_one_trained_on_the_text(bpe, corpus):
+    """Federated clients send word counts, not text (federate/vocab.py): the trainers read nothing else."""
+    from slmkit.model.tokenizer import count_words, train_from_counts, train_wordpiece
+
+    text = corpus.read_text()
+    counts = count_words([text])
+    assert counts["Ġthe"] == len(re.findall(r" the(?![^\W\d_])", text)) > 10  # " the", not " then" or " there"
+    from_counts = train_from_counts(counts, 400)
+    assert from_counts.get_vocab() == bpe.get_vocab()
+    assert from_counts.decode(from_counts(TEXTS[0], add_special_tokens=False)["input_ids"]) == TEXTS[0]
+    wp, wp_counts = train_wordpiece([text], 400), train_from_counts(count_words([text], "wordpiece"), 400, "wordpiece")
+    same = set(wp.get_vocab()) & set(wp_counts.get_vocab())
+    assert len(same) >= 0.97 * len(wp) and wp_counts.mask_token == "[MASK]"  # (ties may break the other way)
