@@ -103,7 +103,7 @@ def main() -> None:
                     "then spans --batch sequences per step, as the centralised step does, and both make as many "
                     "steps)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.1, help="the clients' weight decay")
+    ap.add_argument("--weight-decay", type=float, help="the clients' weight decay (default: slm train's rule)")
     ap.add_argument("--client-lr", type=float, help="the clients' peak lr (default: --lr, the centralised run's)")
     ap.add_argument("--server-lr", type=float, help="fedavgm/fedadam: the server's step size on the mean update")
     ap.add_argument("--server-momentum", type=float, help="fedavgm: the server's momentum (default 0.9)")

@@ -37,6 +37,7 @@ from slmkit.federate.local import (
     open_silo,
     train_round,
 )
+from slmkit.federate.vocab import SETUP
 from slmkit.training.fit import get_lr
 
 
@@ -53,7 +54,7 @@ class FedSettings:
     base: str | None = None  # fine-tune this model folder instead of training model_config from scratch
     lora: dict | None = None  # with base: LoRA adapters (r, alpha, dropout) are all that trains and travels
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    weight_decay: float | None = None  # None: slm train's rule for the passes this client makes over its text
     optimizer: str = "adamw"  # "muon": `slm train`'s default for decoders from scratch
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -133,7 +134,7 @@ def content_bytes(content: RecordDict) -> int:
     n = sum(nbytes(a) for a in content.array_records.values())
     for record in content.config_records.values():
         for v in record.values():
-            n += len(v) if isinstance(v, bytes) else sum(len(b) for b in v if isinstance(b, bytes)) \
+            n += len(v) if isinstance(v, (bytes, str)) else sum(len(b) for b in v if isinstance(b, bytes)) \
                 if isinstance(v, list) else 0
     return n
 
@@ -162,15 +163,25 @@ def _autocast(s: FedSettings):
     return torch.bfloat16 if s.autocast == "bf16" else None
 
 
-def _optimizer_state(model: torch.nn.Module, s: FedSettings, context: Context) -> dict | None:
-    """This client's AdamW moments from its last round, or None in its first."""
+def _optimizer_state(model: torch.nn.Module, s: FedSettings, context: Context, weight_decay: float) -> dict | None:
+    """This client's optimizer state (AdamW moments, Muon momentum) from its last round, or None in its first."""
     from slmkit.training.optim import make_optimizer
 
     if "optimizer" not in context.state.array_records:
         return None
     flat = {k: v.numpy() for k, v in context.state.array_records["optimizer"].items()}
-    template = make_optimizer(model, s.lr, s.weight_decay, s.device, s.optimizer).state_dict()
+    template = make_optimizer(model, s.lr, weight_decay, s.device, s.optimizer).state_dict()
     return nested_optimizer_state(flat, template)
+
+
+def _weight_decay(s: FedSettings, silo: Silo) -> float:
+    """--weight-decay, or `slm train`'s rule (recipe.weight_decay_for) for the passes this client makes over its own
+    training text in the whole run (more passes, more decay); fine-tuning (--base) keeps 0.1."""
+    from slmkit.training import recipe
+
+    if s.weight_decay is not None or s.base is not None:
+        return 0.1 if s.weight_decay is None else s.weight_decay
+    return recipe.weight_decay_for(s.rounds * s.local_steps * s.batch * s.block / max(1, len(silo.train)))
 
 
 def local_train(s: FedSettings, context: Context, weights, rnd: int, prox_mu: float = 0.0
@@ -181,8 +192,9 @@ def local_train(s: FedSettings, context: Context, weights, rnd: int, prox_mu: fl
     load_weights(model, weights)
     lr = get_lr(rnd - 1, (rnd - 1) / max(1, s.rounds - 1), s.lr, 0, s.min_lr_ratio)  # cosine across rounds
     seed = s.seed * 1_000_003 + rnd * 1009 + int(context.node_config.get("partition-id", 0))
-    plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, s.weight_decay, prox_mu, optimizer=s.optimizer)
-    r = train_round(model, silo, plan, s.device, _autocast(s), _optimizer_state(model, s, context))
+    wd = _weight_decay(s, silo)
+    plan = RoundPlan(s.local_steps, lr, s.batch, s.block, seed, wd, prox_mu, optimizer=s.optimizer)
+    r = train_round(model, silo, plan, s.device, _autocast(s), _optimizer_state(model, s, context, wd))
     # the moments stay on the client, in its node's state (it persists across rounds, in Flower's SuperNode too)
     context.state["optimizer"] = ArrayRecord({k: Array(v) for k, v in flat_optimizer_state(
         r["optimizer_state"]).items()})
@@ -287,8 +299,10 @@ class Recorder:
     """Wraps a Grid's send_and_receive: bytes each way, every reply's sender and content kinds (the audit), and the
     per-client metrics of the last call of each kind."""
 
-    def __init__(self, grid: Grid, audit: list | None = None, timeout: float | None = None):
+    def __init__(self, grid: Grid, audit: list | None = None, timeout: float | None = None,
+                 setup: ConfigRecord | None = None):
         self.audit, self.timeout = audit, timeout  # TIMEOUT: for callers that give none (flwr's legacy workflows)
+        self.setup = setup  # a deployment's final settings and tokenizer (vocab.SETUP), added to every message
         self.sent = self.received = 0
         self.per_client: dict[str, dict[int, dict]] = {}
         self.original = grid.send_and_receive
@@ -296,6 +310,9 @@ class Recorder:
 
     def __call__(self, messages, *, timeout: float | None = None):
         messages = list(messages)
+        if self.setup is not None:
+            for m in messages:
+                m.content.config_records[SETUP] = self.setup
         self.sent += sum(content_bytes(m.content) for m in messages)
         replies = list(self.original(messages, timeout=self.timeout if timeout is None else timeout))
         failed = [r for r in replies if r.has_error()]
@@ -319,14 +336,14 @@ class Recorder:
 
 def make_server_app(s: FedSettings, initial: dict[str, np.ndarray], start_round: int,
                     after_round: Callable[[int, ArrayRecord, dict], None], audit: list | None = None,
-                    accountant_state: dict | None = None) -> ServerApp:
+                    accountant_state: dict | None = None, setup: ConfigRecord | None = None) -> ServerApp:
     """AFTER_ROUND(round, global arrays, figures) runs after each round's evaluation; figures: the clients' mean
     held-out metrics ("evaluate"), per-client metrics, bytes each way, ε and the accountant's state under DP."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        recorder = Recorder(grid, audit, s.timeout)
+        recorder = Recorder(grid, audit, s.timeout, setup)
         latest: dict = {}
         strategy = make_strategy(s, lambda m: latest.update(evaluate=dict(m)), accountant_state)
 

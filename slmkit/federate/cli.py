@@ -110,7 +110,8 @@ def _training_args(s) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate, annealed over the rounds (default: by width)")
     g.add_argument("--optimizer", choices=["adamw", "muon"], help="each client's optimizer, its state kept on the "
                    "client between rounds (default: muon from scratch, as slm train; adamw with --base)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: slm train's rule, on each "
+                   "client for the passes it makes over its own text; 0.1 with --base)")
     g.add_argument("--val-fraction", type=float, help="each client's held-out share (default: 0.1)")
     g.add_argument("--eval-tokens", type=int, help="held-out tokens each client scores per round (default: 32768)")
     g.add_argument("--text-col", help="every client's text field/column for JSONL, CSV, Parquet (default: text)")

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -57,21 +58,49 @@ def _server(grid: Grid, context: Context) -> None:
     raw = _decode(str(context.run_config["slm-config"]))
     cfg = FederateConfig(**{**raw, "out": Path(raw["out"]),
                             "tokenizer_from": Path(raw["tokenizer_from"]) if raw.get("tokenizer_from") else None})
-    settings, weights, state, start, writer, tok = prepare(cfg, clients=cfg.min_clients)
-    make_server_app(settings, weights, start, writer, accountant_state=state.get("accountant"))(grid, context)
+    gather, setup = None, None
+    if cfg.tokenizer_from_clients:  # ask the connected clients for their counts; then every message carries the result
+        gather = partial(_gather_deployed, grid, cfg)
+    settings, weights, state, start, writer, tok = prepare(cfg, clients=cfg.min_clients, gather=gather)
+    if cfg.tokenizer_from_clients:
+        from flwr.app import ConfigRecord
+
+        from slmkit.federate.vocab import pack_folder
+
+        setup = ConfigRecord({"settings": _encode(json.loads(settings.to_json())),
+                              "tokenizer": pack_folder(cfg.tokenizer_from)})
+    make_server_app(settings, weights, start, writer, accountant_state=state.get("accountant"),
+                    setup=setup)(grid, context)
     finish(cfg, settings, state, tok)
     # the clients' SuperNodes would wait for more work forever: tell each that the run is over
     grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=FINISH) for n in grid.get_node_ids()],
                           timeout=30)
 
 
-def _client_for(context: Context) -> ClientApp:
-    from slmkit.federate.apps import FedSettings, make_client_app
+def _gather_deployed(grid: Grid, cfg):
+    from slmkit.federate.vocab import gather_tokenizer, wait_for_nodes
+    from slmkit.model.presets import build_config, is_encoder
 
-    key = str(context.run_config["slm-settings"])
+    wait_for_nodes(grid, cfg.min_clients, cfg.timeout)
+    return gather_tokenizer(grid, cfg.vocab_min_count, cfg.vocab_words, cfg.vocab_size,
+                            build_config(cfg.preset, 256)["hidden_size"],
+                            "wordpiece" if is_encoder(cfg.preset) else "bpe", timeout=cfg.timeout)
+
+
+def _client_for(msg: Message, context: Context) -> ClientApp:
+    """The client app for this run's settings: the run configuration's, or under --tokenizer-from-clients the
+    final ones the server adds to every message (with the tokenizer it built)."""
+    from slmkit.federate.apps import FedSettings, make_client_app
+    from slmkit.federate.vocab import SETUP, unpack_folder
+
+    setup = msg.content.config_records.get(SETUP)
+    key = str(setup["settings"]) if setup is not None else str(context.run_config["slm-settings"])
     if key not in _CLIENTS:
         s = FedSettings(**_decode(key))
-        s.tokenizer = context.node_config.get("tokenizer-dir") or s.tokenizer
+        if setup is not None:
+            s.tokenizer = str(unpack_folder(str(setup["tokenizer"]), Path(tempfile.gettempdir())))
+        else:
+            s.tokenizer = context.node_config.get("tokenizer-dir") or s.tokenizer
         s.device = "cpu"
         _CLIENTS[key] = make_client_app(s)
     return _CLIENTS[key]
@@ -79,12 +108,21 @@ def _client_for(context: Context) -> ClientApp:
 
 @CLIENT_APP.train()
 def _train(msg: Message, context: Context) -> Message:
-    return _client_for(context)(msg, context)
+    return _client_for(msg, context)(msg, context)
 
 
 @CLIENT_APP.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    return _client_for(context)(msg, context)
+    return _client_for(msg, context)(msg, context)
+
+
+@CLIENT_APP.query("words")
+def _words(msg: Message, context: Context) -> Message:
+    from slmkit.federate.apps import FedSettings
+    from slmkit.federate.vocab import words_handler
+
+    s = FedSettings(**_decode(str(context.run_config["slm-settings"])))
+    return words_handler(s.text_col, s.replace_errors, s.val_fraction)(msg, context)
 
 
 @CLIENT_APP.query("finish")

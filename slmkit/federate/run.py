@@ -52,7 +52,7 @@ class FederateConfig:
     block_size: int | None = None
     lr: float | None = None
     optimizer: str | None = None  # default: muon for a decoder from scratch (as slm train), adamw for --base
-    weight_decay: float = 0.1
+    weight_decay: float | None = None  # None: slm train's rule, per client (its passes over its own text)
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float | None = None
@@ -202,12 +202,13 @@ def open_run(cfg: FederateConfig, clients: int | None = None, gather=None) -> tu
     if saved and saved["round"] >= cfg.rounds:
         raise SystemExit(f"error: --resume: {cfg.out} already ran {saved['round']} rounds; raise --rounds to go on")
     dev = pick_device(cfg.device)
-    if cfg.tokenizer_from_clients:
+    if cfg.tokenizer_from_clients and gather is not None:  # (a server's pre-flight has no clients to ask yet)
         cfg.tokenizer_from = clients_tokenizer(cfg, gather)
     shared = cfg.tokenizer_from or cfg.base
     tok = load_tokenizer(shared) if shared else byte_tokenizer()
     settings = settings_for(cfg, tok, dev, clients or len(cfg.data))
-    if is_encoder(settings.model_config):  # a masked LM needs [MASK]: refused here, not in every client's round
+    placeholder = cfg.tokenizer_from_clients and gather is None  # (bytes until the server has asked its clients)
+    if is_encoder(settings.model_config) and not placeholder:  # a masked LM needs [MASK]: refused here, once
         from slmkit.data.mlm import mask_info
 
         mask_info(tok, "pass --tokenizer-from-clients (a WordPiece built from the clients' word counts) or "
@@ -387,10 +388,9 @@ def check(cfg: FederateConfig) -> None:
         cfg.dp, cfg.dp_noise = True, noise_for_epsilon(cfg.dp_epsilon, cfg.rounds, cfg.dp_delta)
         print(f"--dp-epsilon {cfg.dp_epsilon:g} after {cfg.rounds} rounds at δ {cfg.dp_delta:g}: noise multiplier "
               f"{cfg.dp_noise:.3f}")
-    if cfg.tokenizer_from_clients and (cfg.tokenizer_from or cfg.base or not cfg.data):
-        raise SystemExit("error: --tokenizer-from-clients builds the tokenizer in `slm federate simulate` from "
-                         "scratch: not with --tokenizer-from or --base, and not yet in a deployment (build one with "
-                         "a simulation's clients, then pass it with --tokenizer-from)")
+    if cfg.tokenizer_from_clients and (cfg.tokenizer_from or cfg.base):
+        raise SystemExit("error: --tokenizer-from-clients builds the tokenizer for a model trained from scratch: not "
+                         "with --tokenizer-from or --base")
     if cfg.tokenizer_from_clients and not (cfg.vocab_min_count >= 1 and cfg.vocab_words >= 1):
         raise SystemExit("error: --vocab-min-count and --vocab-words must be 1 or more")
     if cfg.secagg and (cfg.dp or cfg.strategy != "fedavg"):

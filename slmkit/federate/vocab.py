@@ -16,9 +16,15 @@ would build from the union of the texts, less the words each client kept back); 
 
 from __future__ import annotations
 
+import base64
+import json
+import time
+import zlib
 from collections import Counter
+from pathlib import Path
 
 QUERY = "query.words"
+SETUP = "slm-setup"  # in a deployment: the run's final settings and tokenizer, in every message to a client
 
 
 def client_words(paths: list[str], text_col: str, replace_errors: bool, val_fraction: float, min_count: int,
@@ -76,3 +82,39 @@ def gather_tokenizer(grid, min_count: int, max_words: int, vocab_size: int | Non
     figures = {"clients": len(answers), "words_received": sum(len(a["words"]) for a in answers),
                "distinct_words": len(counts), "text_bytes": n_bytes, "vocab_size": len(tok)}
     return tok, figures
+
+
+def wait_for_nodes(grid, n: int, timeout: float) -> None:
+    """Until N clients are connected to GRID (a deployment's SuperNodes come and go on their own)."""
+    t0 = time.time()
+    while len(grid.get_node_ids()) < n:
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"error: --tokenizer-from-clients: {len(grid.get_node_ids())} of --min-clients {n} "
+                             f"clients connected within --timeout {timeout:g} s")
+        time.sleep(1.0)
+
+
+def pack_folder(folder: Path) -> str:
+    """A tokenizer folder's files as one compressed string (to travel in a message's config)."""
+    files = {p.name: p.read_text() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix in
+             (".json", ".jinja", ".txt")}
+    return base64.b64encode(zlib.compress(json.dumps(files).encode(), 9)).decode()
+
+
+def unpack_folder(packed: str, root: Path) -> Path:
+    """pack_folder's string as a folder under ROOT named by its content (written once per process tree)."""
+    import hashlib
+
+    folder = Path(root) / f"slm-federate-tokenizer-{hashlib.sha256(packed.encode()).hexdigest()[:16]}"
+    if not (folder / "tokenizer.json").is_file():
+        tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
+        tmp.mkdir(parents=True)
+        for name, text in json.loads(zlib.decompress(base64.b64decode(packed))).items():
+            (tmp / Path(name).name).write_text(text)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process wrote it first: theirs is the same
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -228,7 +228,8 @@ def test_the_proximal_term_pulls_towards_the_round_start(silos):
 
 def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
     """`slm federate server` (Flower's SuperLink + the ServerApp) and two `slm federate client` processes (SuperNodes),
-    as on three machines: the rounds run, the clients exit when told, the server exits 0 with the model folder."""
+    as on three machines: the tokenizer is built from the clients' word counts and reaches them in the messages,
+    the rounds run, the clients exit when told, the server exits 0 with the model folder."""
     import os
     import subprocess
     import sys
@@ -240,7 +241,8 @@ def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(slm + ["server", "--out", str(tmp_path / "m"), "--min-clients", "2", "--rounds", "2",
                                      "--local-steps", "2", "--preset", "slm-tiny", "--block-size", "32",
-                                     "--batch-size", "4", "--dtype", "fp32", "--port", str(port)],
+                                     "--batch-size", "4", "--dtype", "fp32", "--port", str(port),
+                                     "--tokenizer-from-clients", "--vocab-size", "300"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     clients = [subprocess.Popen(slm + ["client", "--data", silos[i], "--server", f"127.0.0.1:{port}"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -257,6 +259,8 @@ def test_a_deployment_on_loopback_with_two_client_processes(tmp_path, silos):
     s = json.loads((tmp_path / "m" / "federation.json").read_text())
     assert s["mode"] == "server" and [r["clients_trained"] for r in s["history"]] == [2, 2]
     assert (tmp_path / "m" / "model.safetensors").is_file() and "round 2/2" in out
+    assert json.loads((tmp_path / "m" / "clients-tokenizer" / "statistics.json").read_text())["clients"] == 2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 300
 
 
 def _tls_files(d):
