@@ -86,9 +86,9 @@ def _training_args(s) -> None:
     g.add_argument("--preset", help="the architecture trained from scratch (default: slm-1m)")
     g.add_argument("--tokenizer-from", type=Path, metavar="DIR", help="a model folder whose tokenizer every client "
                    "uses (default: raw bytes, so no statistics of any client's text are needed)")
-    g.add_argument("--tokenizer-from-clients", action="store_true", default=None, help="simulate: build a BPE "
-                   "tokenizer from word counts the clients send (their frequent words and counts only; "
-                   "docs/federate.md) instead of raw bytes")
+    g.add_argument("--tokenizer-from-clients", action="store_true", default=None, help="build the tokenizer (BPE; "
+                   "WordPiece for encoders) from word counts the clients send before round 1 (their frequent words "
+                   "and counts only; docs/federate.md) instead of raw bytes")
     g.add_argument("--vocab-size", type=int, help="with --tokenizer-from-clients: the vocabulary (default: by the "
                    "clients' text size, as slm train)")
     g.add_argument("--vocab-min-count", type=int, help="with --tokenizer-from-clients: a client sends only words it "
