@@ -111,7 +111,13 @@ class Engine:
 
         self.lm, self.max_batch, self.max_queue, self.prefill_chunk = lm, max_batch, max_queue, prefill_chunk
         self.fast = isinstance(lm.model, Llama)
-        self.kv = KVCache(lm.model, kv_memory or DEFAULT_KV_MEMORY, max_batch) if self.fast else None
+        self.hf = None  # a transformers decoder's batch (hf_batch.py), when its cache allows
+        if not self.fast:
+            from slmkit.serve.hf_batch import HFBatch, batchable
+
+            self.hf = HFBatch(lm.model, kv_memory) if batchable(lm.model) else None
+        # the memory budget's bookkeeping: our cache, or the transformers batch (the same rule); None: no batching
+        self.kv = KVCache(lm.model, kv_memory or DEFAULT_KV_MEMORY, max_batch) if self.fast else self.hf
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row] = []
         self.cond = threading.Condition()
@@ -239,7 +245,7 @@ class Engine:
             it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
                                  self.lm.draft.context, stats=self.spec_stats, length=self.lm.draft_length)
             return _Row(req, limit, len(ids), None, gen, ids_iter=it)
-        if self.fast:
+        if self.fast or self.hf is not None:
             return _Row(req, limit, 0, None, gen)  # its prompt is read by the coming steps
         return _Row(req, limit, len(ids), None, gen, ids_iter=generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx))
 
@@ -304,9 +310,27 @@ class Engine:
                 feed.append(tok)
         if self.fast:
             self._compact(keep)
+        elif self.hf is not None:  # the batch holds the rows that have read their prompts, in self.rows's order
+            batched = [r for r in self.rows if not r.reading]
+            self.hf.keep([batched.index(r) for r in keep if not r.reading])
         self.rows = keep
         if self.fast and keep:
             self._forward(keep, feed)
+        elif self.hf is not None and keep:
+            self._forward_hf(keep, feed)
+
+    def _forward_hf(self, rows: list[_Row], feed: list[int]) -> None:
+        """A transformers decoder: one step for the first len(FEED) rows, then each new row's whole prompt."""
+        d = len(feed)
+        if d:
+            logits = self.hf.step(feed).float().cpu()  # (d, V)
+            for i, row in enumerate(rows[:d]):
+                row.logits, row.pos = logits[i], row.pos + 1
+        for row in rows[d:]:  # read alone, then appended to the batch (hf_batch.py)
+            row.logits = self.hf.add(row.req.prompt_ids).float().cpu()
+            row.pos = len(row.req.prompt_ids)
+        self.steps += 1
+        self.max_seen_batch = max(self.max_seen_batch, len(rows))
 
     def _forward(self, rows: list[_Row], feed: list[int]) -> None:
         """One pass: FEED (a token for each of the first len(feed) rows, which decode) and the next prompt chunks of

@@ -158,3 +158,36 @@ def test_http_request_over_the_kv_budget_is_a_400_and_a_slow_tokenizer_does_not_
     assert slow.status_code == 200 and health.status_code == 200
     assert waited < 1.0  # answered while the other request's tokenizer still ran (2 s)
     assert big.status_code == 400 and big.json()["error"]["code"] == "kv_memory_exceeded"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+def test_a_transformers_decoder_is_batched_with_the_tokens_it_gives_alone(tmp_path, model_type):
+    """An imported decoder that is not our Llama (here a tiny GPT-2 or Qwen2) shares forward passes (hf_batch.py:
+    left-padded rows, joining and leaving mid-stream) and every row gets the tokens it would get alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmkit.model.tokenizer import byte_tokenizer
+
+    shapes = {"gpt2": dict(n_layer=2, n_embd=64, n_head=4, n_positions=256),
+              "qwen2": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, max_position_embeddings=256)}
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        **shapes[model_type]))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = load(tmp_path)
+    prompts = [lm.encode(s) for s in ["the cat sat on the mat", "x", "hello there, how are you today?"]]
+    expected = [list(generate_ids(lm.model, ids, greedy(24), lm.eos_ids, lm.context)) for ids in prompts]
+    engine = Engine(lm, max_batch=4).start()
+    try:
+        assert engine.hf is not None
+        got = decode_concurrently(engine, prompts, greedy(24))
+        later = decode_concurrently(engine, prompts[:1], greedy(24))  # after the batch emptied
+    finally:
+        engine.stop()
+    assert got == expected and later == expected[:1]
+    assert engine.max_seen_batch >= 2  # they shared passes

@@ -1,0 +1,130 @@
+"""Batched decoding for transformers decoders that are not slmkit's Llama (an imported GPT-2, Qwen2, GPT-Neo ...):
+the engine's rows share one transformers `DynamicCache`, left-padded so that every row's next token sits at the
+same cache index.
+
+    row 0   . . k k k k k k     pad 2   positions 0-5
+    row 1   k k k k k k k k     pad 0   positions 0-7
+    row 2   . . . . . k k k     pad 5   (joined last: its prompt was read alone, then padded on the left)
+
+Each step feeds one token per row with an attention mask that hides the padding and position ids that count each
+row's own tokens, so a row decodes exactly as it would alone. A new row's prompt is read alone (one forward), its
+cache padded to the batch's length (or the batch's to its length) and appended; finished rows are dropped and the
+padding every row still has in common is cut from the left. Memory follows kv.py's rule (rows x the longest
+reservation within the budget): the cache is never longer than its longest row.
+
+Models whose cache is not one plain key/value pair per layer (sliding-window or hybrid caches, e.g. Gemma 3) are not
+batched: the engine then decodes their rows one after another (generate.py's loop), as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from slmkit.serve.kv import DEFAULT_KV_MEMORY
+
+
+def batchable(model: torch.nn.Module) -> bool:
+    """MODEL is a transformers decoder whose DynamicCache has plain key/value layers for every layer."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not hasattr(model, "config") or not hasattr(model, "generation_config"):
+        return False
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 — a config this transformers cannot build a cache for
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class HFBatch:
+    """The rows in flight of one transformers decoder: their shared cache, each row's left padding and position."""
+
+    def __init__(self, model: torch.nn.Module, budget: int | None = None):
+        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.model = model
+        self.budget = budget or DEFAULT_KV_MEMORY
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        itemsize = next(model.parameters()).element_size()
+        self.position_bytes = c.num_hidden_layers * 2 * kv_heads * head * itemsize
+        self.budget_positions = self.budget // self.position_bytes
+        self.device = next(model.parameters()).device
+        # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns until 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.release()
+
+    def release(self) -> None:
+        self.cache, self.pad, self.pos, self.length = None, [], [], 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.pos)
+
+    def fits(self, reservations: list[int]) -> bool:
+        """kv.KVCache.fits's rule: rows x the longest reservation within the budget."""
+        return not reservations or len(reservations) * max(reservations) <= self.budget_positions
+
+    def add(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Read PROMPT_IDS alone and append the row -> the logits of its first new token (V,)."""
+        from transformers.cache_utils import DynamicCache
+
+        x = torch.tensor([prompt_ids], device=self.device)
+        new, n = DynamicCache(config=self.model.config), len(prompt_ids)  # filled in place by the forward
+        out = self.model(input_ids=x, use_cache=True, **{self.cache_arg: new})
+        if self.cache is None:
+            self.cache, self.length = new, n
+        else:
+            grow = n - self.length
+            if grow > 0:  # the newcomer is longer: every row gets more padding on the left
+                self._pad_left(self.cache, grow)
+                self.pad = [p + grow for p in self.pad]
+                self.length = n
+            else:
+                self._pad_left(new, -grow)
+            for mine, theirs in zip(self.cache.layers, new.layers, strict=True):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+        self.pad.append(self.length - n)
+        self.pos.append(n)
+        return out.logits[0, -1]
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """One token for every row (in row order) -> the next logits (rows, V)."""
+        n = len(tokens)
+        mask = torch.ones(n, self.length + 1, dtype=torch.long, device=self.device)
+        for i, p in enumerate(self.pad):
+            mask[i, :p] = 0
+        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                         position_ids=torch.tensor(self.pos, device=self.device)[:, None], use_cache=True,
+                         **{self.cache_arg: self.cache})  # (the cache grows in place)
+        self.length += 1
+        self.pos = [p + 1 for p in self.pos]
+        return out.logits[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        """Only ROWS (indices, in order) stay; the padding they all share is cut from the left."""
+        if not rows:
+            return self.release()
+        if rows != list(range(self.rows)):
+            idx = torch.tensor(rows, device=self.device)
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            self.pad, self.pos = [self.pad[i] for i in rows], [self.pos[i] for i in rows]
+        cut = min(self.pad)
+        if cut:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            self.pad = [p - cut for p in self.pad]
+            self.length -= cut
+
+    @staticmethod
+    def _pad_left(cache, n: int) -> None:
+        if n <= 0:
+            return
+        for layer in cache.layers:  # zeros, never attended to (masked); 0 x value keeps NaN out
+            b, h, _, d = layer.keys.shape
+            layer.keys = torch.cat([layer.keys.new_zeros(b, h, n, d), layer.keys], dim=2)
+            b, h, _, d = layer.values.shape
+            layer.values = torch.cat([layer.values.new_zeros(b, h, n, d), layer.values], dim=2)
