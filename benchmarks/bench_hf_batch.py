@@ -1,0 +1,107 @@
+"""The serve engine on a `transformers` decoder that is not slmkit's Llama: rows batched (serve/hf_batch.py) vs
+decoded in turn (the engine's fallback, what every such model got before), same model, same run.
+
+model    a GPT-2-shaped decoder (--layers x --width; default 12 x 768, GPT-2 small's shape, ~124M parameters with a
+         50,257 vocabulary), random weights: speed does not depend on them; tokens are greedy and the same both ways
+load     N concurrent requests (one thread each), --tokens new tokens each, prompts of ~40 tokens
+score    aggregate tokens/s, median of --repeats, for each N in --clients
+
+    python benchmarks/bench_hf_batch.py [--clients 1 4 8 16] [--tokens 64] [--repeats 3] [--dtype fp32|bf16]
+
+Writes benchmarks/results/hf_batch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+RESULTS = ROOT / "benchmarks" / "results" / "hf_batch.json"
+
+
+def make_folder(work: Path, layers: int, width: int, vocab: int) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmkit.model.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt2", n_layer=layers, n_embd=width, n_head=width // 64, n_positions=1024,
+                               vocab_size=max(vocab, len(tok)), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(work)
+    tok.save_pretrained(work)
+    return work
+
+
+def run(lm, batched: bool, clients: int, tokens: int) -> float:
+    from tiny_server import decode_concurrently
+
+    from slmkit.infer.generate import SamplingParams
+    from slmkit.serve.batching import Engine
+
+    engine = Engine(lm, max_batch=max(16, clients))
+    if not batched:  # the fallback every non-Llama decoder took before hf_batch.py
+        engine.hf = engine.kv = None
+    engine.start()
+    prompts = [lm.encode(f"request {i}: the history of the union, as the president told it") for i in
+               range(clients)]
+    params = SamplingParams(max_new_tokens=tokens, temperature=0)
+    try:
+        t0 = time.perf_counter()
+        got = decode_concurrently(engine, prompts, params)
+        dt = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return sum(len(g) for g in got) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args()
+    from slmkit.hardware import in_fresh_thread
+    from slmkit.infer.generate import load
+
+    with tempfile.TemporaryDirectory() as work:
+        folder = make_folder(Path(work), args.layers, args.width, args.vocab)
+        # loaded in a thread that ends (hardware.in_fresh_thread: as slm serve loads its models)
+        lm = in_fresh_thread(lambda: load(folder, dtype=args.dtype))
+        rows = []
+        for n in args.clients:
+            res = {}
+            for batched in (False, True):
+                run(lm, batched, n, 8)  # warm-up
+                res["batched" if batched else "in_turn"] = statistics.median(
+                    run(lm, batched, n, args.tokens) for _ in range(args.repeats))
+            rows.append({"clients": n, **{k: round(v, 1) for k, v in res.items()},
+                         "ratio": round(res["batched"] / res["in_turn"], 2)})
+            print(rows[-1], flush=True)
+    print(f"\n{'clients':>7} {'in turn tok/s':>14} {'batched tok/s':>14} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['in_turn']:>14.1f} {r['batched']:>14.1f} {r['ratio']:>5.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"host": platform.processor() or platform.machine(), "settings": vars(args),
+                                   "rows": rows}, indent=2) + "\n")
+    print(f"-> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
