@@ -25,7 +25,6 @@ from slmkit.model.folder import build_model, config_value, load_model, read_conf
 from slmkit.model.llama import Llama
 from slmkit.model.presets import PRESETS, build_config, is_encoder
 from slmkit.model.tokenizer import load_tokenizer
-from slmkit.model.weights import quiet_transformers
 
 TASKS = ("causal", "mlm", "classify")
 # a transformer layer's index in a parameter name: layers.3. (Llama), encoder.layer.3. (BERT), transformer.layer.3.
@@ -47,13 +46,16 @@ def load_for_task(model_dir: Path, task: str, labels: dict | None = None) -> nn.
         return load_model(model_dir)
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    with quiet_transformers():
-        if task == "mlm":
-            return AutoModelForMaskedLM.from_pretrained(model_dir, local_files_only=True)
-        extra = {} if labels is None else {"num_labels": len(labels), "id2label": labels,
-                                           "label2id": {v: int(k) for k, v in labels.items()},
-                                           "ignore_mismatched_sizes": True}
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, **extra)
+    from slmkit.model.weights import HEADS, open_pretrained
+
+    # checked loads: a missing layer is an error; a classifier head for LABELS (or a pooler) may start from scratch
+    if task == "mlm":
+        return open_pretrained(AutoModelForMaskedLM, model_dir, may_miss=("pooler.",), may_drop=True)
+    extra = {} if labels is None else {"num_labels": len(labels), "id2label": labels,
+                                       "label2id": {v: int(k) for k, v in labels.items()},
+                                       "ignore_mismatched_sizes": True}
+    return open_pretrained(AutoModelForSequenceClassification, model_dir, may_miss=HEADS, may_drop=True,
+                           may_resize=True, **extra)
 
 
 def check_same_tokenizer(teacher_dir: Path, student_dir: Path) -> None:

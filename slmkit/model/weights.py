@@ -97,10 +97,22 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def open_pretrained(auto_cls, model_dir: Path, may_miss: tuple[str, ...] = (), may_drop: bool = False, **kw):
+# the new heads a classifier is given on top of an encoder or decoder folder (and BERT's pooler, which a masked-LM
+# folder does not hold): `slm finetune --task classify` and `slm distill` may start them from scratch
+HEADS = ("classifier.", "pre_classifier.", "score.", "pooler.")
+
+
+def _named(name: str, parts: tuple[str, ...]) -> bool:
+    """NAME has a dotted component path starting with one of PARTS ('pooler.' matches 'bert.pooler.dense.weight')."""
+    return any(f".{p}" in f".{name}" for p in parts)
+
+
+def open_pretrained(auto_cls, model_dir: Path, may_miss: tuple[str, ...] = (), may_drop: bool = False,
+                    may_resize: bool = False, **kw):
     """AUTO_CLS.from_pretrained(MODEL_DIR) with its loading report checked: a weight the architecture needs but the
-    files lack (other than those starting with a MAY_MISS prefix, e.g. a new head) is an error, not a random init;
-    so is an unexpected one unless MAY_DROP (a base encoder read out of a classifier folder drops its head)."""
+    files lack (other than those named by a MAY_MISS part, e.g. a new head) is an error, not a random init; so is an
+    unexpected one unless MAY_DROP (a base encoder read out of a classifier folder drops its head), and one of
+    another shape unless MAY_RESIZE and it is a MAY_MISS one (a head for another number of labels)."""
     from safetensors import SafetensorError
 
     model_dir = Path(model_dir)
@@ -112,9 +124,10 @@ def open_pretrained(auto_cls, model_dir: Path, may_miss: tuple[str, ...] = (), m
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {model_dir}: cannot load the model ({type(e).__name__}: {first_line(e)}); check "
                          "that config.json and the weights belong together and are complete") from None
-    missing = [k for k in info.get("missing_keys", ()) if not (may_miss and k.startswith(may_miss))]
+    missing = [k for k in info.get("missing_keys", ()) if not _named(k, may_miss)]
     unexpected = [] if may_drop else list(info.get("unexpected_keys", ()))
     resized = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    resized = [k for k in resized if not (may_resize and _named(k, may_miss))]
     what = f"a {model.config.model_type} model ({type(model).__name__}, as config.json says)"
     refuse_mismatch(model_dir / "model.safetensors", what, missing, unexpected, resized)
     return model

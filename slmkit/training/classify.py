@@ -34,7 +34,6 @@ from slmkit.infer.classify import (
 )
 from slmkit.infer.load import read_config
 from slmkit.model.tokenizer import load_tokenizer
-from slmkit.model.weights import quiet_transformers
 from slmkit.options import defaults_of, refuse_unused
 from slmkit.training.config import Budget, ClassifyConfig, LoraConfig
 from slmkit.training.fit import EarlyStop
@@ -85,12 +84,14 @@ def classifier_model(cfg: ClassifyConfig, labels: list[str], tokenizer):
     """The model folder with a fresh classification head for LABELS (and LoRA adapters with --lora)."""
     from transformers import AutoModelForSequenceClassification
 
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, problem_type="single_label_classification",
-            pad_token_id=pad_id_for(tokenizer), ignore_mismatched_sizes=True, local_files_only=True)
-    return model
+    from slmkit.model.weights import HEADS, open_pretrained
+
+    # checked: only the head (and a pooler) may start from scratch, not a layer the folder should have held
+    return open_pretrained(AutoModelForSequenceClassification, cfg.model_dir, may_miss=HEADS, may_drop=True,
+                           may_resize=True, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                           label2id={name: i for i, name in enumerate(labels)},
+                           problem_type="single_label_classification", pad_token_id=pad_id_for(tokenizer),
+                           ignore_mismatched_sizes=True)
 
 
 def classify_task(cfg: ClassifyConfig, seqs, y, val_seqs, val_y, labels, pad_id: int, dev: str) -> Task:

@@ -222,3 +222,25 @@ def test_every_flag_a_classifier_run_cannot_use_is_refused_and_dtype_is_honoured
     finetune_verb(toy["base"], [str(good)], tmp_path / "bf16", task="classify", dtype="bf16", steps=2,
                   progress=False)
     assert "| bf16" in capsys.readouterr().out  # the start line says the precision it trains in
+
+
+def test_a_base_folder_missing_a_layer_is_refused_not_fine_tuned_from_random_weights(toy, tmp_path):
+    """Only the new head (and BERT's pooler) may start from scratch; a folder whose weights lack a layer used to be
+    fine-tuned with that layer randomly initialised, in silence."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(toy["base"], broken)
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer.0.attention.self.query." not in k},
+              broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"model.safetensors does not hold the weights .*missing .*layer\.0\."):
+        finetune(broken, toy["train"], tmp_path / "out", epochs=1, progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    from slmkit.distill.student import load_for_task
+
+    with pytest.raises(SystemExit, match="missing .*layer\\.0\\."):
+        load_for_task(broken, "classify", {0: "a", 1: "b"})
+    assert load_for_task(toy["base"], "classify", {0: "a", 1: "b"}).config.num_labels == 2  # the head is new: fine
