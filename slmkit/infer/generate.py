@@ -19,6 +19,14 @@ from slmkit.infer.sampling import NonFiniteLogits, SamplingParams, checked_sampl
 
 
 @torch.inference_mode()
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name a transformers model's forward takes its key/value cache by: `cache` from transformers 5.x's rename
+    on (`past_key_values` warns until 5.40 and is then gone), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParams, eos_ids: set[int],
                  context: int) -> Iterator[int]:
     """Yield new token ids one at a time (a KV-cache decode loop for batch 1). Stops at EOS or the context end."""
@@ -36,15 +44,14 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParam
         cache = model.new_cache(1, len(ids) + limit)
         logits = model(x, cache=cache, pos=0)[0, -1]
         step = lambda tok, pos: model.step(tok, cache, pos)  # noqa: E731
-    else:  # any transformers causal LM: its own cache object
-        out = model(input_ids=x, use_cache=True)
-        state = {"past": out.past_key_values}
-        logits = out.logits[0, -1]
+    else:  # any transformers causal LM: its own cache object, filled in place
+        from transformers.cache_utils import DynamicCache
+
+        hf_cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+        logits = model(input_ids=x, use_cache=True, **hf_cache).logits[0, -1]
 
         def step(tok: int, pos: int) -> torch.Tensor:
-            o = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=state["past"], use_cache=True)
-            state["past"] = o.past_key_values
-            return o.logits[0, -1]
+            return model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **hf_cache).logits[0, -1]
 
     pos = len(ids)
     for _ in range(limit):

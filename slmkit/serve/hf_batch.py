@@ -18,10 +18,9 @@ batched: the engine then decodes their rows one after another (generate.py's loo
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
+from slmkit.infer.generate import cache_kwarg
 from slmkit.serve.kv import DEFAULT_KV_MEMORY
 
 
@@ -51,8 +50,7 @@ class HFBatch:
         self.position_bytes = c.num_hidden_layers * 2 * kv_heads * head * itemsize
         self.budget_positions = self.budget // self.position_bytes
         self.device = next(model.parameters()).device
-        # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns until 5.40)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_kwarg(model)
         self.release()
 
     def release(self) -> None:
