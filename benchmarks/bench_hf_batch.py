@@ -45,7 +45,7 @@ def make_folder(work: Path, layers: int, width: int, vocab: int) -> Path:
     return work
 
 
-def run(lm, batched: bool, clients: int, tokens: int) -> float:
+def run(lm, batched: bool, clients: int, tokens: int) -> tuple[float, list]:
     from tiny_server import decode_concurrently
 
     from slmkit.infer.generate import SamplingParams
@@ -55,7 +55,7 @@ def run(lm, batched: bool, clients: int, tokens: int) -> float:
     if not batched:  # the fallback every non-Llama decoder took before hf_batch.py
         engine.hf = engine.kv = None
     engine.start()
-    prompts = [lm.encode(f"request {i}: the history of the union, as the president told it") for i in
+    prompts = [lm.encode(f"Request {i}: tell me about the history of the union, as the president told it") for i in
                range(clients)]
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
     try:
@@ -64,7 +64,7 @@ def run(lm, batched: bool, clients: int, tokens: int) -> float:
         dt = time.perf_counter() - t0
     finally:
         engine.stop()
-    return sum(len(g) for g in got) / dt
+    return sum(len(g) for g in got) / dt, got
 
 
 def main() -> None:
@@ -76,31 +76,37 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--model", type=Path, help="a model folder to serve instead (e.g. an imported Gemma 3 270M)")
     args = ap.parse_args()
     from slmkit.hardware import in_fresh_thread
     from slmkit.infer.generate import load
 
     with tempfile.TemporaryDirectory() as work:
-        folder = make_folder(Path(work), args.layers, args.width, args.vocab)
+        folder = args.model or make_folder(Path(work), args.layers, args.width, args.vocab)
         # loaded in a thread that ends (hardware.in_fresh_thread: as slm serve loads its models)
         lm = in_fresh_thread(lambda: load(folder, dtype=args.dtype))
         rows = []
         for n in args.clients:
-            res = {}
+            res, same, reference = {}, True, None
             for batched in (False, True):
                 run(lm, batched, n, 8)  # warm-up
-                res["batched" if batched else "in_turn"] = statistics.median(
-                    run(lm, batched, n, args.tokens) for _ in range(args.repeats))
+                runs = [run(lm, batched, n, args.tokens) for _ in range(args.repeats)]
+                res["batched" if batched else "in_turn"] = statistics.median(r[0] for r in runs)
+                reference = reference or runs[0][1]  # in turn's
+                same = same and all(r[1] == reference for r in runs)  # greedy: the same tokens either way
             rows.append({"clients": n, **{k: round(v, 1) for k, v in res.items()},
-                         "ratio": round(res["batched"] / res["in_turn"], 2)})
+                         "ratio": round(res["batched"] / res["in_turn"], 2), "same_tokens": same})
             print(rows[-1], flush=True)
-    print(f"\n{'clients':>7} {'in turn tok/s':>14} {'batched tok/s':>14} {'ratio':>6}")
+    print(f"\n{'clients':>7} {'in turn tok/s':>14} {'batched tok/s':>14} {'ratio':>6} {'same tokens':>12}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['in_turn']:>14.1f} {r['batched']:>14.1f} {r['ratio']:>5.2f}x")
+        print(f"{r['clients']:>7} {r['in_turn']:>14.1f} {r['batched']:>14.1f} {r['ratio']:>5.2f}x "
+              f"{str(r['same_tokens']):>12}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"host": platform.processor() or platform.machine(), "settings": vars(args),
-                                   "rows": rows}, indent=2) + "\n")
-    print(f"-> {RESULTS}")
+    out = RESULTS.with_name(f"hf_batch{'_' + args.model.name if args.model else ''}.json")
+    out.write_text(json.dumps({"host": platform.processor() or platform.machine(),
+                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                               "rows": rows}, indent=2) + "\n")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

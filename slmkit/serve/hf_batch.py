@@ -12,7 +12,8 @@ cache padded to the batch's length (or the batch's to its length) and appended; 
 padding every row still has in common is cut from the left. Memory follows kv.py's rule (rows x the longest
 reservation within the budget): the cache is never longer than its longest row.
 
-Models whose cache is not one plain key/value pair per layer (sliding-window or hybrid caches, e.g. Gemma 3) are not
+Sliding-window layers (Gemma 3's local attention) hold only their window's last positions of every row; their
+position count is kept equal to the batch's length. Models with other caches (hybrid, state-space) are not
 batched: the engine then decodes their rows one after another (generate.py's loop), as before.
 """
 
@@ -25,8 +26,8 @@ from slmkit.serve.kv import DEFAULT_KV_MEMORY
 
 
 def batchable(model: torch.nn.Module) -> bool:
-    """MODEL is a transformers decoder whose DynamicCache has plain key/value layers for every layer."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    """MODEL is a transformers decoder whose DynamicCache holds plain or sliding-window key/value layers only."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     if not hasattr(model, "config") or not hasattr(model, "generation_config"):
         return False
@@ -34,7 +35,14 @@ def batchable(model: torch.nn.Module) -> bool:
         cache = DynamicCache(config=model.config)
     except Exception:  # noqa: BLE001 — a config this transformers cannot build a cache for
         return False
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return bool(cache.layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                                      for layer in cache.layers)
+
+
+def _kept(layer, length: int) -> int:
+    """Positions LAYER holds when the batch is LENGTH long: all of them, or a sliding window's last W - 1."""
+    window = getattr(layer, "sliding_window", None)
+    return length if window is None else min(length, window - 1)
 
 
 class HFBatch:
@@ -74,16 +82,14 @@ class HFBatch:
         if self.cache is None:
             self.cache, self.length = new, n
         else:
-            grow = n - self.length
-            if grow > 0:  # the newcomer is longer: every row gets more padding on the left
-                self._pad_left(self.cache, grow)
-                self.pad = [p + grow for p in self.pad]
-                self.length = n
-            else:
-                self._pad_left(new, -grow)
+            length = max(n, self.length)  # the shorter side gets more padding on the left
+            self.pad = [p + length - self.length for p in self.pad]
             for mine, theirs in zip(self.cache.layers, new.layers, strict=True):
+                self._pad_left(mine, _kept(mine, length) - _kept(mine, self.length))
+                self._pad_left(theirs, _kept(theirs, length) - _kept(theirs, n))
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
+            self._set_length(length)
         self.pad.append(self.length - n)
         self.pos.append(n)
         return out.logits[0, -1]
@@ -112,17 +118,24 @@ class HFBatch:
             self.pad, self.pos = [self.pad[i] for i in rows], [self.pos[i] for i in rows]
         cut = min(self.pad)
         if cut:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            for layer in self.cache.layers:  # (a sliding window only loses what it no longer needs to hold)
+                drop = _kept(layer, self.length) - _kept(layer, self.length - cut)
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
             self.pad = [p - cut for p in self.pad]
-            self.length -= cut
+            self._set_length(self.length - cut)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        for layer in self.cache.layers:  # a sliding window's masks count the positions seen (all rows alike here)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = length
 
     @staticmethod
-    def _pad_left(cache, n: int) -> None:
+    def _pad_left(layer, n: int) -> None:
         if n <= 0:
             return
-        for layer in cache.layers:  # zeros, never attended to (masked); 0 x value keeps NaN out
-            b, h, _, d = layer.keys.shape
-            layer.keys = torch.cat([layer.keys.new_zeros(b, h, n, d), layer.keys], dim=2)
-            b, h, _, d = layer.values.shape
-            layer.values = torch.cat([layer.values.new_zeros(b, h, n, d), layer.values], dim=2)
+        # zeros, never attended to (masked); 0 x value keeps NaN out
+        b, h, _, d = layer.keys.shape
+        layer.keys = torch.cat([layer.keys.new_zeros(b, h, n, d), layer.keys], dim=2)
+        b, h, _, d = layer.values.shape
+        layer.values = torch.cat([layer.values.new_zeros(b, h, n, d), layer.values], dim=2)

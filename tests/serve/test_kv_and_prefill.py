@@ -160,10 +160,11 @@ def test_http_request_over_the_kv_budget_is_a_400_and_a_slow_tokenizer_does_not_
     assert big.status_code == 400 and big.json()["error"]["code"] == "kv_memory_exceeded"
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "gemma3_text"])
 def test_a_transformers_decoder_is_batched_with_the_tokens_it_gives_alone(tmp_path, model_type):
-    """An imported decoder that is not our Llama (here a tiny GPT-2 or Qwen2) shares forward passes (hf_batch.py:
-    left-padded rows, joining and leaving mid-stream) and every row gets the tokens it would get alone."""
+    """An imported decoder that is not our Llama (a tiny GPT-2, Qwen2, or Gemma 3 with a sliding window shorter than
+    the rows) shares forward passes (hf_batch.py: left-padded rows, joining and leaving mid-stream) and every row
+    gets the tokens it would get alone."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -171,7 +172,10 @@ def test_a_transformers_decoder_is_batched_with_the_tokens_it_gives_alone(tmp_pa
 
     shapes = {"gpt2": dict(n_layer=2, n_embd=64, n_head=4, n_positions=256),
               "qwen2": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=128, max_position_embeddings=256)}
+                            intermediate_size=128, max_position_embeddings=256),
+              "gemma3_text": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                  head_dim=16, intermediate_size=128, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"])}
     tok = byte_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
