@@ -168,6 +168,16 @@ def _tool(name: str) -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the slm process that started it dies, even by SIGKILL or a
+    crash, whose `finally` never runs: a SuperNode or SuperLink must not outlive its `slm federate` (an orphaned
+    SuperNode would go on polling, and could join a later run with this machine's data)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, what: str, seconds: float = 60.0) -> None:
     import ssl
 
@@ -211,7 +221,8 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 9092, ssl: dict | None = Non
                 "--disable-runtime-dependency-installation"]
     link_cmd += ["--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"]] + (
         ["--ssl-ca-certfile", tls["ca"]] if tls.get("ca") else []) if tls.get("cert") else ["--insecure"]
-    link = subprocess.Popen(link_cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "superlink.log", "w"))
+    link = subprocess.Popen(link_cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "superlink.log", "w"),
+                            preexec_fn=_die_with_parent)
     try:
         scheme = "https" if tls.get("cert") else "http"
         _wait_healthy(f"{scheme}://127.0.0.1:{port}/health", link, "flower-superlink")
@@ -254,7 +265,8 @@ def join(data: list[str], server: str, tokenizer_from: Path | None = None, root_
            node_config]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "supernode.log", "w"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "supernode.log", "w"),
+                            preexec_fn=_die_with_parent)
     print(f"joined {server} with {node['data-path']}; training when the server asks", flush=True)
     try:
         while not done.exists():

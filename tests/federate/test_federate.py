@@ -427,3 +427,41 @@ def test_text_col_and_replace_errors_reach_every_client(tmp_path, silos, capsys)
     assert trained("c", data=[silos[0], str(bad)]) == 1  # not UTF-8: that client fails, and it is said
     assert "failed its train round: " in capsys.readouterr().err
     assert trained("d", data=[silos[0], str(bad)], replace_errors=True) == 2
+
+
+def test_a_killed_client_takes_its_supernode_with_it(tmp_path, silos):
+    """`slm federate client` killed by SIGKILL (no `finally` runs): its flower-supernode child must not live on,
+    polling, able to join a later run with this machine's data."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny_server import free_port
+
+    client = subprocess.Popen([sys.executable, "-m", "slmkit", "federate", "client", "--data", silos[0], "--server",
+                               f"127.0.0.1:{free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    children: list[int] = []
+    t0 = time.time()
+    while not children and time.time() - t0 < 60:  # the SuperNode starts (and keeps retrying: no server there)
+        time.sleep(0.2)
+        path = f"/proc/{client.pid}/task/{client.pid}/children"
+        children = [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+    assert children, "the client started no SuperNode"
+    client.send_signal(signal.SIGKILL)
+    client.wait(10)
+
+    def running(pid: int) -> bool:  # exists and is not a zombie (state Z)
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    t0 = time.time()
+    while time.time() - t0 < 20 and any(map(running, children)):
+        time.sleep(0.2)
+    alive = [c for c in children if running(c)]
+    for c in alive:
+        os.kill(c, signal.SIGKILL)
+    assert not alive
