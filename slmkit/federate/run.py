@@ -429,6 +429,8 @@ def write_card(cfg: FederateConfig, s: dict) -> None:
     dp = (f"Differential privacy: update clipping to {cfg.dp_clip:g} on each client, Gaussian noise (multiplier "
           f"{cfg.dp_noise:g}) on the aggregate: ε = {s['epsilon']:.2f} at δ = {cfg.dp_delta:g} after "
           f"{s['rounds']} rounds (client level).\n" if cfg.dp else "No differential privacy.\n")
+    dp += ("Secure aggregation (SecAgg+): the server saw only the sum of the clients' weights in every round.\n"
+           if cfg.secagg else "")
     kind = "masked-LM encoder" if is_encoder(s["settings"]["model_config"]) else "decoder"
     text = (f"# {cfg.out.name}\n\nA {cfg.preset} {kind} trained with `slm federate {s['mode']}` across {s['clients']} "
             f"data silos ({cfg.strategy}); no silo's text left it.\n\n- rounds: {s['rounds']} (best: round "

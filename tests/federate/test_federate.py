@@ -80,6 +80,7 @@ def test_secure_aggregation_matches_fedavg_and_the_server_sees_only_masked_weigh
     audit: list = []
     sec = simulate(FederateConfig(data=silos, out=tmp_path / "sec", rounds=1, secagg=True, **TINY), audit)
     assert sec["history"][0]["clients_trained"] == 3 and sec["history"][0]["clients_evaluated"] == 3
+    assert "SecAgg+" in (tmp_path / "sec" / "README.md").read_text()  # the model card says so
     # the unmasked sum is FedAvg's mean (equal token counts), up to SecAgg+'s quantization (16 / 2^22 per weight)
     a, b = (load_file(tmp_path / name / "last" / "model.safetensors") for name in ("plain", "sec"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
