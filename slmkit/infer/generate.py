@@ -18,7 +18,6 @@ import torch
 from slmkit.infer.sampling import NonFiniteLogits, SamplingParams, checked_sampling, sample_next
 
 
-@torch.inference_mode()
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The name a transformers model's forward takes its key/value cache by: `cache` from transformers 5.x's rename
     on (`past_key_values` warns until 5.40 and is then gone), `past_key_values` before."""
@@ -27,6 +26,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.inference_mode()  # no autograd records: 5 ms a token at 135M when it did (docs/benchmarks.md, 2026-12-07)
 def generate_ids(model: torch.nn.Module, prompt_ids: list[int], p: SamplingParams, eos_ids: set[int],
                  context: int) -> Iterator[int]:
     """Yield new token ids one at a time (a KV-cache decode loop for batch 1). Stops at EOS or the context end."""

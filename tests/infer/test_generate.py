@@ -18,6 +18,18 @@ def test_greedy_decode_matches_transformers_generate(tiny_model):
     assert ours == expected[:len(ours)] and len(ours) > 0
 
 
+def test_decoding_records_no_autograd(tiny_model):
+    # generate_ids lost its inference_mode once (a function was inserted under its decorator): every step then built
+    # an autograd graph over the parameters, 5 ms a token at 135M
+    lm = load(tiny_model)
+    modes = []
+    real_step = lm.model.step
+    lm.model.step = lambda *a: (modes.append(torch.is_inference_mode_enabled()), real_step(*a))[1]
+    out = list(generate_ids(lm.model, lm.encode("KING"), SamplingParams(max_new_tokens=4, temperature=0), set(),
+                            lm.context))
+    assert len(out) == 4 and len(modes) >= 3 and all(modes)
+
+
 def test_same_seed_same_sample(tiny_model):
     lm = load(tiny_model)
     a = lm.generate("KING", max_new_tokens=15, seed=7)
