@@ -239,7 +239,7 @@ def soak(target: str, a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a decoder model folder (slm serve)")
-    ap.add_argument("--int8", type=Path, help="the same model as an `slm quantize --method int8` folder")
+    ap.add_argument("--int8", type=Path, help="the same model as an `slm quantize` folder (--method int8 or w8a8)")
     ap.add_argument("--gguf", type=Path, help="the same model as GGUF (slm export --format gguf --quant q8_0)")
     ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary")
     ap.add_argument("--targets", nargs="+", help="default: every target the arguments allow")

@@ -20,6 +20,17 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies int8 by uint8 into 32-bit sums in one instruction (AVX512-VNNI, AVX-VNNI or AMX):
+    without it x86 int8 kernels add pairs of products in 16 bits, which saturate unless activations use 7 bits."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: assume the older instruction set (7-bit activations are correct either way)
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
 def pick_device(device: str) -> str:
     """'auto' -> this process's GPU when there is one, else 'cpu'; an explicit GPU that is not there is a one-line
     error here rather than a CUDA traceback later."""

@@ -56,7 +56,8 @@ def backend_of(path: Path) -> str:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise SystemExit(f"error: {path} is not a model folder, ONNX export folder or GGUF file")
-    return "torch int8" if json.loads(cfg_path.read_text()).get("slmkit_quantization") else "torch fp32"
+    quant = json.loads(cfg_path.read_text()).get("slmkit_quantization")
+    return f"torch {quant.get('method', 'int8')}" if quant else "torch fp32"
 
 
 def size_of(path: Path) -> int:

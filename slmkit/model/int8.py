@@ -1,24 +1,30 @@
 """Verb `quantize`: a model folder -> an int8 model folder for in-process PyTorch inference (`slmkit.load`,
-`slm generate`, `slm eval`).
+`slm generate`, `slm eval`, `slm serve`).
 
-Method `int8`: weight-only, symmetric, per output channel. Every 2-D weight W (out, in) is stored as
-round(W / s) in int8 with s = max|W_row| / 127 (float32, one per row) under `NAME` and `NAME.scale` in
-model.safetensors; norms stay float32. config.json gains `"slmkit_quantization": {"method": "int8"}`. At load the
-int8 weights stay int8 in memory and each linear layer runs PyTorch's int8-weight matmul (`_weight_int8pack_mm`,
-the kernel gpt-fast uses); the tied embedding is looked up row by row and dequantized. Files and resident weights
-are about 4x smaller than float32.
+Both methods store every 2-D weight W (out, in) as round(W / s) in int8 with s = max|W_row| / 127 (float32, one per
+row) under `NAME` and `NAME.scale` in model.safetensors; norms stay float32. config.json gains
+`"slmkit_quantization": {"method": ...}`. At load the int8 weights stay int8 in memory; the tied embedding is looked
+up row by row and dequantized. Files and resident weights are about 4x smaller than float32.
+
+- `int8`: weight-only. Each linear layer runs PyTorch's int8-weight matmul (`_weight_int8pack_mm`, the kernel
+  gpt-fast uses) on float activations (bf16 ones on CPUs with bf16 units, where that kernel is fast).
+- `w8a8`: the weights after SmoothQuant (edge.smoothquant, folded in at quantize time), and int8 activations per
+  token at run time through fbgemm's int8 GEMM (W8A8Linear): llama.cpp q8_0's scheme, and its speed class.
+  Where PyTorch has no x86/fbgemm engine the same folder runs as `int8`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from slmkit.hardware import cpu_has_bf16, cpu_has_vnni
 from slmkit.model.block import rope_theta, rotary_tables
 
-METHODS = ("int8",)
+METHODS = ("int8", "w8a8")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +40,94 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("q", q)  # (out, in) int8
         self.register_buffer("scale", scale.float())  # (out,)
+        self._bf16_scale: torch.Tensor | None = None  # the scales in bf16, for bf16 activations (made on first use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).float().contiguous(), self.q, self.scale)
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cpu and cpu_has_bf16():
+            # The kernel's bf16-activation path is ~5x faster on CPU than its fp32 one (1 token of SmolLM2-135M's
+            # gate/up product: 124 vs 605 us, Xeon AMX): activations rounded to bf16's 8-bit mantissa, finer than
+            # the 8-bit integers llama.cpp's q8_0 rounds them to; accumulation stays fp32 (docs/benchmarks.md).
+            if self._bf16_scale is None or self._bf16_scale.device != self.scale.device:
+                self._bf16_scale = self.scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.q, self._bf16_scale)
+        else:
+            y = torch._weight_int8pack_mm(x2.float().contiguous(), self.q, self.scale)
         return y.view(*shape[:-1], -1).to(x.dtype)
+
+    def matvec(self, x: torch.Tensor, scale: float = 1.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SCALE * forward(x) (+ RESIDUAL) for one fp32 vector x (in,) in fewer ops: the decode step's call."""
+        if not (x.is_cpu and cpu_has_bf16()):
+            y = self(x[None])[0]
+            y = y if scale == 1.0 else y * scale
+            return y if residual is None else residual + y
+        if self._bf16_scale is None or self._bf16_scale.device != self.scale.device:
+            self._bf16_scale = self.scale.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16).view(1, -1), self.q, self._bf16_scale).view(-1)  # bf16
+        if residual is None:
+            return y.float().mul_(scale) if scale != 1.0 else y.float()
+        return torch.add(residual, y, alpha=scale)  # fp32: the residual's type
+
+
+def int8_matmul_engine() -> str | None:
+    """The PyTorch quantized engine W8A8Linear runs on (fbgemm, or x86, which picks fbgemm for linear layers), or
+    None where this build has neither (ARM, some custom builds): those run w8a8 folders with Int8Linear."""
+    engine = torch.backends.quantized.engine
+    if engine not in ("x86", "fbgemm") or engine not in torch.backends.quantized.supported_engines:
+        return None
+    # PyTorch has deprecated its quantized tensors (the packed weight is made from one): a release without them
+    # runs w8a8 folders as int8 instead of failing
+    have = hasattr(torch, "_make_per_channel_quantized_tensor") and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+    return engine if have else None
+
+
+class W8A8Linear(nn.Module):
+    """y = x @ (q * scale)^T with int8 activations too, quantized per row (token) at run time: what llama.cpp's q8_0
+    does, with one scale a row where q8_0 has one per 32 values. Each row x is divided by max|x| and the int8
+    product runs with fixed input quantization (step 1/127 around 128, in uint8), then the row's max multiplies the
+    output back. The fixed parameters make each row's result independent of the other rows in the batch (the
+    products are summed in int32, exactly): a row decoded alone, in a batch, or in a multi-token pass gives the
+    same numbers. On CPUs without VNNI the activations use 7 bits (1/63 around 64), the range fbgemm's 16-bit
+    pair sums cannot overflow. The weight lives only in fbgemm's packed layout (a copy of q, which is not kept)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # the deprecation notice of quantized tensors, on every layer (see above)
+            warnings.simplefilter("ignore", UserWarning)
+            packed_q = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(), zero, 0)
+            self.packed = torch.ops.quantized.linear_prepack(packed_q, None)
+        self.step, self.zero_point = (1 / 127, 128) if cpu_has_vnni() else (1 / 63, 64)
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        peak = x2.abs().amax(1, keepdim=True).clamp_(min=1e-30)  # (rows, 1)
+        y = self._product(x2 * peak.reciprocal())  # each row in [-1, 1]
+        return y.mul_(peak).view(*shape[:-1], -1).to(x.dtype)
+
+    def matvec(self, x: torch.Tensor, scale: float = 1.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SCALE * forward(x) (+ RESIDUAL) for one fp32 vector x (in,), in half forward's ops: the decode step's
+        call (llama.matvec). Rows are scaled as in forward (x times the fp32 reciprocal of its peak), so the int8
+        inputs, and the int32 sums, are the same as a batch's."""
+        peak = float(x.abs().max()) or 1.0  # an all-zero x stays zero whatever it is divided by
+        y = self._product((x * (1.0 / peak)).view(1, -1)).view(-1)  # (out,)
+        return y.mul_(peak * scale) if residual is None else torch.add(residual, y, alpha=peak * scale)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) fp32 in [-1, 1] -> (rows, out) fp32: int8 inputs at the fixed step, the int8 GEMM."""
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, self.step, self.zero_point,
+                                                                                self.packed)
+
+
+def int8_linear(q: torch.Tensor, scale: torch.Tensor, method: str) -> nn.Module:
+    """The layer for a quantized weight: W8A8Linear for w8a8 folders where the engine is there, else Int8Linear."""
+    if method == "w8a8" and int8_matmul_engine():
+        return W8A8Linear(q, scale)
+    return Int8Linear(q, scale)
 
 
 class Int8Embedding(nn.Module):
@@ -51,15 +140,15 @@ class Int8Embedding(nn.Module):
         return self.q[idx].float() * self.scale[idx].unsqueeze(-1)  # (B, T, C)
 
 
-def int8_llama(cfg: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
+def int8_llama(cfg: dict, sd: dict[str, torch.Tensor], method: str = "int8") -> nn.Module:
     """Our Llama module with int8 linear layers, embedding and output projection, from a quantized folder."""
     from slmkit.model.llama import Llama
 
     with torch.device("meta"):  # no float weights are ever allocated; every tensor is replaced below
         model = Llama(cfg)
 
-    def qs(*names: str) -> Int8Linear:
-        return Int8Linear(torch.cat([sd[n] for n in names]), torch.cat([sd[n + ".scale"] for n in names]))
+    def qs(*names: str) -> nn.Module:
+        return int8_linear(torch.cat([sd[n] for n in names]), torch.cat([sd[n + ".scale"] for n in names]), method)
 
     for i, b in enumerate(model.layers):
         p = f"model.layers.{i}."
@@ -90,4 +179,5 @@ def load_quantized(model_dir: Path, cfg: dict) -> nn.Module:
     c = dict(cfg)
     c["rope_theta"] = rope_theta(cfg)
     c.setdefault("rms_norm_eps", 1e-6)
-    return int8_llama(c, read_weights(Path(model_dir) / "model.safetensors"))
+    method = (cfg.get("slmkit_quantization") or {}).get("method", "int8")
+    return int8_llama(c, read_weights(Path(model_dir) / "model.safetensors"), method)

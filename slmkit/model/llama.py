@@ -201,12 +201,15 @@ def matvec(layer: nn.Module | torch.Tensor, x: torch.Tensor, scale: float = 1.0,
     """SCALE * LAYER(x) (+ RESIDUAL) for one vector x (C,). A plain fp32 weight (a Linear's or an Embedding's, or a
     tensor) takes torch.mv/addmv, cheaper on CPU than F.linear's (1, C) matrix product, or one bmm over a slab of rows
     per thread where decode_layout marked the layer `split_rows` (below); a bf16 weight takes mv on CPUs with bf16
-    units (AVX512-BF16, AMX) and F.linear elsewhere; other layers (int8) are called as is.
+    units (AVX512-BF16, AMX) and F.linear elsewhere; a layer with a `matvec` method (W8A8Linear) takes it; other
+    layers (Int8Linear) are called as is.
     The scale and the residual ride on the product itself (addmv's/baddbmm's alpha and beta): each op saved is worth
     ~20 us per layer per token in a decode step, where small ops run on cold caches."""
     w = layer if isinstance(layer, torch.Tensor) else layer.weight if isinstance(layer, (nn.Linear, nn.Embedding)) \
         else None
     if w is None or w.dtype != torch.float32:
+        if w is None and hasattr(layer, "matvec"):  # a layer with its own one-vector path (int8.W8A8Linear)
+            return layer.matvec(x, scale, residual)
         if w is None:
             y = layer(x[None])[0]
         elif w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.is_contiguous() and cpu_has_bf16():
