@@ -18,6 +18,10 @@ target pass, and for how many prompts the greedy text was the target's token for
 
     python benchmarks/bench_speculative.py [--work DIR] [--data sotu|on-policy] [--draft DIR] [--ks 0,1,2,3,4,6]
         [--prompts 8] [--new-tokens 128] [--dtype fp32|bf16] [--compile] [--draft-epochs 2] [--label SUFFIX]
+        [--lookup]
+
+--lookup adds two greedy rows, adaptive: prompt lookup alone (`slm generate --lookup`: guesses from the text so far)
+and lookup + draft (`--draft DRAFT --lookup`); the sampled row then uses lookup + draft.
 
 Writes benchmarks/results/speculative.json and prints a table.
 """
@@ -112,52 +116,64 @@ def timed(lm, prompt: str, p) -> tuple[list[int], float]:
     return out, (stamps[-1] - stamps[0]) if len(stamps) > 1 else time.perf_counter() - t0
 
 
+STAT_FIELDS = ("proposed", "accepted", "cycles", "emitted", "lookup_proposed", "lookup_accepted")
+
+
+def add_stats(into, other) -> None:
+    for f in STAT_FIELDS:
+        setattr(into, f, getattr(into, f) + getattr(other, f))
+
+
 def measure(args, target: Path, draft: Path, prompts: list[str]) -> dict:
+    """Greedy rows: the target alone, the draft at each K of --ks (0 = adaptive) and, with --lookup, prompt lookup
+    alone and lookup + draft (adaptive), interleaved per prompt; then one sampled row (T 0.7) of the last config."""
     from slmkit.compose.speculative import SpecStats, attach_draft
     from slmkit.infer.generate import SamplingParams, load
 
     alone = load(target, dtype=args.dtype, device="cpu", compile=args.compile)
     spec = load(target, dtype=args.dtype, device="cpu", compile=args.compile)
-    attach_draft(spec, load(draft, dtype=args.dtype, device="cpu", compile=args.compile))
-    ks = [int(k) for k in args.ks.split(",")]
+    draft_lm = load(draft, dtype=args.dtype, device="cpu", compile=args.compile)
+    configs = {k: (draft_lm, k or None, False) for k in (int(k) for k in args.ks.split(","))}
+    if args.lookup:
+        configs |= {"lookup": (None, None, True), "lookup+draft": (draft_lm, None, True)}
     rows = {"alone": {"tokens": 0, "seconds": 0.0}} | {k: {"tokens": 0, "seconds": 0.0, "stats": SpecStats(),
-                                                          "identical": 0} for k in ks}
+                                                          "identical": 0} for k in configs}
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     timed(alone, prompts[0], SamplingParams(max_new_tokens=8, temperature=0))  # warm both paths up
+    attach_draft(spec, draft_lm)
     timed(spec, prompts[0], SamplingParams(max_new_tokens=8, temperature=0))
-    draft_lm = spec.draft
-    policies = {}  # one per K, kept across prompts as attach_draft keeps one per target
-    for k in ks:
-        attach_draft(spec, draft_lm, k or None)
-        policies[k] = spec.draft_length
+    policies = {}  # one per config, kept across prompts as attach_draft keeps one per target
+    for name, (d, k, lookup) in configs.items():
+        attach_draft(spec, d, k, lookup)
+        policies[name] = (spec.decode, spec.draft_length, spec.lookup_length)
     for prompt in prompts:
         ref, s = timed(alone, prompt, greedy)
         rows["alone"]["tokens"] += len(ref) - 1
         rows["alone"]["seconds"] += s
-        for k in ks:
-            spec.draft_length = policies[k]
+        for name in configs:
+            spec.decode, spec.draft_length, spec.lookup_length = policies[name]
             out, s = timed(spec, prompt, greedy)
-            r = rows[k]
+            r = rows[name]
             r["tokens"] += len(out) - 1
             r["seconds"] += s
             r["identical"] += out == ref  # prompts whose greedy text is the target's, token for token
-            for f in ("proposed", "accepted", "cycles", "emitted"):
-                setattr(r["stats"], f, getattr(r["stats"], f) + getattr(spec.spec_stats, f))
+            add_stats(r["stats"], spec.spec_stats)
     sampled = {"tokens": 0, "seconds": 0.0, "stats": SpecStats()}
-    attach_draft(spec, draft_lm, None)
+    last = list(configs)[-1]
+    d, _, lookup = configs[last]
+    attach_draft(spec, d, None, lookup)
     for i, prompt in enumerate(prompts):
         out, s = timed(spec, prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, seed=i))
         sampled["tokens"] += len(out) - 1
         sampled["seconds"] += s
-        for f in ("proposed", "accepted", "cycles", "emitted"):
-            setattr(sampled["stats"], f, getattr(sampled["stats"], f) + getattr(spec.spec_stats, f))
-    return report(rows, sampled, prompts)
+        add_stats(sampled["stats"], spec.spec_stats)
+    return report(rows, sampled, prompts, f"sampled T=0.7 ({'adaptive' if last == 0 else last})")
 
 
-def report(rows: dict, sampled: dict, prompts: list[str]) -> dict:
+def report(rows: dict, sampled: dict, prompts: list[str], sampled_name: str) -> dict:
     base = rows["alone"]["tokens"] / rows["alone"]["seconds"]
     table = [{"k": "alone", "tokens_per_s": round(base, 2), "speedup": 1.0}]
-    for k, r in list(rows.items())[1:] + [("sampled T=0.7 (adaptive)", sampled)]:
+    for k, r in list(rows.items())[1:] + [(sampled_name, sampled)]:
         rate = r["tokens"] / r["seconds"]
         table.append({"k": "adaptive" if k == 0 else k, "tokens_per_s": round(rate, 2),
                       "speedup": round(rate / base, 3), **r["stats"].as_dict(),
@@ -185,6 +201,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--lookup", action="store_true", help="add prompt lookup alone and lookup + draft (adaptive)")
     ap.add_argument("--label", default="", help="suffix of the result's key (variants side by side)")
     args = ap.parse_args()
     import torch

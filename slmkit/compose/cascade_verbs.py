@@ -158,6 +158,7 @@ def _evaluate_decoder(cascade: Cascade, data: list[str], batch_size: int, skip_b
 # generate's and chat's flags for one model's decoding, which a cascade (two models, each loaded as saved, decoded
 # eagerly) cannot honour: given, each is refused rather than dropped.
 NOT_FOR_CASCADE = {"draft": "give it a model folder", "draft_tokens": "speculative decoding needs a model folder",
+                   "lookup": "speculative decoding needs a model folder",
                    "compile": "a cascade decodes eagerly; give --compile with a model folder",
                    "dtype": "a cascade loads its models in fp32"}
 

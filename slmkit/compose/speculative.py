@@ -44,15 +44,29 @@ class SpecStats:
     accepted: int = 0
     cycles: int = 0
     emitted: int = 0
+    lookup_proposed: int = 0  # of proposed/accepted: the guesses that came from the text (NgramIndex)
+    lookup_accepted: int = 0
+
+    def count(self, proposed: int, accepted: int, from_lookup: bool = False) -> None:
+        """One verify pass that checked PROPOSED guesses and kept ACCEPTED."""
+        self.cycles += 1
+        self.proposed += proposed
+        self.accepted += accepted
+        if from_lookup:
+            self.lookup_proposed += proposed
+            self.lookup_accepted += accepted
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     def as_dict(self) -> dict:
-        return {"acceptance_rate": round(self.acceptance_rate, 4), "draft_proposed": self.proposed,
-                "draft_accepted": self.accepted, "verify_passes": self.cycles,
-                "tokens_per_pass": round(self.emitted / self.cycles, 3) if self.cycles else 0.0}
+        out = {"acceptance_rate": round(self.acceptance_rate, 4), "draft_proposed": self.proposed,
+               "draft_accepted": self.accepted, "verify_passes": self.cycles,
+               "tokens_per_pass": round(self.emitted / self.cycles, 3) if self.cycles else 0.0}
+        if self.lookup_proposed:
+            out.update(lookup_proposed=self.lookup_proposed, lookup_accepted=self.lookup_accepted)
+        return out
 
 
 class DraftLength:
@@ -175,12 +189,41 @@ class _Runner:
         return logits.float().cpu()
 
 
-def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], p: SamplingParams,
-                    eos_ids: set[int], context: int, draft_context: int, draft_tokens: int | None = None,
-                    stats: SpecStats | None = None, length: DraftLength | None = None) -> Iterator[int]:
+class NgramIndex:
+    """Prompt lookup (HF's `prompt_lookup_num_tokens`, llama.cpp's lookup decoding): guesses read from the text so
+    far. Where its last n tokens (n from SIZES, longest first) occurred before, the tokens that followed that
+    occurrence are the guess. Free to make, and often right where text repeats (names, boilerplate, code, a small
+    model's greedy loops); the target checks them like a draft's. The index grows with the sequence: each n-gram
+    maps to the end of its latest occurrence."""
+
+    def __init__(self, sizes: tuple[int, ...] = (3, 2)):
+        self.sizes, self.seen, self.done = sizes, {}, 0
+
+    def guess(self, ids: list[int], k: int) -> list[int]:
+        """Up to K tokens that followed the latest earlier occurrence of IDS's last n tokens ([] if none)."""
+        for end in range(max(self.done, 1), len(ids)):  # index n-grams that have a token after them
+            for n in self.sizes:
+                if end >= n:
+                    self.seen[tuple(ids[end - n:end])] = end
+        self.done = max(self.done, len(ids))
+        if k <= 0:
+            return []
+        for n in self.sizes:
+            end = self.seen.get(tuple(ids[-n:])) if len(ids) > n else None
+            if end is not None:
+                return ids[end:end + k]
+        return []
+
+
+def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module | None, prompt_ids: list[int],
+                    p: SamplingParams, eos_ids: set[int], context: int, draft_context: int,
+                    draft_tokens: int | None = None, stats: SpecStats | None = None, length: DraftLength | None = None,
+                    lookup: bool = False, lookup_length: DraftLength | None = None) -> Iterator[int]:
     """generate_ids' contract (new token ids, one at a time, until EOS, max_new_tokens or the context end), decoded
     speculatively with DRAFT guessing DRAFT_TOKENS tokens a cycle (None: adaptive). Both are slmkit Llama modules with
-    the same vocabulary. Where the sequence outgrows the draft's context the target goes on alone."""
+    the same vocabulary. Where the sequence outgrows the draft's context the target goes on alone. With LOOKUP, a
+    cycle whose last tokens occurred before takes its guess from the text instead (NgramIndex; its own adaptive
+    length, LOOKUP_LENGTH); DRAFT may then be None."""
     gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
     stats = stats if stats is not None else SpecStats()
     ids = list(prompt_ids)[-(context - 1):]
@@ -188,21 +231,35 @@ def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids:
     if limit <= 0 or not ids:
         return
     size = len(ids) + limit + 1
-    tgt, dft = _Runner(target, size), _Runner(draft, min(size + K_MAX, draft_context))
+    tgt = _Runner(target, size)
+    dft = _Runner(draft, min(size + K_MAX, draft_context)) if draft is not None else None
     length = length or DraftLength(draft_tokens)  # shared across calls, it starts from what earlier ones learnt
+    index, lk = (NgramIndex(), lookup_length or DraftLength(draft_tokens)) if lookup else (None, None)
+    vocab = target.config["vocab_size"]
     with torch.inference_mode():
         if len(ids) > 1:  # both models process all but the last token, which each cycle's verify pass feeds
             tgt.feed(ids[:-1])
-            if len(ids) - 1 <= draft_context - 2:
+            if dft is not None and len(ids) - 1 <= draft_context - 2:
                 dft.feed(ids[:-1])
         made = 0
         while made < limit:
-            k = max(0, min(length.k, limit - made - 1, context - len(ids), draft_context - len(ids) - 1))
-            new, accepted, t_draft, t_verify = _cycle(tgt, dft, ids, k, p, gen)
-            stats.cycles += 1
-            stats.proposed += k
-            stats.accepted += accepted
-            length.update(k, accepted, t_draft, t_verify)
+            room = min(limit - made - 1, context - len(ids))
+            t0 = time.perf_counter()
+            guess = index.guess(ids, max(0, min(lk.k, room))) if index is not None else []
+            if guess:  # the text's guess; a draft's sampled probabilities for it: all on the guessed token
+                source, drafted = lk, guess
+                q_probs = [] if p.temperature <= 0 else [torch.zeros(vocab).index_fill_(0, torch.tensor([d]), 1.0)
+                                                         for d in guess]
+            else:
+                if lk is not None and lk.k == 0:
+                    lk.idle += 1  # the lookup sat out: count it, so that it probes again (DraftLength.k)
+                source = length
+                k = 0 if dft is None else max(0, min(length.k, room, draft_context - len(ids) - 1))
+                drafted, q_probs = _draft(dft, ids, k, p, gen)
+            t1 = time.perf_counter()
+            new, accepted = _verify(tgt, ids, drafted, q_probs, p, gen)
+            source.update(len(drafted), accepted, t1 - t0, time.perf_counter() - t1)
+            stats.count(len(drafted), accepted, from_lookup=bool(guess))
             for tok in new:
                 if tok in eos_ids or made >= limit:
                     return
@@ -212,57 +269,63 @@ def speculative_ids(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids:
                 yield tok
 
 
-def _cycle(tgt: _Runner, dft: _Runner, ids: list[int], k: int, p: SamplingParams,
-           gen: torch.Generator | None) -> tuple[list[int], int, float, float]:
-    """One draft-and-verify cycle from IDS (the target has processed all but the last token). Returns the new tokens
-    (the kept guesses, then the target's own), how many guesses were kept, and the draft and verify times."""
-    t0 = time.perf_counter()
+def _draft(dft: _Runner | None, ids: list[int], k: int, p: SamplingParams,
+           gen: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
+    """The draft model's K guesses after IDS, and (when sampling) the distributions it drew them from."""
     drafted: list[int] = []
     q_probs: list[torch.Tensor] = []
-    vocab = tgt.model.config["vocab_size"]
-    if k > 0:
-        dft.pos = min(dft.pos, len(ids) - 1)  # forget guesses the target rejected
-        q = dft.feed(ids[dft.pos:])[-1]  # catch up: the last cycle's correction or bonus token (and maybe one more)
-        for j in range(k):
-            seen = _seen(ids + drafted, p)
-            if p.temperature <= 0:
-                d = sample_next(q, p, seen)
-            else:
-                q_probs.append(dense_probs(q, p, seen, vocab))
-                d = draw(q_probs[-1], gen)
-            drafted.append(d)
-            if j < k - 1:
-                q = dft.feed([d])[0]
-    t1 = time.perf_counter()
+    if k <= 0 or dft is None:
+        return drafted, q_probs
+    vocab = dft.model.config["vocab_size"]
+    dft.pos = min(dft.pos, len(ids) - 1)  # forget guesses the target rejected
+    q = dft.feed(ids[dft.pos:])[-1]  # catch up: the tokens since its last cycle (corrections, bonus, lookups)
+    for j in range(k):
+        seen = _seen(ids + drafted, p)
+        if p.temperature <= 0:
+            d = sample_next(q, p, seen)
+        else:
+            q_probs.append(dense_probs(q, p, seen, vocab))
+            d = draw(q_probs[-1], gen)
+        drafted.append(d)
+        if j < k - 1:
+            q = dft.feed([d])[0]
+    return drafted, q_probs
+
+
+def _verify(tgt: _Runner, ids: list[int], drafted: list[int], q_probs: list[torch.Tensor], p: SamplingParams,
+            gen: torch.Generator | None) -> tuple[list[int], int]:
+    """The target's pass over IDS's last token and the guesses (it has processed all but that token): the new tokens
+    (the kept guesses, then the target's own) and how many guesses were kept."""
     rows = tgt.feed([ids[-1]] + drafted)  # (k+1, V): the target's logits after ids, ids+d1, ..., ids+d1..dk
     kept, own = judge(rows, drafted, q_probs, ids, p, gen)
     tgt.pos = len(ids) + kept  # the target keeps ids + the kept guesses; its own token is fed next cycle
-    return drafted[:kept] + [own], kept, t1 - t0, time.perf_counter() - t1
+    return drafted[:kept] + [own], kept
 
 
-def attach_draft(lm, draft, draft_tokens: int | None = None) -> None:
-    """Make LM (a generate.LoadedModel) decode speculatively with DRAFT (another LoadedModel): every caller of
-    lm.stream / lm.generate (slm generate, slm chat) then gets it. The last call's SpecStats land in lm.spec_stats.
-    One line, naming the fix, when the pair cannot work together."""
+def attach_draft(lm, draft, draft_tokens: int | None = None, lookup: bool = False) -> None:
+    """Make LM (a generate.LoadedModel) decode speculatively with DRAFT (another LoadedModel, or None with LOOKUP:
+    guesses from the text only): every caller of lm.stream / lm.generate (slm generate, slm chat) then gets it. The
+    last call's SpecStats land in lm.spec_stats. One line, naming the fix, when the pair cannot work together."""
     from slmkit.model.llama import Llama
     from slmkit.options import check_numbers
 
     for role, m in (("target", lm), ("--draft", draft)):
-        if not isinstance(m.model, Llama):
+        if m is not None and not isinstance(m.model, Llama):
             raise SystemExit(f"error: {role} {m.path}: speculative decoding needs slmkit Llama decoders; bring a "
                              f"Hugging Face folder in with `slm import {m.path} --out DIR` first")
-    if draft.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+    if draft is not None and draft.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise SystemExit(f"error: --draft {draft.path}: its tokenizer ({len(draft.tokenizer):,} tokens) differs from "
                          f"{lm.path}'s ({len(lm.tokenizer):,}); a draft must share the target's. Make one from it: "
                          f"slm distill --teacher {lm.path} --student slm-3m --data TEXT --cache-teacher --out DRAFT")
     check_numbers(dict(draft_tokens=draft_tokens))  # the verbs check it before loading; the Python API here
     lm.draft, lm.spec_stats = draft, SpecStats()
     lm.draft_length = DraftLength(draft_tokens)  # this pair's acceptance and timings, carried from call to call
+    lm.lookup, lm.lookup_length = lookup, DraftLength(draft_tokens) if lookup else None
 
     def decode(model, ids, p, eos_ids, context):
         lm.spec_stats = SpecStats()
-        return speculative_ids(model, draft.model, ids, p, eos_ids, context, draft.context, draft_tokens,
-                               lm.spec_stats, lm.draft_length)
+        return speculative_ids(model, draft.model if draft is not None else None, ids, p, eos_ids, context,
+                               draft.context if draft is not None else context, draft_tokens, lm.spec_stats,
+                               lm.draft_length, lookup, lm.lookup_length)
 
     lm.decode = decode
-

@@ -43,7 +43,7 @@ def user_turns(system: str | None) -> Iterator[tuple[list[dict], str]]:
 def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
          threads: int | None = None, device: str = "auto", compile: bool = False, draft: Path | None = None,
-         draft_tokens: int | None = None) -> None:
+         draft_tokens: int | None = None, lookup: bool = False) -> None:
     """Chat with the model in MODEL_DIR. Type /reset to start over, /quit (or Ctrl-D) to leave."""
     from slmkit.infer.generate import NonFiniteLogits, checked_sampling, load, refuse_draft_tokens
     from slmkit.options import check_numbers
@@ -51,12 +51,13 @@ def main(model_dir: Path, system: str | None = None, max_new_tokens: int = 256, 
     checked_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty)
     check_numbers(dict(threads=threads, draft_tokens=draft_tokens))
-    refuse_draft_tokens(draft, draft_tokens)
+    refuse_draft_tokens(draft, draft_tokens, lookup)
     lm = load(model_dir, threads=threads, device=device, compile=compile)
-    if draft is not None:  # speculative decoding (compose/speculative.py)
+    if draft is not None or lookup:  # speculative decoding (compose/speculative.py)
         from slmkit.compose.speculative import attach_draft
 
-        attach_draft(lm, load(draft, device=device, compile=compile), draft_tokens)
+        attach_draft(lm, load(draft, device=device, compile=compile) if draft is not None else None, draft_tokens,
+                     lookup)
     template = "chat template" if getattr(lm.tokenizer, "chat_template", None) else "plain transcript"
     print(f"chatting with {lm.path.name} ({template}); /reset clears, /quit leaves", file=sys.stderr)
     stop = reply_stops(lm.tokenizer)

@@ -92,6 +92,7 @@ class LoadedModel:
         self.spec_stats = None
         self.prompt_cut = 0  # tokens the last stream() dropped from its prompt's start to fit the context
         self.draft_length = None  # compose.speculative.DraftLength: the pair's acceptance and timings, across calls
+        self.lookup, self.lookup_length = False, None  # guesses from the text itself (--lookup), and their K policy
         eos = {tokenizer.eos_token_id}
         for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
             tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
@@ -217,9 +218,10 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
          top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
          num_samples: int = 1, stream: bool = True, as_json: bool = False, threads: int | None = None,
          dtype: str = "fp32", device: str = "auto", compile: bool = False, draft: Path | None = None,
-         draft_tokens: int | None = None) -> list[str]:
+         draft_tokens: int | None = None, lookup: bool = False) -> list[str]:
     """Generate a continuation of PROMPT with the model in MODEL_DIR; prints it (streamed) and returns the texts.
-    With --draft, a small model with the same tokenizer guesses tokens that MODEL_DIR checks (speculative decoding)."""
+    With --draft, a small model with the same tokenizer guesses tokens that MODEL_DIR checks (speculative decoding);
+    with --lookup, the text so far does (prompt lookup), alone or with a draft."""
     from slmkit.options import check_numbers
 
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -227,12 +229,13 @@ def main(model_dir: Path, prompt: str = "", max_new_tokens: int = 200, temperatu
     checked_sampling(**params)
     check_numbers(dict(num_samples=num_samples, threads=threads, draft_tokens=draft_tokens),
                   {"num_samples": "texts to sample"})
-    refuse_draft_tokens(draft, draft_tokens)
+    refuse_draft_tokens(draft, draft_tokens, lookup)
     lm = load(model_dir, threads=threads, dtype=dtype, device=device, compile=compile)
-    if draft is not None:
+    if draft is not None or lookup:
         from slmkit.compose.speculative import attach_draft
 
-        attach_draft(lm, load(draft, dtype=dtype, device=device, compile=compile), draft_tokens)
+        attach_draft(lm, load(draft, dtype=dtype, device=device, compile=compile) if draft is not None else None,
+                     draft_tokens, lookup)
     try:
         return _print_samples(lm, prompt, params, seed, num_samples, stream, as_json)
     except NonFiniteLogits as e:
@@ -304,11 +307,11 @@ def add_args(p) -> None:
     add_draft_args(p)
 
 
-def refuse_draft_tokens(draft: Path | None, draft_tokens: int | None) -> None:
-    """--draft-tokens sets how many tokens a --draft guesses: without a draft it would change nothing."""
-    if draft is None and draft_tokens is not None:
-        raise SystemExit("error: --draft-tokens does not apply without --draft: give --draft DIR (a small model "
-                         "with the same tokenizer) or drop --draft-tokens")
+def refuse_draft_tokens(draft: Path | None, draft_tokens: int | None, lookup: bool = False) -> None:
+    """--draft-tokens sets how many tokens a --draft (or --lookup) guesses: without either it would change nothing."""
+    if draft is None and not lookup and draft_tokens is not None:
+        raise SystemExit("error: --draft-tokens does not apply without --draft or --lookup: give --draft DIR (a small "
+                         "model with the same tokenizer) or --lookup, or drop --draft-tokens")
 
 
 def add_draft_args(p) -> None:
@@ -318,3 +321,7 @@ def add_draft_args(p) -> None:
                    "pass; greedy text is the model's own, sampled text follows its distribution (docs/compose.md)")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens the draft guesses per check "
                    "(default: adaptive, 0-12, from the measured acceptance rate and speeds)")
+    p.add_argument("--lookup", action="store_true", help="speculative decoding from the text itself (prompt lookup): "
+                   "where the last 3 or 2 tokens occurred before, the tokens that followed are the guess the model "
+                   "checks; free to make, it pays where text repeats (names, boilerplate, code, a small model's greedy "
+                   "loops); with --draft, the draft guesses where the text cannot")

@@ -40,7 +40,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
          max_body_bytes: int = 1_000_000, dtype: str = "fp32", threads: int | None = None,
          device: str = "auto", compile: bool = False, router: Path | None = None, remote_key_env: str | None = None,
          draft: list[str] | None = None, draft_tokens: int | None = None, kv_memory: str | int = "2G",
-         prefill_chunk: int = 64) -> None:
+         prefill_chunk: int = 64, lookup: bool = False) -> None:
     """Serve the model folders DIR ... over an OpenAI-compatible HTTP API, with a web chat page at /.
 
     Decoders answer /v1/completions and /v1/chat/completions, encoders /v1/embeddings, classifiers /v1/classify.
@@ -74,7 +74,7 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
                    "prefill_chunk": "prompt tokens read per step while others decode, e.g. 64"})
     from slmkit.infer.generate import refuse_draft_tokens
 
-    refuse_draft_tokens(draft or None, draft_tokens)
+    refuse_draft_tokens(draft or None, draft_tokens, lookup)
     try:
         kv_bytes = parse_memory(kv_memory)
     except ValueError as e:
@@ -96,10 +96,10 @@ def main(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         # loaded in a thread of its own: a live thread that ran the loading math would slow the engine's decoding
         served[name] = in_fresh_thread(load_served, name, Path(d), max_batch, max_queue, dtype, device, compile,
                                        kv_bytes, prefill_chunk)
-    if draft:  # speculative decoding for the decoder(s) named
+    if draft or lookup:  # speculative decoding for the decoder(s) named, or from the text for every decoder
         from slmkit.serve.registry import serve_drafts
 
-        in_fresh_thread(serve_drafts, served, draft, draft_tokens, dtype, device, compile)
+        in_fresh_thread(serve_drafts, served, draft or [], draft_tokens, dtype, device, compile, lookup)
     if router is not None:  # the model `auto`: its route labels must be the names served above
         served[ROUTER_NAME] = in_fresh_thread(router_served, Path(router), served, "cpu")
     settings = Settings(api_keys=keys, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
@@ -152,3 +152,6 @@ def add_args(p) -> None:
                    "model is idle decodes several tokens per pass (repeatable; docs/compose.md)")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens a draft guesses per check "
                    "(default: adaptive)")
+    p.add_argument("--lookup", action="store_true", help="speculative decoding from the text itself for every "
+                   "decoder (prompt lookup: see slm generate --help), alone or with --draft; like a draft, it serves "
+                   "a request that arrives while the model is idle")

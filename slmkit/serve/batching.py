@@ -242,16 +242,19 @@ class Engine:
 
             self.spec_stats = self.spec_stats or SpecStats()
             # the pair's DraftLength (attach_draft's: --draft-tokens, or adaptive) carries over from request to request
-            it = speculative_ids(self.lm.model, self.lm.draft.model, ids, p, self.lm.eos_ids, ctx,
-                                 self.lm.draft.context, stats=self.spec_stats, length=self.lm.draft_length)
+            draft = self.lm.draft
+            it = speculative_ids(self.lm.model, draft.model if draft else None, ids, p, self.lm.eos_ids, ctx,
+                                 draft.context if draft else ctx, stats=self.spec_stats, length=self.lm.draft_length,
+                                 lookup=self.lm.lookup, lookup_length=self.lm.lookup_length)
             return _Row(req, limit, len(ids), None, gen, ids_iter=it)
         if self.fast or self.hf is not None:
             return _Row(req, limit, 0, None, gen)  # its prompt is read by the coming steps
         return _Row(req, limit, len(ids), None, gen, ids_iter=generate_ids(self.lm.model, ids, p, self.lm.eos_ids, ctx))
 
     def _speculate(self, req: Request) -> bool:
-        """Decode REQ speculatively: there is a draft, nothing else is running or waiting, no logprobs asked."""
-        return (self.lm.draft is not None and self.fast and req.top_logprobs is None
+        """Decode REQ speculatively: there is a draft (or --lookup), nothing else is running or waiting, no logprobs
+        asked."""
+        return ((self.lm.draft is not None or self.lm.lookup) and self.fast and req.top_logprobs is None
                 and not self.rows and not self.spec_rows and len(self.waiting) <= 1)
 
     def _next_of(self, rows: list[_Row]) -> list[_Row]:

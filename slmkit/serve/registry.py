@@ -79,9 +79,10 @@ def cascade_served(name: str, folder: Path, device: str = "cpu") -> Served:
 
 
 def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = None, dtype: str = "fp32",
-                 device: str = "cpu", compile: bool = False) -> None:
+                 device: str = "cpu", compile: bool = False, lookup: bool = False) -> None:
     """`slm serve --draft [NAME=]DIR`: give the served decoder NAME (the only decoder, without NAME=) a draft. Its
-    engine then decodes a request that arrives while it is idle speculatively (serve/batching.py)."""
+    engine then decodes a request that arrives while it is idle speculatively (serve/batching.py). LOOKUP
+    (`--lookup`): every decoder served (slmkit Llama ones) also guesses from the text, with or without a draft."""
     from slmkit.compose.speculative import attach_draft
     from slmkit.infer.generate import load
 
@@ -98,4 +99,11 @@ def serve_drafts(served: dict, drafts: list[str], draft_tokens: int | None = Non
         if not Path(folder).is_dir():
             raise SystemExit(f"error: --draft {spec}: {folder} is not a model folder")
         m = served[name]
-        attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens)
+        attach_draft(m.lm, load(Path(folder), dtype=dtype, device=m.device, compile=compile), draft_tokens, lookup)
+    if lookup:
+        from slmkit.model.llama import Llama
+
+        for name in decoders:
+            m = served[name]
+            if m.lm.draft is None and isinstance(m.lm.model, Llama) and m.cascade is None:
+                attach_draft(m.lm, None, draft_tokens, lookup=True)

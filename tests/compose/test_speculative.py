@@ -11,16 +11,25 @@ import pytest
 import torch
 from tiny_models import TINY, bpe_tokenizer
 
-from slmkit.compose.speculative import K_MAX, DraftLength, SpecStats, attach_draft, judge, speculative_ids
+from slmkit.compose.speculative import (
+    K_MAX,
+    DraftLength,
+    NgramIndex,
+    SpecStats,
+    attach_draft,
+    judge,
+    speculative_ids,
+)
 from slmkit.infer.generate import load
 from slmkit.infer.sampling import SamplingParams, candidates
 
 
 def llama_folder(path: Path, tok, seed: int, noise_of: Path | None = None, noise: float = 0.0,
-                 blank_head: bool = False) -> Path:
+                 blank_head: bool = False, no_attention: bool = False) -> Path:
     """A random 2-layer Llama whose next token depends on its context (untied head, wide init). NOISE_OF: start from
     that folder's weights plus Gaussian noise: a draft that agrees with it part of the time. BLANK_HEAD: every logit
-    0, so greedy always says token 0: a draft that is always wrong where the target never says 0."""
+    0, so greedy always says token 0: a draft that is always wrong where the target never says 0. NO_ATTENTION:
+    attention adds nothing, so the next token depends on the current one only and greedy text soon cycles."""
     from slmkit.infer.load import load_model
     from slmkit.model.folder import save_model
     from slmkit.model.llama import Llama
@@ -35,6 +44,9 @@ def llama_folder(path: Path, tok, seed: int, noise_of: Path | None = None, noise
                 w.add_(torch.randn_like(w) * noise * w.std())
     if blank_head:
         torch.nn.init.zeros_(model.lm_head.weight)
+    if no_attention:
+        for block in model.layers:
+            torch.nn.init.zeros_(block.wo.weight)
     save_model(model, path)
     tok.save_pretrained(path)
     return path
@@ -47,7 +59,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     target = llama_folder(root / "target", tok, 0)
     return {"target": target, "wrong": llama_folder(root / "wrong", tok, 1, blank_head=True),
             "near": llama_folder(root / "near", tok, 2, noise_of=target, noise=0.05),
-            "other_tok": llama_folder(root / "other_tok", _other_tokenizer(), 3)}
+            "other_tok": llama_folder(root / "other_tok", _other_tokenizer(), 3),
+            "looping": llama_folder(root / "looping", tok, 4, no_attention=True)}
 
 
 def _other_tokenizer():
@@ -277,3 +290,60 @@ def test_engine_mixes_a_speculative_row_with_batched_ones(folders):
     ref = load(folders["target"])
     assert got == [list(ref.decode(ref.model, ids, p, ref.eos_ids, ref.context)) for ids in prompts]
     assert engine.spec_stats.emitted >= 30 and engine.max_seen_batch >= 2
+
+
+def test_ngram_index_guesses_what_followed_the_last_occurrence():
+    index = NgramIndex()
+    assert index.guess([5, 6, 7], 3) == []  # nothing repeated yet
+    ids = [1, 2, 3, 4, 9, 1, 2, 3, 8, 1, 2]
+    assert index.guess(ids, 3) == [3, 8, 1]  # [1, 2] last ended at 7 (the later occurrence wins): 3, 8, 1 followed
+    assert index.guess(ids + [3], 2) == [8, 1]  # the 3-gram [1, 2, 3]
+    assert index.guess(ids + [3, 7], 2) == []  # [3, 7] and [2, 3, 7] never occurred
+    assert index.guess(ids + [3, 7], 0) == []
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_lookup_keeps_the_greedy_text_and_guesses_where_text_repeats(folders, with_draft):
+    # a model whose greedy text cycles: the text's own guesses are checked and kept, the output unchanged
+    ref = alone(load(folders["looping"]))
+    lm = load(folders["looping"])
+    attach_draft(lm, load(folders["target"]) if with_draft else None, None, lookup=True)
+    assert alone(lm) == ref
+    st = lm.spec_stats
+    assert st.lookup_proposed > 0 and st.lookup_accepted > 0 and st.emitted == 80
+    assert (st.proposed > st.lookup_proposed) == with_draft  # the draft guesses where the text has no match
+    assert st.as_dict()["lookup_accepted"] == st.lookup_accepted
+
+
+def test_a_lookup_guess_is_judged_as_a_draft_that_is_sure():
+    """A text guess is a draft whose distribution is all on the guessed token: kept with probability P(d), else a
+    token drawn from P without d. The first emitted token follows P (chi-square, p = 0.001)."""
+    p = SamplingParams(temperature=1.0, top_k=0)
+    from slmkit.compose.speculative import dense_probs
+
+    target = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    P = dense_probs(target, p, None, 6)
+    sure = torch.zeros(6).index_fill_(0, torch.tensor([2]), 1.0)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(6000):
+        kept, own = judge(torch.stack([target, target]), [2], [sure], [], p, gen)
+        counts[2 if kept else own] += 1
+    assert chi_square(counts, P) < 20.52
+
+
+def test_lookup_from_the_cli_and_serve(folders, capsys):
+    from tiny_server import serve_folders
+
+    from slmkit.infer.generate import main
+    from slmkit.serve.registry import serve_drafts
+
+    args = dict(prompt=PROMPT, max_new_tokens=40, temperature=0, as_json=True, device="cpu")
+    plain = main(folders["looping"], **args)
+    capsys.readouterr()
+    assert main(folders["looping"], lookup=True, draft_tokens=4, **args) == plain  # --draft-tokens applies to it
+    row = json.loads(capsys.readouterr().out)
+    assert row["lookup_proposed"] > 0 and row["lookup_proposed"] == row["draft_proposed"]
+    app = serve_folders({"t": folders["target"]})
+    serve_drafts(app.state.models, [], lookup=True)
+    assert app.state.models["t"].lm.lookup and app.state.models["t"].lm.draft is None
