@@ -111,16 +111,19 @@ class W8A8Linear(nn.Module):
 
     def matvec(self, x: torch.Tensor, scale: float = 1.0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """SCALE * forward(x) (+ RESIDUAL) for one fp32 vector x (in,), in half forward's ops: the decode step's
-        call (llama.matvec). Rows are scaled as in forward (x times the fp32 reciprocal of its peak), so the int8
-        inputs, and the int32 sums, are the same as a batch's."""
-        peak = float(x.abs().max()) or 1.0  # an all-zero x stays zero whatever it is divided by
-        y = self._product((x * (1.0 / peak)).view(1, -1)).view(-1)  # (out,)
-        return y.mul_(peak * scale) if residual is None else torch.add(residual, y, alpha=peak * scale)
+        call (llama.matvec). One row needs no scaling in and out: the kernel takes its step as the input scale.
+        (The int8 inputs may then differ from forward's in the last rounding of a value on a boundary.)"""
+        peak = float(x.abs().max()) or 1.0  # an all-zero x stays zero at any step
+        y = self._product(x.view(1, -1), peak * self.step).view(-1)  # (out,)
+        if residual is None:
+            return y if scale == 1.0 else y.mul_(scale)
+        return torch.add(residual, y, alpha=scale)
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, in) fp32 in [-1, 1] -> (rows, out) fp32: int8 inputs at the fixed step, the int8 GEMM."""
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, self.step, self.zero_point,
-                                                                                self.packed)
+    def _product(self, x: torch.Tensor, step: float | None = None) -> torch.Tensor:
+        """(rows, in) fp32 -> (rows, out) fp32: x rounded to int8 at STEP (default: the fixed step, for rows scaled
+        into [-1, 1]) around the zero point, then the int8 GEMM."""
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, self.step if step is None else step, self.zero_point, self.packed)
 
 
 def int8_linear(q: torch.Tensor, scale: torch.Tensor, method: str) -> nn.Module:
