@@ -134,6 +134,9 @@ def main(teacher: Path, data: list[str], out: Path, **options) -> dict:
     The student trains on the teacher's softened distributions (--temperature) mixed with the data's own labels
     (--alpha), under the budgets, evaluation, checkpoints and --resume of `slm train`. Returns the summary
     (also OUT/training_summary.json): the student's and the teacher's held-out scores, the retention, tokens/s."""
+    from slmkit.model.folder import read_config, refuse_quantized
+
+    refuse_quantized(teacher, read_config(Path(teacher)))  # before the data is read
     options = {k: v for k, v in options.items() if v is not None}
     return run(DistillConfig.from_options("slm distill", teacher=teacher, data=data, out=out, **options))
 

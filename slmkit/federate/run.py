@@ -89,8 +89,10 @@ def settings_for(cfg: FederateConfig, tok, dev: str, clients: int):
 
     if cfg.base is not None:  # fine-tuning: the folder's architecture; shapes as `slm finetune` picks them
         from slmkit.infer.load import read_config
+        from slmkit.model.folder import refuse_quantized
 
         model_cfg = read_config(cfg.base)
+        refuse_quantized(cfg.base, model_cfg)
         block, step_tokens = recipe.shape_for(model_cfg, dev)
         block = cfg.block_size or min(block, 512)
     else:

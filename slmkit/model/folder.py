@@ -255,6 +255,15 @@ def build_llama(cfg: dict, model_dir: Path) -> Llama:
                      f"{', '.join(bad)}; restore the file from the model's source")
 
 
+def refuse_quantized(model_dir: Path, cfg: dict) -> None:
+    """One line where a verb that needs float weights (training, fine-tuning, distilling, federating from a base)
+    is given an `slm quantize` folder: its int8 rows and scales are for slmkit's inference only."""
+    quant = cfg.get("slmkit_quantization")
+    if quant:
+        raise SystemExit(f"error: {model_dir} is an `slm quantize` folder ({quant.get('method', 'int8')}), for "
+                         "inference only; train, fine-tune or distill from the float folder it came from")
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a float model folder: our fast module for plain Llama configs, a transformers model otherwise. (Adapter
     and int8 folders: infer.load.load_model.)"""
@@ -262,6 +271,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module
 
     model_dir = Path(model_dir)
     hf_cfg = read_config(model_dir)
+    refuse_quantized(model_dir, hf_cfg)
     weights = model_dir / "model.safetensors"
     if supports_fast_path(hf_cfg) and weights.is_file():
         cfg = dict(hf_cfg)

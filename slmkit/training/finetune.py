@@ -76,6 +76,9 @@ def main(model_dir: Path, data: list[str], out: Path, task: str = "causal", lora
         raise SystemExit(f"error: --lora-{next(iter(adapters))} does not apply without --lora: it shapes the "
                          "adapters; add --lora or drop it")
     lora_cfg = LoraConfig(**adapters) if lora else None
+    from slmkit.model.folder import refuse_quantized
+
+    refuse_quantized(model_dir, read_config(model_dir))  # before the data is read: the folder is the first question
     common = dict(model_dir=model_dir, data=data, out=out, lora=lora_cfg)
     if task == "classify":
         from slmkit.training import classify

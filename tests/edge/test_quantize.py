@@ -183,3 +183,23 @@ def test_the_alpha_search_scores_what_w8a8linear_computes():
     real = float((W8A8Linear(*quantize_rows(w))(x) - ref).norm() / ref.norm())
     levels = 127 if cpu_has_vnni() else 63  # 7-bit activations on CPUs without VNNI, as W8A8Linear uses there
     assert abs(w8a8_error(x, w, levels) - real) < 0.05 * real
+
+
+def test_verbs_that_need_float_weights_refuse_a_quantized_folder_in_one_line(tmp_path):
+    # export, finetune, distill and federate read float weights: an int8 folder was a traceback, a NaN export or
+    # a misleading "weights of another model" error
+    from slmkit.distill.run import main as distill
+    from slmkit.edge.export import main as export
+    from slmkit.training.finetune import main as finetune
+
+    src = tiny_llama_folder(tmp_path / "fp32", seed=3)
+    q = quantize(src, tmp_path / "q", method="int8")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    with pytest.raises(SystemExit, match=r"`slm quantize` folder \(int8\).*export the float folder"):
+        export(q, tmp_path / "m.gguf")
+    for run in (lambda: finetune(q, data=[text], out=tmp_path / "ft", steps=1),
+                lambda: distill(teacher=q, student="slm-131k", data=[text], out=tmp_path / "d", steps=1)):
+        with pytest.raises(SystemExit, match=r"`slm quantize` folder \(int8\), for inference only"):
+            run()
+    assert not any((tmp_path / n).exists() for n in ("m.gguf", "ft", "d"))
