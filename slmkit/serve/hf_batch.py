@@ -13,8 +13,11 @@ padding every row still has in common is cut from the left. Memory follows kv.py
 reservation within the budget): the cache is never longer than its longest row.
 
 Sliding-window layers (Gemma 3's local attention) hold only their window's last positions of every row; their
-position count is kept equal to the batch's length. Models with other caches (hybrid, state-space) are not
-batched: the engine then decodes their rows one after another (generate.py's loop), as before.
+position count is kept equal to the batch's length. State-space and linear-attention layers (the conv and recurrent
+states of LFM2's short convolutions, Qwen3-Next's gated delta rule, Mamba's SSMs; alone or in hybrid layers) hold a
+fixed-size state per row, not positions: a new row's states are appended, a finished row's dropped, nothing padded
+(transformers masks no single-token step of theirs). Models with other caches are not batched: the engine then
+decodes their rows one after another (generate.py's loop), as before.
 """
 
 from __future__ import annotations
@@ -26,17 +29,30 @@ from slmkit.serve.kv import DEFAULT_KV_MEMORY
 
 
 def batchable(model: torch.nn.Module) -> bool:
-    """MODEL is a transformers decoder whose DynamicCache holds plain or sliding-window key/value layers only."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    """MODEL is a transformers decoder whose DynamicCache holds only layers this module can batch: key/value
+    (plain, sliding-window) and per-row states (linear attention, state-space), or both in one hybrid layer."""
+    from transformers import cache_utils as cu
 
     if not hasattr(model, "config") or not hasattr(model, "generation_config"):
         return False
     try:
-        cache = DynamicCache(config=model.config)
+        cache = cu.DynamicCache(config=model.config)
     except Exception:  # noqa: BLE001 — a config this transformers cannot build a cache for
         return False
-    return bool(cache.layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
-                                      for layer in cache.layers)
+    kinds = tuple(getattr(cu, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer",
+                                           "LinearAttentionAndFullAttentionLayer",
+                                           "LinearAttentionAndSlidingWindowAttentionLayer") if hasattr(cu, n))
+    return bool(cache.layers) and all(type(layer) in kinds for layer in cache.layers)
+
+
+def _has_kv(layer) -> bool:
+    return getattr(layer, "keys", None) is not None  # key/value positions (attention, or a hybrid's attention part)
+
+
+def _states(layer) -> list[tuple[dict, int]]:
+    """LAYER's per-row state tensors as (dict, key) slots: a linear-attention layer's conv and recurrent states."""
+    return [(d, k) for d in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None))
+            if isinstance(d, dict) for k, v in d.items() if isinstance(v, torch.Tensor)]
 
 
 def _kept(layer, length: int) -> int:
@@ -85,6 +101,10 @@ class HFBatch:
             length = max(n, self.length)  # the shorter side gets more padding on the left
             self.pad = [p + length - self.length for p in self.pad]
             for mine, theirs in zip(self.cache.layers, new.layers, strict=True):
+                for (d, k), (d2, _) in zip(_states(mine), _states(theirs), strict=True):
+                    d[k] = torch.cat([d[k], d2[k]])  # (rows + 1, ...): states have no positions to pad
+                if not _has_kv(mine):
+                    continue
                 self._pad_left(mine, _kept(mine, length) - _kept(mine, self.length))
                 self._pad_left(theirs, _kept(theirs, length) - _kept(theirs, n))
                 mine.keys = torch.cat([mine.keys, theirs.keys])
@@ -114,11 +134,14 @@ class HFBatch:
         if rows != list(range(self.rows)):
             idx = torch.tensor(rows, device=self.device)
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+                for d, k in _states(layer):
+                    d[k] = d[k][idx]
+                if _has_kv(layer):
+                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
             self.pad, self.pos = [self.pad[i] for i in rows], [self.pos[i] for i in rows]
         cut = min(self.pad)
         if cut:
-            for layer in self.cache.layers:  # (a sliding window only loses what it no longer needs to hold)
+            for layer in filter(_has_kv, self.cache.layers):  # (a sliding window only loses what it need not hold)
                 drop = _kept(layer, self.length) - _kept(layer, self.length - cut)
                 layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
             self.pad = [p - cut for p in self.pad]
@@ -129,6 +152,8 @@ class HFBatch:
         for layer in self.cache.layers:  # a sliding window's masks count the positions seen (all rows alike here)
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = length
+            if isinstance(getattr(layer, "cumulative_length_linear", None), torch.Tensor):  # a state layer's count
+                layer.cumulative_length_linear.fill_(length)
 
     @staticmethod
     def _pad_left(layer, n: int) -> None:
