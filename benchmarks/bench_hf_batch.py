@@ -2,11 +2,14 @@
 decoded in turn (the engine's fallback, what every such model got before), same model, same run.
 
 model    a GPT-2-shaped decoder (--layers x --width; default 12 x 768, GPT-2 small's shape, ~124M parameters with a
-         50,257 vocabulary), random weights: speed does not depend on them; tokens are greedy and the same both ways
+         50,257 vocabulary), random weights: speed does not depend on them; tokens are greedy and the same both ways.
+         --arch lfm2: an LFM2-shaped hybrid instead (short-convolution layers with per-row states, and attention
+         layers in LFM2-350M's pattern, 6 of every 16), same sizes
 load     N concurrent requests (one thread each), --tokens new tokens each, prompts of ~40 tokens
 score    aggregate tokens/s, median of --repeats, for each N in --clients
 
     python benchmarks/bench_hf_batch.py [--clients 1 4 8 16] [--tokens 64] [--repeats 3] [--dtype fp32|bf16]
+        [--arch gpt2|lfm2] [--model DIR]
 
 Writes benchmarks/results/hf_batch.json.
 """
@@ -29,7 +32,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "hf_batch.json"
 
 
-def make_folder(work: Path, layers: int, width: int, vocab: int) -> Path:
+LFM2_ATTENTION = {2, 5, 8, 10, 12, 14}  # LFM2-350M's attention layers among its 16; the rest are short convolutions
+
+
+def make_folder(work: Path, layers: int, width: int, vocab: int, arch: str = "gpt2") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -37,9 +43,15 @@ def make_folder(work: Path, layers: int, width: int, vocab: int) -> Path:
 
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("gpt2", n_layer=layers, n_embd=width, n_head=width // 64, n_positions=1024,
-                               vocab_size=max(vocab, len(tok)), bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id)
+    ids = dict(vocab_size=max(vocab, len(tok)), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if arch == "lfm2":
+        cfg = AutoConfig.for_model("lfm2", num_hidden_layers=layers, hidden_size=width, num_attention_heads=width // 64,
+                                   num_key_value_heads=max(1, width // 256), intermediate_size=4 * width,
+                                   max_position_embeddings=1024, **ids,
+                                   layer_types=["full_attention" if i % 16 in LFM2_ATTENTION else "conv"
+                                                for i in range(layers)])
+    else:
+        cfg = AutoConfig.for_model("gpt2", n_layer=layers, n_embd=width, n_head=width // 64, n_positions=1024, **ids)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(work)
     tok.save_pretrained(work)
     return work
@@ -77,12 +89,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--model", type=Path, help="a model folder to serve instead (e.g. an imported Gemma 3 270M)")
+    ap.add_argument("--arch", default="gpt2", choices=["gpt2", "lfm2"], help="the random model's architecture")
     args = ap.parse_args()
     from slmkit.hardware import in_fresh_thread
     from slmkit.infer.generate import load
 
     with tempfile.TemporaryDirectory() as work:
-        folder = args.model or make_folder(Path(work), args.layers, args.width, args.vocab)
+        folder = args.model or make_folder(Path(work), args.layers, args.width, args.vocab, args.arch)
         # loaded in a thread that ends (hardware.in_fresh_thread: as slm serve loads its models)
         lm = in_fresh_thread(lambda: load(folder, dtype=args.dtype))
         rows = []
@@ -102,7 +115,8 @@ def main() -> None:
         print(f"{r['clients']:>7} {r['in_turn']:>14.1f} {r['batched']:>14.1f} {r['ratio']:>5.2f}x "
               f"{str(r['same_tokens']):>12}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = RESULTS.with_name(f"hf_batch{'_' + args.model.name if args.model else ''}.json")
+    tag = "_" + args.model.name if args.model else "" if args.arch == "gpt2" else "_" + args.arch
+    out = RESULTS.with_name(f"hf_batch{tag}.json")
     out.write_text(json.dumps({"host": platform.processor() or platform.machine(),
                                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                "rows": rows}, indent=2) + "\n")
