@@ -68,10 +68,11 @@ class HFBatch:
         c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model = model
         self.budget = budget or DEFAULT_KV_MEMORY
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        heads = getattr(c, "num_attention_heads", None)  # none in a pure state-space model: no positions kept
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads or 0
+        head = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
         itemsize = next(model.parameters()).element_size()
-        self.position_bytes = c.num_hidden_layers * 2 * kv_heads * head * itemsize
+        self.position_bytes = max(1, c.num_hidden_layers * 2 * kv_heads * head * itemsize)  # (hybrids: an upper bound)
         self.budget_positions = self.budget // self.position_bytes
         self.device = next(model.parameters()).device
         self.cache_arg = cache_kwarg(model)

@@ -160,10 +160,11 @@ def test_http_request_over_the_kv_budget_is_a_400_and_a_slow_tokenizer_does_not_
     assert big.status_code == 400 and big.json()["error"]["code"] == "kv_memory_exceeded"
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "gemma3_text", "lfm2", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "gemma3_text", "lfm2", "qwen3_next", "mamba2"])
 def test_a_transformers_decoder_is_batched_with_the_tokens_it_gives_alone(tmp_path, model_type):
     """An imported decoder that is not our Llama (a tiny GPT-2, Qwen2, Gemma 3 with a sliding window shorter than
-    the rows, or a hybrid of attention and per-row states: LFM2's short convolutions, Qwen3-Next's gated delta rule)
+    the rows, a hybrid of attention and per-row states: LFM2's short convolutions, Qwen3-Next's gated delta rule; or
+    Mamba-2, states only)
     shares forward passes (hf_batch.py: left-padded rows, joining and leaving mid-stream) and every row gets the
     tokens it would get alone."""
     import torch
@@ -184,7 +185,9 @@ def test_a_transformers_decoder_is_batched_with_the_tokens_it_gives_alone(tmp_pa
                                  head_dim=16, intermediate_size=128, linear_num_value_heads=4, linear_num_key_heads=2,
                                  linear_key_head_dim=16, linear_value_head_dim=16, num_experts=0,
                                  moe_intermediate_size=64, shared_expert_intermediate_size=64,
-                                 layer_types=["linear_attention", "full_attention"])}
+                                 layer_types=["linear_attention", "full_attention"]),
+              "mamba2": dict(num_hidden_layers=2, hidden_size=64, num_heads=8, head_dim=16, state_size=16, n_groups=1,
+                             expand=2, conv_kernel=4, chunk_size=16)}
     tok = byte_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
