@@ -88,9 +88,10 @@ class W8A8Linear(nn.Module):
     does, with one scale a row where q8_0 has one per 32 values. Each row x is divided by max|x| and the int8
     product runs with fixed input quantization (step 1/127 around 128, in uint8), then the row's max multiplies the
     output back. The fixed parameters make each row's result independent of the other rows in the batch (the
-    products are summed in int32, exactly): a row decoded alone, in a batch, or in a multi-token pass gives the
-    same numbers. On CPUs without VNNI the activations use 7 bits (1/63 around 64), the range fbgemm's 16-bit
-    pair sums cannot overflow. The weight lives only in fbgemm's packed layout (a copy of q, which is not kept)."""
+    products are summed in int32, exactly): a row gives the same numbers in any batch or multi-token pass. The
+    decode step's lone row takes `matvec` (fbgemm's dynamic path), which rounds a value the other way here and
+    there. On CPUs without VNNI the activations use 7 bits (1/63 around 64), the range fbgemm's 16-bit pair sums
+    cannot overflow. The weight lives only in fbgemm's packed layout (a copy of q, which is not kept)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
