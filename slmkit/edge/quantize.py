@@ -35,6 +35,9 @@ def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = Fal
                          "decoders — use `slm export --format onnx --quant int8` for other architectures")
     if not out.parent.is_dir():
         raise SystemExit(f"error: the output directory {out.parent} does not exist; create it first")
+    from slmkit.options import check_numbers
+
+    check_numbers(dict(calibration_tokens=calibration_tokens), {"calibration_tokens": "e.g. 2048"})
     if method != "w8a8" and (calibrate is not None or alpha is not None):
         raise SystemExit("error: --calibrate and --alpha apply to --method w8a8 only")
     check_out(out, overwrite, sources=[model_dir])
@@ -92,7 +95,7 @@ def add_args(p) -> None:
     p.add_argument("model_dir", type=Path, help="a Llama model folder (float32/bf16 safetensors)")
     p.add_argument("--method", default="int8", choices=METHODS, help="int8: weight-only per-channel int8 "
                    "(activations stay float: the closer to the float model); w8a8: the same int8 weights after "
-                   "SmoothQuant, and int8 activations per token at run time, as llama.cpp's q8_0 (the faster: ~1.3x "
+                   "SmoothQuant, and int8 activations per token at run time, as llama.cpp's q8_0 (the faster: ~1.4x "
                    "int8's tokens/s on x86 CPUs with VNNI; see docs/edge.md) (default: int8)")
     p.add_argument("--calibrate", type=Path, default=None, help="w8a8: text to measure activations on (a file or "
                    "folder `slm train --data` reads); default: text the model samples itself")

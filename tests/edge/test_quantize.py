@@ -165,6 +165,8 @@ def test_w8a8_options_are_checked_in_one_line(tmp_path):
         quantize(src, tmp_path / "b", method="w8a8", calibrate=tmp_path / "missing.txt")
     with pytest.raises(SystemExit, match="--alpha 1.5"):
         quantize(src, tmp_path / "c", method="w8a8", alpha=1.5)
+    with pytest.raises(SystemExit, match="--calibration-tokens 0 must be positive"):
+        quantize(src, tmp_path / "c", method="w8a8", calibration_tokens=0)
     (tmp_path / "tiny.txt").write_text("hi")
     with pytest.raises(SystemExit, match="tokens of text"):
         quantize(src, tmp_path / "d", method="w8a8", calibrate=tmp_path / "tiny.txt")
