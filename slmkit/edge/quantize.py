@@ -44,6 +44,7 @@ def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = Fal
     quant = {"method": method, "per": "row"}
     if method == "w8a8":
         sd, quant["smoothquant"] = _smoothed(model_dir, calibrate, calibration_tokens, alpha, seed)
+        cfg = {**cfg, "tie_word_embeddings": False}  # the head was untied to be smoothed (edge/smoothquant.py)
     else:
         sd = read_weights(model_dir / "model.safetensors")
     if cfg.get("tie_word_embeddings", True):
@@ -72,7 +73,7 @@ def main(model_dir: Path, out: Path, method: str = "int8", overwrite: bool = Fal
 def _smoothed(model_dir: Path, calibrate: Path | None, tokens: int, alpha: float | None,
               seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     """MODEL_DIR's float weights with SmoothQuant folded in (Hugging Face names), and what the config records."""
-    from slmkit.edge.smoothquant import activation_stats, calibration_rows, smooth
+    from slmkit.edge.smoothquant import activation_stats, calibration_rows, smooth, untie_head
     from slmkit.infer.load import load_model
     from slmkit.model.folder import to_hf_state_dict
     from slmkit.model.tokenizer import load_tokenizer
@@ -83,6 +84,7 @@ def _smoothed(model_dir: Path, calibrate: Path | None, tokens: int, alpha: float
         raise SystemExit(f"error: --calibrate {calibrate}: no such file or folder")
     model = load_model(model_dir).eval()
     rows = calibration_rows(model, load_tokenizer(model_dir), calibrate, tokens, seed)
+    untie_head(model)
     chosen = smooth(model, *activation_stats(model, rows), alpha)
     source = str(calibrate) if calibrate is not None else "the model's own samples"
     alphas = sorted(set(chosen.values()))

@@ -12,7 +12,9 @@ x / s is folded into whatever makes x, so the model computes the same function i
     down product                <- the rows of `up` (silu(gate) * up is linear in up, channel by channel)
     o product                   <- the rows of `v` (attention mixes positions, not channels); with grouped-query
                                    attention query heads that share a key/value head share its factors
-    output head                 <- not smoothed when tied to the embedding (the lookup would change too)
+    output head                 <- the final RMSNorm gain; a head tied to the embedding is untied first (the
+                                   lookup keeps the embedding): the file grows by one int8 copy of it (SmolLM2-135M:
+                                   135 -> 164 MB), and perplexity's rise fell from +1.46% to +0.79% (q8_0: +0.49%)
 
 max|x_j| is measured by running the float model over calibration text: a file the user gives (`--calibrate`) or,
 without one, text the model samples itself (data-free; SmolLM2-135M: within 0.1% perplexity of calibrating on the
@@ -124,6 +126,16 @@ def _pick(x_peak: torch.Tensor, w_peak: torch.Tensor, w: torch.Tensor, sample: t
 
 
 @torch.no_grad()
+def untie_head(model: nn.Module) -> None:
+    """Give MODEL an output head of its own, a copy of the tied embedding: the same function, and a head that
+    smoothing can scale (call it before activation_stats, which measures nn.Linear inputs)."""
+    if model.lm_head is None:
+        model.lm_head = nn.Linear(model.embed.weight.shape[1], model.embed.weight.shape[0], bias=False)
+        model.lm_head.weight.copy_(model.embed.weight)
+        model.config["tie_word_embeddings"] = False
+
+
+@torch.no_grad()
 def smooth(model: nn.Module, peaks: dict[str, torch.Tensor], samples: dict[str, torch.Tensor],
            alpha: float | None = None) -> dict[str, float]:
     """Fold SmoothQuant's factors into MODEL's Llama blocks in place (the function stays the same in float). ALPHA
@@ -157,4 +169,9 @@ def smooth(model: nn.Module, peaks: dict[str, torch.Tensor], samples: dict[str, 
         chosen[p + "wo"], s = _pick(x_peak, w_peak, w, samples[p + "wo"], alphas, levels, expand)
         b.wqkv.weight[(nh + nkv) * hd:].div_(s.reshape(-1, 1))  # the v rows
         w.mul_(expand(s))
+    if model.lm_head is not None and "lm_head" in peaks:  # the head's input is the final RMSNorm's output
+        w = model.lm_head.weight
+        chosen["lm_head"], s = _pick(peaks["lm_head"], w.abs().amax(0), w, samples["lm_head"], alphas, levels)
+        model.norm.div_(s)
+        w.mul_(s)
     return chosen

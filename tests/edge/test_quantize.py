@@ -83,7 +83,7 @@ def test_int8_model_decodes_in_the_servers_batching_engine(method, tmp_path):
 def test_smoothing_keeps_the_float_function_and_flattens_activations(tmp_path):
     # SmoothQuant's factors are folded into norms, `up` rows and `v` rows: the float model must compute the same
     # logits (grouped-query attention included: TINY has 4 query heads over 2 key/value heads)
-    from slmkit.edge.smoothquant import activation_stats, smooth
+    from slmkit.edge.smoothquant import activation_stats, smooth, untie_head
     from slmkit.infer.load import load_model
     from slmkit.model.folder import logits_of
 
@@ -92,9 +92,11 @@ def test_smoothing_keeps_the_float_function_and_flattens_activations(tmp_path):
         model.layers[0].attn_norm[3] = 40.0
     ids = torch.tensor([[1, 7, 30, 99, 12, 64, 5, 200]])
     ref = logits_of(model, ids)
+    untie_head(model)  # TINY ties its head: untied, the head is smoothed too (through the final norm)
+    assert model.lm_head is not None and torch.allclose(logits_of(model, ids), ref)
     before, sample = activation_stats(model, ids.tolist())
     chosen = smooth(model, before, sample)  # each product picks its alpha
-    assert set(chosen.values()) <= set(ALPHAS) and len(chosen) == 4 * 2
+    assert set(chosen.values()) <= set(ALPHAS) and len(chosen) == 4 * 2 + 1 and "lm_head" in chosen
     assert torch.allclose(logits_of(model, ids), ref, atol=1e-4, rtol=1e-4)
     after, _ = activation_stats(model, ids.tolist())
     spread = {k: (v.max() / v.median()).item() for k, v in before.items()}
