@@ -4,7 +4,8 @@
 Both methods store every 2-D weight W (out, in) as round(W / s) in int8 with s = max|W_row| / 127 (float32, one per
 row) under `NAME` and `NAME.scale` in model.safetensors; norms stay float32. config.json gains
 `"slmkit_quantization": {"method": ...}`. At load the int8 weights stay int8 in memory; the tied embedding is looked
-up row by row and dequantized. Files and resident weights are about 4x smaller than float32.
+up row by row and dequantized. Files and resident weights are about 4x smaller than float32 (w8a8 unties a tied
+head to smooth it: ~3.3x).
 
 - `int8`: weight-only. Each linear layer runs PyTorch's int8-weight matmul (`_weight_int8pack_mm`, the kernel
   gpt-fast uses) on float activations (bf16 ones on CPUs with bf16 units, where that kernel is fast).
