@@ -57,19 +57,6 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2.float().contiguous(), self.q, self.scale)
         return y.view(*shape[:-1], -1).to(x.dtype)
 
-    def matvec(self, x: torch.Tensor, scale: float = 1.0, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """SCALE * forward(x) (+ RESIDUAL) for one fp32 vector x (in,) in fewer ops: the decode step's call."""
-        if not (x.is_cpu and cpu_has_bf16()):
-            y = self(x[None])[0]
-            y = y if scale == 1.0 else y * scale
-            return y if residual is None else residual + y
-        if self._bf16_scale is None or self._bf16_scale.device != self.scale.device:
-            self._bf16_scale = self.scale.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16).view(1, -1), self.q, self._bf16_scale).view(-1)  # bf16
-        if residual is None:
-            return y.float().mul_(scale) if scale != 1.0 else y.float()
-        return torch.add(residual, y, alpha=scale)  # fp32: the residual's type
-
 
 def int8_matmul_engine() -> str | None:
     """The PyTorch quantized engine W8A8Linear runs on (fbgemm, or x86, which picks fbgemm for linear layers), or
