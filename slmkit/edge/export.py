@@ -103,6 +103,7 @@ def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = N
     """
     from slmkit.files import check_out
     from slmkit.infer.load import read_config
+    from slmkit.model.folder import refuse_quantized
     from slmkit.options import check_numbers
 
     check_numbers(dict(max_ppl_rise=max_ppl_rise), non_negative=("max_ppl_rise",))
@@ -110,10 +111,8 @@ def main(model_dir: Path, out: Path, format: str = "gguf", quant: str | None = N
     if format not in FORMATS:
         raise SystemExit(f"error: unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     cfg = read_config(model_dir)
-    if cfg.get("slmkit_quantization"):  # int8 rows and scales: slmkit's own runtime reads them, no exporter does
-        raise SystemExit(f"error: {model_dir} is an `slm quantize` folder ({cfg['slmkit_quantization'].get('method')}"
-                         "), which only slmkit runs; export the float folder it came from (for llama.cpp's 8-bit: "
-                         "--format gguf --quant q8_0; for onnxruntime's: --format onnx --quant int8)")
+    refuse_quantized(model_dir, cfg, "export the float folder it came from (for llama.cpp's 8-bit: --format gguf "
+                     "--quant q8_0; for onnxruntime's: --format onnx --quant int8)")  # no exporter reads int8 rows
     _check_output(out)
     check_out(out, overwrite, sources=[model_dir], kind="file" if format == "gguf" else "folder")
     if format == "gguf" and out.with_name("Modelfile").exists() and not overwrite:

@@ -255,13 +255,14 @@ def build_llama(cfg: dict, model_dir: Path) -> Llama:
                      f"{', '.join(bad)}; restore the file from the model's source")
 
 
-def refuse_quantized(model_dir: Path, cfg: dict) -> None:
-    """One line where a verb that needs float weights (training, fine-tuning, distilling, federating from a base)
-    is given an `slm quantize` folder: its int8 rows and scales are for slmkit's inference only."""
+def refuse_quantized(model_dir: Path, cfg: dict,
+                     instead: str = "train, fine-tune or distill from the float folder it came from") -> None:
+    """One line where a verb that needs float weights (training, fine-tuning, distilling, federating from a base,
+    exporting) is given an `slm quantize` folder: its int8 rows and scales are for slmkit's inference only."""
     quant = cfg.get("slmkit_quantization")
     if quant:
         raise SystemExit(f"error: {model_dir} is an `slm quantize` folder ({quant.get('method', 'int8')}), for "
-                         "inference only; train, fine-tune or distill from the float folder it came from")
+                         f"inference only; {instead}")
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
